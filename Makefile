@@ -1,0 +1,25 @@
+# Two commands, both idempotent: `make demo` (set up + run the main job) and `make test` (set up + tests).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.layerscope-installed
+
+.PHONY: demo test lint bench
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m layerscope
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_capture.py

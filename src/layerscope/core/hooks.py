@@ -1,0 +1,58 @@
+"""One object owns every hook put on a model during a pass and puts the model back as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class HookSession:
+    """Context manager: hooks added through it are removed on exit (also on error), and each module's
+    ``training`` flag, each parameter's ``requires_grad`` and each existing ``.grad`` are restored.
+
+    Removing twice is harmless. Exceptions are never swallowed.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._forward: list = []
+        self._tensor: list = []
+        self._training: list[tuple[nn.Module, bool]] = []
+        self._params: list[tuple[nn.Parameter, bool, torch.Tensor | None]] = []
+
+    def __enter__(self) -> HookSession:
+        self._training = [(m, m.training) for m in self.model.modules()]
+        self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+        self.restore()
+
+    def add_forward_hook(self, module: nn.Module, hook: Callable) -> None:
+        self._forward.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def add_tensor_hook(self, tensor: torch.Tensor, hook: Callable) -> None:
+        self._tensor.append(tensor.register_hook(hook))
+
+    def remove_forward_hooks(self) -> None:
+        handles, self._forward = self._forward, []
+        for handle in handles:
+            handle.remove()
+
+    def remove(self) -> None:
+        self.remove_forward_hooks()
+        handles, self._tensor = self._tensor, []
+        for handle in handles:
+            handle.remove()
+
+    def restore(self) -> None:
+        for module, training in self._training:
+            module.training = training
+        for param, requires_grad, grad in self._params:
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+            if param.grad is not grad:
+                param.grad = grad
