@@ -21,6 +21,7 @@ from .tree import module_tree
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
+_RELU_FAMILY = (nn.ReLU, nn.ReLU6)
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +38,8 @@ class CallRecord:
     stats: TensorStats | None
     histogram: Histogram | None
     grad_output_norm: float | None = None
+    dead_units: int | None = None  # ReLU/ReLU6 only: channels (dim 1) that are zero for every item
+    units: int | None = None  # how many channels dead_units is out of
     feature_maps: torch.Tensor | None = field(default=None, repr=False)  # [C<=16, H<=64, W<=64], CPU
 
 
@@ -53,6 +56,7 @@ class ModuleReport:
     dtypes: tuple[str, ...]
     calls: tuple[CallRecord, ...] = ()
     param_grad_norms: Mapping[str, float | None] = field(default_factory=dict)
+    param_norms: Mapping[str, float] = field(default_factory=dict)  # own parameters, by local name
 
     @property
     def called(self) -> bool:
@@ -128,13 +132,15 @@ class _Recorder:
         self.calls: list[dict] = []
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
 
-    def hook_for(self, name: str) -> Callable:
+    def hook_for(self, name: str, module: nn.Module) -> Callable:
+        dead_units = isinstance(module, _RELU_FAMILY)
+
         def hook(module, args, kwargs, output):
-            self._record(name, call_inputs(args, kwargs), output)
+            self._record(name, call_inputs(args, kwargs), output, dead_units)
 
         return hook
 
-    def _record(self, name: str, inputs: Any, output: Any) -> None:
+    def _record(self, name: str, inputs: Any, output: Any, dead_units: bool) -> None:
         ins, outs = list(iter_tensors(inputs)), list(iter_tensors(output))
         call = dict(
             name=name,
@@ -148,6 +154,7 @@ class _Recorder:
             slot=None,
             fmap=None,
             grad=None,
+            dead=None,
         )
         self.calls.append(call)
         t = first_float_tensor(outs)
@@ -162,6 +169,10 @@ class _Recorder:
             else:
                 fmap = fmap.clone()
             call["fmap"] = fmap
+        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
+            dims = [d for d in range(t.dim()) if d != 1]
+            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
+            call["units"] = t.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call):
                 call["grad"] = torch.linalg.vector_norm(g.detach(), dtype=torch.float64)
@@ -186,6 +197,8 @@ class _Recorder:
                     stats=stats,
                     histogram=hist,
                     grad_output_norm=None if c["grad"] is None else float(c["grad"]),
+                    dead_units=None if c["dead"] is None else int(c["dead"]),
+                    units=c.get("units"),
                     feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
                 )
             )
@@ -227,10 +240,15 @@ def _describe(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _grad_norms(model: nn.Module, grads: dict[int, torch.Tensor | None]) -> dict[str, dict[str, float | None]]:
-    norms = {id(p): torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for p in model.parameters()
-             if (g := grads.get(id(p))) is not None}
-    values = dict(zip(norms, torch.stack(list(norms.values())).cpu().tolist())) if norms else {}
+def _norms_by_module(model: nn.Module, tensors: dict[int, torch.Tensor]) -> dict[str, dict[str, float | None]]:
+    """Per module, the norm of the tensor given for each of its own parameters (None where there is none)."""
+    norms: dict[torch.device, dict[int, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not t.is_meta:
+            norms.setdefault(t.device, {})[key] = torch.linalg.vector_norm(t.detach(), dtype=torch.float64)
+    values = {}
+    for group in norms.values():  # one copy to the CPU per device
+        values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
     return {
         name: {local: values.get(id(p)) for local, p in module.named_parameters(recurse=False)}
         for name, module in model.named_modules()
@@ -278,7 +296,7 @@ def capture(
     with HookSession(model) as session:
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps)
         for name, module in model.named_modules():
-            session.add_forward_hook(module, recorder.hook_for(name))
+            session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
             with torch.enable_grad() if backward else torch.no_grad():
                 output = _call(model, batch_run)
@@ -303,9 +321,16 @@ def capture(
         finally:
             session.remove()
     records = recorder.records()
-    norms = _grad_norms(model, grads)
+    grad_norms = _norms_by_module(model, {k: g for k, g in grads.items() if g is not None})
+    with torch.no_grad():
+        param_norms = _norms_by_module(model, {id(p): p for p in model.parameters()})
     modules = {
-        name: ModuleReport(**info, calls=tuple(records.get(name, ())), param_grad_norms=MappingProxyType(norms[name]))
+        name: ModuleReport(
+            **info,
+            calls=tuple(records.get(name, ())),
+            param_grad_norms=MappingProxyType(grad_norms[name]),
+            param_norms=MappingProxyType(param_norms[name]),
+        )
         for name, info in tree.items()
     }
     unique = list(model.parameters())

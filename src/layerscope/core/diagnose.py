@@ -83,7 +83,8 @@ def _expectation(module: nn.Module, x: torch.Tensor) -> str | None:
     if isinstance(module, nn.Embedding) and not x.is_floating_point() and x.numel():
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= module.num_embeddings:
-            return f"got indices from {lo} to {hi}, but has {module.num_embeddings} rows (0 to {module.num_embeddings - 1})"
+            rows = module.num_embeddings
+            return f"got indices from {lo} to {hi}, but has {rows} rows (0 to {rows - 1})"
     return None
 
 
