@@ -1,0 +1,113 @@
+"""Recorded statistics against numpy on the very tensors the modules produced."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from layerscope import capture
+from layerscope.core.stats import StatsBatch
+
+
+def _outputs(model, batch):
+    """Each module's output, cloned at the moment it was produced (the slow reference)."""
+    seen = {}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, out.detach().clone()))
+        for name, m in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _check(stats, hist, x: np.ndarray, exact: bool):
+    finite = x[np.isfinite(x)]
+    assert stats.numel == x.size
+    assert stats.nan_count == np.isnan(x).sum() and stats.inf_count == np.isinf(x).sum()
+    assert stats.mean == pytest.approx(finite.mean(dtype=np.float64), rel=1e-5, abs=1e-6)
+    assert stats.std == pytest.approx(finite.std(dtype=np.float64), rel=1e-4, abs=1e-6)
+    assert stats.min == finite.min() and stats.max == finite.max()
+    assert stats.exact is exact
+    if exact:
+        assert stats.zero_fraction == pytest.approx((finite == 0).mean())
+        assert hist.counts.sum() == finite.size == hist.sampled
+        reference, _ = np.histogram(finite.astype(np.float64), bins=len(hist.counts), range=(hist.edges[0], hist.edges[-1]))
+        assert np.abs(hist.counts - reference).sum() <= 2  # values exactly on an edge may fall either side
+    else:
+        assert stats.zero_fraction == pytest.approx((finite == 0).mean(), abs=0.03)
+        assert hist.counts.sum() == hist.sampled <= 8192
+
+
+@pytest.mark.parametrize("size", [6, 40])  # 6: every tensor is small (exact); 40: the conv outputs are sampled
+def test_stats_and_histograms_equal_numpy(size):
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48 * size * size, 10))
+    batch = torch.randn(4, 3, size, size) + 0.5
+    cap = capture(model, batch, backward=False)
+    reference = _outputs(model, batch)
+    for name in ["0", "1", "2", "3", ""]:
+        x = reference[name].numpy()
+        call = cap[name].calls[0]
+        _check(call.stats, call.histogram, x, exact=x.size <= 1 << 16)
+    relu = cap["1"].calls[0]
+    assert relu.stats.min == 0 and relu.stats.zero_fraction > 0.2
+
+
+def test_non_finite_values_are_counted_and_left_out():
+    for n in (1000, 200_000):  # the batched path and the per-tensor path
+        x = torch.randn(n)
+        x[::7] = float("nan")
+        x[1::11] = float("inf")
+        x[2::13] = -float("inf")
+        x[3::5] = 0.0
+        batch = StatsBatch(bins=16)
+        batch.add(x)
+        stats, hist = batch.results()[0]
+        _check(stats, hist, x.numpy(), exact=n <= 1 << 16)
+
+
+def test_constant_and_all_nan_tensors():
+    batch = StatsBatch(bins=4)
+    batch.add(torch.full((10,), 3.0))
+    batch.add(torch.full((100_000,), float("nan")))
+    batch.add(torch.zeros(0))
+    const, nan, empty = batch.results()
+    assert const[0].std == 0 and const[0].min == const[0].max == 3.0
+    np.testing.assert_allclose(const[1].edges[[0, -1]], [2.5, 3.5])  # numpy's range for a constant
+    assert const[1].counts.sum() == 10
+    assert nan[0].nan_count == 100_000 and nan[1].counts.sum() == 0
+    assert empty is None
+
+
+def test_integer_and_half_outputs_are_summarised():
+    batch = StatsBatch()
+    batch.add(torch.arange(10))
+    batch.add(torch.linspace(-1, 1, 100, dtype=torch.float16))
+    ints, halves = batch.results()
+    assert ints[0].mean == 4.5 and ints[0].max == 9
+    assert halves[0].min == -1 and halves[0].max == 1
+
+
+def test_feature_maps_are_bounded_and_on_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1))
+    batch = torch.randn(3, 3, 100, 80)
+    cap = capture(model, batch, backward=False)
+    fmap = cap["0"].calls[0].feature_maps
+    assert fmap.shape == (16, 64, 64) and fmap.device.type == "cpu"
+    with torch.no_grad():
+        full = model(batch)[0, :16]
+    expected = nn.functional.adaptive_avg_pool2d(full, (64, 64))
+    torch.testing.assert_close(fmap, expected)
+
+
+def test_dead_units_counted_per_channel():
+    conv = nn.Conv2d(3, 8, 1)
+    with torch.no_grad():
+        conv.bias[:3] = -100.0  # three channels can never be positive
+    cap = capture(nn.Sequential(conv, nn.ReLU()), torch.randn(2, 3, 5, 5), backward=False)
+    call = cap["1"].calls[0]
+    assert (call.dead_units, call.units) == (3, 8)
