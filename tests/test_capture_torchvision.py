@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from models import no_hooks_left
 from torch import nn
 from torchvision import models as tvm
 
 from layerscope import capture
+from models import no_hooks_left
 
 MODELS = {
     "squeezenet1_1": (lambda: tvm.squeezenet1_1(weights=None), (2, 3, 96, 96)),

@@ -2,6 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
+
+import layerscope
+from layerscope import capture
 from models import (
     Containers,
     DictModel,
@@ -13,10 +17,6 @@ from models import (
     missing_flatten,
     no_hooks_left,
 )
-from torch import nn
-
-import layerscope
-from layerscope import capture
 
 
 def test_every_named_module_is_reported_in_order():
@@ -131,7 +131,8 @@ def test_loss_choices():
     assert ce.loss_kind == "cross_entropy"
     assert ce.loss == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()), rel=1e-6)
     custom = capture(model, x, loss_fn=lambda out, batch: (out**2).mean())
-    assert custom.loss_kind == "loss_fn" and custom.loss == pytest.approx(float((model(x) ** 2).mean().detach()), rel=1e-6)
+    assert custom.loss_kind == "loss_fn"
+    assert custom.loss == pytest.approx(float((model(x) ** 2).mean().detach()), rel=1e-6)
     plain = capture(model, x)
     assert plain.loss_kind == "sum" and plain.loss == pytest.approx(float(model(x).sum().detach()), rel=1e-5)
     forward_only = capture(model, x, backward=False)

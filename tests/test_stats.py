@@ -36,7 +36,8 @@ def _check(stats, hist, x: np.ndarray, exact: bool):
     if exact:
         assert stats.zero_fraction == pytest.approx((finite == 0).mean())
         assert hist.counts.sum() == finite.size == hist.sampled
-        reference, _ = np.histogram(finite.astype(np.float64), bins=len(hist.counts), range=(hist.edges[0], hist.edges[-1]))
+        span = (hist.edges[0], hist.edges[-1])
+        reference, _ = np.histogram(finite.astype(np.float64), bins=len(hist.counts), range=span)
         assert np.abs(hist.counts - reference).sum() <= 2  # values exactly on an edge may fall either side
     else:
         assert stats.zero_fraction == pytest.approx((finite == 0).mean(), abs=0.03)
