@@ -1,0 +1,21 @@
+"""Pictures of layerscope's results (matplotlib/seaborn). Each function takes what the core computed,
+draws into ``ax`` or a new figure that pyplot does not track, and returns the Figure."""
+
+from .attention import attention_heatmap, attention_rollout_overlay
+from .cam import cam_overlay
+from .channels import feature_maps
+from .filters import conv_filters
+from .gradients import gradient_flow
+from .histogram import activation_histogram
+from .parameters import parameter_breakdown
+
+__all__ = [
+    "activation_histogram",
+    "attention_heatmap",
+    "attention_rollout_overlay",
+    "cam_overlay",
+    "conv_filters",
+    "feature_maps",
+    "gradient_flow",
+    "parameter_breakdown",
+]

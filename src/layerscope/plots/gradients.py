@@ -1,0 +1,97 @@
+"""The classic gradient-flow picture: the gradient norm of every layer with parameters, in execution order."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ..core import Capture
+from ._common import axes_or_new
+
+COLORS = {"normal": "#4C72B0", "vanishing_grad": "#DD8452", "exploding_grad": "#C03030"}
+LABELS = {"normal": "gradient norm", "vanishing_grad": "vanishing", "exploding_grad": "exploding"}
+MISSING = {
+    "zero": ("zero gradient", "#C03030"),
+    "nonfinite": ("NaN/Inf gradient", "#7A0000"),
+    "none": ("no gradient", "0.45"),
+    "frozen": ("frozen", "0.7"),
+}
+MAX_LABELS = 48
+
+
+def layer_gradients(capture: Capture) -> list[tuple[str, float | None, bool]]:
+    """(name, gradient norm, frozen) of every called module with parameters of its own, in the order
+    of its first call. The norm is over all its own parameters' gradients; None when none has one."""
+    layers = []
+    for name, report in capture.modules.items():
+        if report.num_own_params and report.calls:
+            got = [g for g in report.param_grad_norms.values() if g is not None]
+            norm = math.sqrt(sum(g * g for g in got)) if got else None
+            frozen = report.num_trainable == 0
+            layers.append((report.calls[0].index, name, norm, frozen))
+    return [(name, norm, frozen) for _, name, norm, frozen in sorted(layers)]
+
+
+def _owns(finding_module: str, name: str) -> bool:
+    return name == finding_module or bool(finding_module) and name.startswith(finding_module + ".")
+
+
+def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | None = None) -> Figure:
+    """Per-layer gradient norms on a log axis, in execution order. Layers named by vanishing/exploding
+    findings are coloured, layers whose gradient is zero, missing or frozen are marked at the bottom,
+    and ``highlight`` (a module name, or a block containing several layers) is shaded."""
+    layers = layer_gradients(capture) if capture.backward else []
+    fig, ax = axes_or_new(ax, 3.8)
+    ax.set_title("Gradient flow" + (f" (loss: {capture.loss_kind})" if capture.loss_kind else ""), loc="left")
+    if not layers:
+        why = "no layer with parameters was called" if capture.backward else "no gradients were computed"
+        if capture.error is not None:
+            why += f": {capture.error.message}"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, wrap=True)
+        ax.set_axis_off()
+        return fig
+    kind_of = {}
+    for finding in capture.findings:
+        kind = getattr(finding, "kind", None)
+        if kind in COLORS:
+            for name, _, _ in layers:
+                if _owns(getattr(finding, "module", ""), name):
+                    kind_of[name] = kind
+    x = np.arange(len(layers))
+    norms = np.array([np.nan if n is None else n for _, n, _ in layers])
+    positive = (norms > 0) & np.isfinite(norms)
+    ax.plot(x[positive], norms[positive], color="0.75", linewidth=1, zorder=1)
+    kinds = [kind_of.get(name, "normal") for name, _, _ in layers]
+    ax.scatter(x[positive], norms[positive], c=[COLORS[k] for k, p in zip(kinds, positive) if p], s=28, zorder=2)
+    ax.set_yscale("log")
+    if not positive.any():
+        ax.set_ylim(1e-8, 1)
+    handles = [Line2D([], [], color=COLORS[k], marker="o", linestyle="", label=LABELS[k])
+               for k in COLORS if k in {k for k, p in zip(kinds, positive) if p}]
+    missing: dict[str, list[int]] = {}
+    for i, (_, norm, frozen) in enumerate(layers):
+        if norm is None:
+            missing.setdefault("frozen" if frozen else "none", []).append(i)
+        elif not 0 < norm < math.inf:
+            missing.setdefault("zero" if norm == 0 else "nonfinite", []).append(i)
+    for key, where in missing.items():
+        label, color = MISSING[key]
+        ax.scatter(where, [0.03] * len(where), marker="x", color=color, transform=ax.get_xaxis_transform(),
+                   s=36, zorder=3, clip_on=False)
+        handles.append(Line2D([], [], color=color, marker="x", linestyle="", label=label))
+    if highlight is not None:
+        inside = [i for i, (name, _, _) in enumerate(layers) if _owns(highlight, name)]
+        if inside:
+            ax.axvspan(min(inside) - 0.5, max(inside) + 0.5, color="#F2C14E", alpha=0.35, zorder=0, linewidth=0)
+    step = max(1, math.ceil(len(layers) / MAX_LABELS))
+    ax.set_xticks(x[::step], [name or "<root>" for name, _, _ in layers[::step]], rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_ylabel("L2 norm of the layer's\nparameter gradients")
+    ax.grid(axis="y", which="major", color="0.9")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(handles=handles, fontsize=8, loc="best", frameon=False)
+    return fig
