@@ -1,15 +1,31 @@
 """layerscope: look inside a PyTorch model, from a notebook or a script."""
 
-from .core import CallRecord, Capture, CaptureError, Histogram, ModuleReport, TensorStats, capture
+from .core import (
+    CallRecord,
+    CAMResult,
+    Capture,
+    CaptureError,
+    Histogram,
+    ModuleReport,
+    TensorStats,
+    attention_maps,
+    attention_rollout,
+    capture,
+    grad_cam,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAMResult",
     "CallRecord",
     "Capture",
     "CaptureError",
     "Histogram",
     "ModuleReport",
     "TensorStats",
+    "attention_maps",
+    "attention_rollout",
     "capture",
+    "grad_cam",
 ]

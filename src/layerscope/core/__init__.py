@@ -1,11 +1,14 @@
 """The capture engine: torch and numpy only (no widgets, no plotting)."""
 
+from .attention import attention_maps, attention_rollout
+from .cam import CAMResult, grad_cam
 from .capture import CallRecord, Capture, ModuleReport, capture
 from .diagnose import CaptureError
 from .hooks import HookSession
 from .stats import Histogram, TensorStats
 
 __all__ = [
+    "CAMResult",
     "CallRecord",
     "Capture",
     "CaptureError",
@@ -13,5 +16,8 @@ __all__ = [
     "HookSession",
     "ModuleReport",
     "TensorStats",
+    "attention_maps",
+    "attention_rollout",
     "capture",
+    "grad_cam",
 ]
