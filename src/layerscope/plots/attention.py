@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from ._common import WIDTH, axes_or_new, figure, grid_shape, to_numpy
 from .cam import display_image, overlay, resized
 
-MAX_TICKS = 32
+MAX_TICKS = 32  # tick labels per axis of one heatmap
+MAX_TICKS_SMALL = 8  # per axis of one small multiple
 HEAD_COLS = 4
 
 
@@ -29,20 +30,21 @@ def _weights(weights) -> np.ndarray:
     return w
 
 
-def _label_axis(set_ticks, labels: Sequence[str], show: bool, **text) -> None:
-    step = max(1, math.ceil(len(labels) / MAX_TICKS))
+def _label_axis(set_ticks, labels: Sequence[str], show: bool, most: int, **text) -> None:
+    step = max(1, math.ceil(len(labels) / most))
     positions = np.arange(0, len(labels), step)
     set_ticks(positions + 0.5, [str(labels[i]) for i in positions] if show else [], **text)
 
 
-def _draw(ax: Axes, w: np.ndarray, tokens: Sequence[str], vmax: float, cbar: bool, x: bool, y: bool) -> None:
-    sns.heatmap(w, ax=ax, vmin=0, vmax=vmax, cmap="rocket", square=w.shape[0] == w.shape[1], cbar=cbar,
-                xticklabels=False, yticklabels=False, cbar_kws={"shrink": 0.8} if cbar else None)
+def _draw(ax: Axes, w: np.ndarray, tokens: Sequence[str], vmax: float, single: bool, x: bool, y: bool) -> None:
+    sns.heatmap(w, ax=ax, vmin=0, vmax=vmax, cmap="rocket", square=w.shape[0] == w.shape[1], cbar=single,
+                xticklabels=False, yticklabels=False, cbar_kws={"shrink": 0.8} if single else None)
     keys = tokens[: w.shape[1]]
     size = 8 if max(w.shape) <= 16 else 6
     upright = len(keys) <= 12 and max(len(str(t)) for t in keys) <= 6
-    _label_axis(ax.set_xticks, keys, x, fontsize=size, rotation=0 if upright else 90)
-    _label_axis(ax.set_yticks, tokens[: w.shape[0]], y, fontsize=size, rotation=0)
+    most = MAX_TICKS if single else MAX_TICKS_SMALL
+    _label_axis(ax.set_xticks, keys, x, most, fontsize=size, rotation=0 if upright else 90)
+    _label_axis(ax.set_yticks, tokens[: w.shape[0]], y, most, fontsize=size, rotation=0)
 
 
 def attention_heatmap(weights, tokens: Sequence[str] | None = None, head: int | None = None, *,

@@ -68,8 +68,8 @@ def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | 
     kinds = [kind_of.get(name, "normal") for name, _, _ in layers]
     ax.scatter(x[positive], norms[positive], c=[COLORS[k] for k, p in zip(kinds, positive) if p], s=28, zorder=2)
     ax.set_yscale("log")
-    if not positive.any():
-        ax.set_ylim(1e-8, 1)
+    shown = norms[positive]
+    ax.set_ylim(*((shown.min() / 3, shown.max() * 3) if len(shown) else (1e-8, 1)))  # at least a decade
     handles = [Line2D([], [], color=COLORS[k], marker="o", linestyle="", label=LABELS[k])
                for k in COLORS if k in {k for k, p in zip(kinds, positive) if p}]
     missing: dict[str, list[int]] = {}

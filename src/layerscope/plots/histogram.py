@@ -48,6 +48,6 @@ def activation_histogram(call_record: CallRecord, *, title: str | None = None, a
             family="monospace", bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="0.8"))
     if not stats.finite:
         bad = [f"{n:,} {kind}" for n, kind in ((stats.nan_count, "NaN"), (stats.inf_count, "Inf")) if n]
-        ax.text(0.02, 0.97, " and ".join(bad) + " values (not binned)", ha="left", va="top", transform=ax.transAxes,
+        ax.text(1.0, 1.02, " and ".join(bad) + " values (not binned)", ha="right", va="bottom", transform=ax.transAxes,
                 color=WARN, fontsize=10, fontweight="bold")
     return fig
