@@ -169,8 +169,12 @@ def test_automatic_layer_on_resnet18_equals_layer4_and_works_under_no_grad():
     explicit = grad_cam(model, x, layer="layer4")
     with torch.no_grad():
         auto = grad_cam(model, x)
-    assert auto.layer == "layer4"
+    with torch.inference_mode():
+        made_in_inference_mode = x.clone()
+        inference = grad_cam(model, made_in_inference_mode)
+    assert auto.layer == inference.layer == "layer4"
     torch.testing.assert_close(auto.raw, explicit.raw)
+    torch.testing.assert_close(inference.raw, explicit.raw)
     torch.testing.assert_close(auto.raw, _autograd_cam(model, x, "layer4", auto.target))
     assert float(auto.raw.max()) > 0
 
@@ -263,6 +267,20 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="one per item"):
         grad_cam(model, x, target=[1, 2])
     assert no_hooks_left(model)
+    side_branch = _SideBranch()
+    with pytest.raises(ValueError, match="do not depend on the output of layer 'unused'"):
+        grad_cam(side_branch, torch.randn(2, 3, 8, 8), layer="unused")
+    assert grad_cam(side_branch, torch.randn(2, 3, 8, 8)).layer == "used"
+
+
+class _SideBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unused, self.used, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.unused(x)
+        return self.fc(self.used(x).mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize(

@@ -255,10 +255,10 @@ def grad_cam(
     name (or the module); None picks the last module with a spatial output before the pooling (for a
     ViT, the last block's first normalisation layer) and ``CAMResult.layer`` says which. 4-D outputs may
     be channels-first or channels-last; token outputs [N, L, D] are reshaped to their patch grid after
-    dropping the leading class/register tokens. Works under ``torch.no_grad()`` and in training mode;
-    the model is left as it was (hooks removed; training flags, ``requires_grad``, ``.grad`` and buffers
-    restored). The scores of all items are summed for one backward pass, so items must not interact
-    downstream of the layer (as batch norm in training mode would make them).
+    dropping the leading class/register tokens. Works under ``torch.no_grad()`` or ``torch.inference_mode()``
+    and in training mode; the model is left as it was (hooks removed; training flags, ``requires_grad``,
+    ``.grad`` and buffers restored). The scores of all items are summed for one backward pass, so items
+    must not interact downstream of the layer (as batch norm in training mode would make them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"grad_cam() needs a torch.nn.Module as model, got {type(model).__name__}")
@@ -266,7 +266,8 @@ def grad_cam(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     name = None if layer is None else _layer_name(model, layer)
     size = _input_size(batch)
-    with buffers_kept(model), HookSession(model) as session, torch.enable_grad():
+    with buffers_kept(model), HookSession(model) as session, torch.inference_mode(False), torch.enable_grad():
+        batch = map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)  # made under inference_mode
         output = None
         if name is None:
             name, output, how, logits = _auto_pass(model, batch, session, size)
@@ -281,7 +282,7 @@ def grad_cam(
                 )
         targets = _targets(target, logits)
         scores = logits.gather(1, targets[:, None])[:, 0]
-        (grads,) = torch.autograd.grad(scores.sum(), output, allow_unused=True)
+        grads = torch.autograd.grad(scores.sum(), output, allow_unused=True)[0] if scores.requires_grad else None
     if grads is None:
         raise ValueError(f"the class scores do not depend on the output of layer {name!r}")
     maps, grads = as_maps(output.detach(), how).float(), as_maps(grads, how).float()
