@@ -14,9 +14,10 @@ from torch import nn
 
 from . import diagnose
 from .diagnose import CaptureError
+from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors, map_tensors, shape_tree
-from .stats import Histogram, StatsBatch, TensorStats
+from .stats import Histogram, StatsBatch, TensorStats, norm
 from .tree import module_tree
 
 FEATURE_CHANNELS = 16
@@ -56,7 +57,7 @@ class ModuleReport:
     dtypes: tuple[str, ...]
     calls: tuple[CallRecord, ...] = ()
     param_grad_norms: Mapping[str, float | None] = field(default_factory=dict)
-    param_norms: Mapping[str, float] = field(default_factory=dict)  # own parameters, by local name
+    param_norms: Mapping[str, float | None] = field(default_factory=dict)  # own parameters; filled with backward
 
     @property
     def called(self) -> bool:
@@ -175,7 +176,7 @@ class _Recorder:
             call["units"] = t.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call):
-                call["grad"] = torch.linalg.vector_norm(g.detach(), dtype=torch.float64)
+                call["grad"] = norm(g)
                 self.last_grad_call = call
 
             self.session.add_tensor_hook(t, on_grad)
@@ -245,7 +246,7 @@ def _norms_by_module(model: nn.Module, tensors: dict[int, torch.Tensor]) -> dict
     norms: dict[torch.device, dict[int, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not t.is_meta:
-            norms.setdefault(t.device, {})[key] = torch.linalg.vector_norm(t.detach(), dtype=torch.float64)
+            norms.setdefault(t.device, {})[key] = norm(t)
     values = {}
     for group in norms.values():  # one copy to the CPU per device
         values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
@@ -322,8 +323,8 @@ def capture(
             session.remove()
     records = recorder.records()
     grad_norms = _norms_by_module(model, {k: g for k, g in grads.items() if g is not None})
-    with torch.no_grad():
-        param_norms = _norms_by_module(model, {id(p): p for p in model.parameters()})
+    with torch.no_grad():  # only a backward pass needs them (gradient-to-weight ratios): spare forward-only runs
+        param_norms = _norms_by_module(model, {id(p): p for p in model.parameters()} if grads else {})
     modules = {
         name: ModuleReport(
             **info,
@@ -334,7 +335,7 @@ def capture(
         for name, info in tree.items()
     }
     unique = list(model.parameters())
-    return Capture(
+    cap = Capture(
         modules=MappingProxyType(modules),
         total_params=sum(p.numel() for p in unique),
         trainable_params=sum(p.numel() for p in unique if p.requires_grad),
@@ -346,3 +347,5 @@ def capture(
         model=model,
         batch=batch,
     )
+    cap.findings.extend(find(cap))
+    return cap

@@ -1,9 +1,11 @@
 """Summaries of tensors computed where the tensors live, keeping only small results.
 
-Tensors of up to ``small`` elements are copied into a pending batch and summarised together, a few
-vectorised ops for many tensors, exactly (every element counts, including the histogram). Larger
-tensors are summarised at once, in a handful of passes (aminmax, sum, vector norm) with the histogram
-and the share of zeros read off a bounded, evenly strided sample of their elements.
+Tensors of up to ``small`` elements are copied into a row of a buffer shared with tensors of the same
+size, and each full buffer is summarised at once by row-wise reductions: a few ops for many tensors,
+exactly (every element counts, the histogram too). Larger tensors are summarised on the spot in three
+passes (aminmax, sum, dot) with the histogram and the share of zeros read off a bounded, evenly
+strided sample of their elements. Reductions accumulate in the tensor's own dtype (float64 is about
+12x slower on CPU); nothing is copied to the CPU until ``results()``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class TensorStats:
 class Histogram:
     """Counts of finite values in equal bins between ``edges[0]`` and ``edges[-1]``.
 
-    ``sampled`` is how many elements were binned: all finite elements for small tensors, an evenly
-    strided sample of at most ``sample_size`` elements (less any non-finite ones) for large ones."""
+    ``sampled`` is how many elements were binned: all finite elements of small tensors, an evenly
+    strided sample (less any non-finite elements) of large ones."""
 
     counts: np.ndarray
     edges: np.ndarray
@@ -57,30 +59,75 @@ def _to_float(t: torch.Tensor) -> torch.Tensor | None:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _sample(x: torch.Tensor, size: int) -> torch.Tensor:
-    flat = x.reshape(-1)
-    step = max(1, flat.numel() // size) | 1  # odd stride: avoids lining up with power-of-two dims
-    return flat[::step][:size]
-
-
-def _bin_index(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
-    return ((values - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
-
-
 def _range(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram range: [min, max], widened by 0.5 either side when all values are equal (numpy's rule)."""
     flat = mx <= mn
     return torch.where(flat, mn - 0.5, mn), torch.where(flat, mx + 0.5, mx)
 
 
+def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact summaries of each row of ``m`` [k, n] (all values finite): a [k, 10] float64 vector per
+    row in the order of _FIELDS, and [k, bins] histogram counts. ``span`` = (min, max) [k] tensors
+    sets the histogram range instead of the rows' own range."""
+    k, n = m.shape
+    mn, mx = torch.aminmax(m, dim=1) if span is None else span
+    mean = m.sum(1).double() / n
+    sumsq = (m * m).sum(1).double()
+    std = (sumsq / n - mean * mean).clamp_min(0).sqrt()
+    zeros = (m == 0).sum(1).double() / n
+    lo, hi = _range(mn, mx)
+    scale = bins / (hi - lo)
+    idx = ((m - lo[:, None]) * scale[:, None]).long().clamp_(0, bins - 1)
+    idx += torch.arange(0, k * bins, bins, device=m.device)[:, None]
+    counts = torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins)
+    none = torch.zeros_like(mean)
+    vec = torch.stack([mean, std, mn.double(), mx.double(), zeros, none, none, lo.double(), hi.double(),
+                       none + n], dim=1)
+    return vec, counts
+
+
+def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_rows for one flat tensor holding NaN/Inf: summarise its finite values, count the others."""
+    finite = x[torch.isfinite(x)]
+    if finite.numel():
+        vec, counts = _rows(finite[None], bins)
+        vec, counts = vec[0].clone(), counts[0]
+    else:
+        vec = torch.tensor([0, 0, 0, 0, 0, 0, 0, -0.5, 0.5, 0], dtype=torch.float64, device=x.device)
+        counts = torch.zeros(bins, dtype=torch.long, device=x.device)
+    vec[5], vec[6] = torch.isnan(x).sum(), torch.isinf(x).sum()
+    return vec, counts
+
+
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a tensor as a float64 scalar on its device, accumulated in its own dtype.
+
+    For contiguous tensors through BLAS dot, which on CPU is about 10x more accurate than vector_norm
+    in float32 and, unlike a float64 reduction, no slower than a plain pass."""
+    flat = t.detach().reshape(-1)
+    if flat.is_floating_point() and flat.dtype != torch.float16 and flat.dtype != torch.bfloat16:
+        return torch.dot(flat, flat).double().sqrt()
+    return torch.linalg.vector_norm(flat.float()).double()
+
+
+class _Group:
+    """A buffer of same-size flattened tensors waiting to be summarised row by row."""
+
+    def __init__(self, rows: int, numel: int, like: torch.Tensor):
+        self.buffer = torch.empty(rows, numel, dtype=like.dtype, device=like.device)
+        self.slots: list[int] = []
+
+    def full(self) -> bool:
+        return len(self.slots) == self.buffer.shape[0]
+
+
 class StatsBatch:
     """Collects tensors during a pass; ``results()`` gives one (TensorStats, Histogram) per ``add``."""
 
-    def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 21, sample_size: int = 8192):
+    def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192):
         self.bins, self.small, self.budget, self.sample_size = bins, small, budget, sample_size
-        self._slots: list = []  # per add: None, or (numel, exact, vec_tensor, row, counts_tensor)
-        self._pending: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        self._pending_numel = 0
+        self._slots: list = []  # per add: None, or [numel, exact, vec, row, counts]
+        self._groups: dict[tuple, _Group] = {}
 
     def add(self, t: torch.Tensor) -> int:
         slot = len(self._slots)
@@ -88,79 +135,67 @@ class StatsBatch:
         if x is None:
             self._slots.append(None)
         elif x.numel() <= self.small:
-            self._slots.append((x.numel(), True))
-            self._pending.setdefault(x.device, []).append((slot, x.reshape(-1).to(torch.float64, copy=True)))
-            self._pending_numel += x.numel()
-            if self._pending_numel > self.budget:
-                self._flush()
+            self._slots.append([x.numel(), True, None, None, None])
+            key = (x.device, x.dtype, x.numel())
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(max(1, self.budget // x.numel()), x.numel(), x)
+            group.buffer[len(group.slots)].copy_(x.reshape(-1))
+            group.slots.append(slot)
+            if group.full():
+                self._summarise(self._groups.pop(key))
         else:
             self._slots.append(self._summarise_large(x))
         return slot
 
-    def _summarise_large(self, x: torch.Tensor) -> tuple:
+    def _summarise(self, group: _Group) -> None:
+        m = group.buffer[: len(group.slots)]
+        mn, mx = torch.aminmax(m, dim=1)
+        finite = torch.isfinite(mn + mx).tolist()
+        good = [i for i, ok in enumerate(finite) if ok]
+        if good:
+            rows = m if len(good) == len(finite) else m[good]
+            vec, counts = _rows(rows, self.bins, None if len(good) < len(finite) else (mn, mx))
+            for row, i in enumerate(good):
+                self._slots[group.slots[i]][2:] = [vec, row, counts]
+        for i, ok in enumerate(finite):
+            if not ok:
+                vec, counts = _with_non_finite(m[i], self.bins)
+                self._slots[group.slots[i]][2:] = [vec, None, counts]
+
+    def _summarise_large(self, x: torch.Tensor) -> list:
         n = x.numel()
         mn, mx = torch.aminmax(x)
         if not bool(torch.isfinite(mn + mx)):  # NaN/Inf present: the rare, slower path
-            finite = torch.isfinite(x)
-            nan, inf = torch.isnan(x).sum(), torch.isinf(x).sum()
-            x = x[finite]
+            flat = x.reshape(-1)
+            nan, inf = torch.isnan(flat).sum(), torch.isinf(flat).sum()
+            x = flat[torch.isfinite(flat)]
             if x.numel() == 0:
-                zero = torch.zeros((), dtype=torch.float64, device=x.device)
-                vec = torch.stack([zero] * 5 + [nan.double(), inf.double(), zero, zero + 1, zero])
-                return (n, True, vec, None, torch.zeros(self.bins, dtype=torch.long, device=x.device))
+                vec, counts = _with_non_finite(flat[:1], self.bins)
+                vec[5], vec[6] = nan, inf
+                return [n, True, vec, None, counts]
             mn, mx = torch.aminmax(x)
         else:
-            nan = inf = torch.zeros((), dtype=torch.float64, device=x.device)
+            nan = inf = None
         m = x.numel()
-        total = x.sum(dtype=torch.float64)
-        sumsq = torch.linalg.vector_norm(x, dtype=torch.float64) ** 2
-        mean = total / m
+        flat = x.reshape(-1)
+        sumsq = norm(flat) ** 2
+        step = max(1, m // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
+        sample = flat[::step][: self.sample_size]
+        svec, counts = _rows(sample[None], self.bins, (mn[None], mx[None]))  # histogram, zeros: from the sample
+        mean = flat.sum().double() / m
         std = (sumsq / m - mean * mean).clamp_min(0).sqrt()
-        lo, hi = _range(mn.double(), mx.double())
-        sample = _sample(x, self.sample_size)
-        counts = torch.bincount(_bin_index(sample.double(), lo, hi, self.bins), minlength=self.bins)
-        zero_frac = (sample == 0).sum() / sample.numel()
-        binned = torch.tensor(float(sample.numel()), dtype=torch.float64, device=x.device)
-        vec = torch.stack([mean, std, mn.double(), mx.double(), zero_frac.double(), nan.double(), inf.double(),
-                           lo, hi, binned])
-        return (n, m <= self.sample_size, vec, None, counts)
-
-    def _flush(self) -> None:
-        for device, items in self._pending.items():
-            slots = [s for s, _ in items]
-            sizes = torch.tensor([v.numel() for _, v in items], device=device)
-            flat = torch.cat([v for _, v in items])
-            k, bins = len(items), self.bins
-            seg = torch.repeat_interleave(torch.arange(k, device=device), sizes)
-            finite = torch.isfinite(flat)
-            nan = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, torch.isnan(flat).double())
-            inf = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, torch.isinf(flat).double())
-            cnt = sizes.double() - nan - inf
-            vals = torch.where(finite, flat, 0.0)
-            mean = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, vals) / cnt.clamp_min(1)
-            dev = torch.where(finite, flat - mean[seg], 0.0)
-            var = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, dev * dev) / cnt.clamp_min(1)
-            big = torch.finfo(torch.float64).max
-            mn = torch.full((k,), big, dtype=torch.float64, device=device).scatter_reduce_(
-                0, seg, torch.where(finite, flat, big), "amin")
-            mx = torch.full((k,), -big, dtype=torch.float64, device=device).scatter_reduce_(
-                0, seg, torch.where(finite, flat, -big), "amax")
-            none_finite = cnt == 0
-            mn, mx = torch.where(none_finite, 0.0, mn), torch.where(none_finite, 0.0, mx)
-            zeros = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, (flat == 0).double())
-            lo, hi = _range(mn, mx)
-            idx = torch.where(finite, _bin_index(vals, lo[seg], hi[seg], bins), bins)  # non-finite: spill bin
-            counts = torch.bincount(seg * (bins + 1) + idx, minlength=k * (bins + 1)).view(k, bins + 1)[:, :bins]
-            vec = torch.stack([mean, var.sqrt(), mn, mx, zeros / cnt.clamp_min(1), nan, inf, lo, hi, cnt], dim=1)
-            for row, slot in enumerate(slots):
-                numel, exact = self._slots[slot]
-                self._slots[slot] = (numel, exact, vec, row, counts)
-        self._pending.clear()
-        self._pending_numel = 0
+        vec = svec[0].clone()
+        vec[0], vec[1], vec[2], vec[3] = mean, std, mn, mx
+        if nan is not None:
+            vec[5], vec[6] = nan, inf
+        return [n, m <= self.sample_size, vec, None, counts[0]]
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
-        """Move every summary to the CPU (one copy per batch of vectors) and build the records."""
-        self._flush()
+        """Move every summary to the CPU (one copy per buffer) and build the records."""
+        for group in self._groups.values():
+            self._summarise(group)
+        self._groups.clear()
         on_cpu: dict[int, np.ndarray] = {}
 
         def cpu(t: torch.Tensor, row: int | None) -> np.ndarray:
