@@ -64,7 +64,7 @@ class _Recorder:
     def __init__(self):
         self.maps: dict[str, torch.Tensor] = {}
         self.running: list[str] = []
-        self.asked: dict[str, list[inspect.BoundArguments]] = {}
+        self.asked: dict[str, list[dict[str, Any]]] = {}  # per nn.MultiheadAttention: what each call asked
 
     def add(self, name: str, weights: torch.Tensor) -> None:
         key, calls = name, 1
