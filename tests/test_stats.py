@@ -113,3 +113,12 @@ def test_dead_units_counted_per_channel():
     cap = capture(nn.Sequential(conv, nn.ReLU()), torch.randn(2, 3, 5, 5), backward=False)
     call = cap["1"].calls[0]
     assert (call.dead_units, call.units) == (3, 8)
+
+
+def test_a_tensor_passed_on_unchanged_is_summarised_once_and_inplace_changes_are_seen():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)), nn.ReLU(inplace=True))
+    cap = capture(model.eval(), torch.randn(2, 3, 9, 9) - 0.5, backward=False)
+    conv, drop, inner, relu, root = (cap[n].calls[0] for n in ["0.0", "0.1", "0", "1", ""])
+    assert conv.stats is drop.stats and drop.stats is inner.stats  # dropout in eval returns its input
+    assert conv.stats.min < 0 and relu.stats.min == 0  # the in-place ReLU bumped the version: summarised anew
+    assert relu.stats is root.stats

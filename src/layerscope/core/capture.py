@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -131,6 +132,7 @@ class _Recorder:
     def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool):
         self.session, self.stats, self.grads, self.feature_maps = session, stats, grads, feature_maps
         self.calls: list[dict] = []
+        self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot)
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
 
     def hook_for(self, name: str, module: nn.Module) -> Callable:
@@ -161,7 +163,7 @@ class _Recorder:
         t = first_float_tensor(outs)
         if t is None:
             return
-        call["slot"] = self.stats.add(t)
+        call["slot"] = self._slot(t)
         if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
             fmap = t.detach()[0, :FEATURE_CHANNELS]
             if fmap.shape[-2] > FEATURE_SIZE or fmap.shape[-1] > FEATURE_SIZE:
@@ -180,6 +182,20 @@ class _Recorder:
                 self.last_grad_call = call
 
             self.session.add_tensor_hook(t, on_grad)
+
+    def _slot(self, t: torch.Tensor) -> int:
+        """Summarise ``t``, unless this very tensor was summarised before and not changed in place since
+        (containers and identities such as Dropout in eval pass on the tensor they got)."""
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors keep no version counter
+            return self.stats.add(t)
+        seen = self.summarised.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1] == version:
+            return seen[2]
+        slot = self.stats.add(t)
+        self.summarised[id(t)] = (weakref.ref(t), version, slot)
+        return slot
 
     def records(self) -> dict[str, list[CallRecord]]:
         summaries = self.stats.results()
