@@ -4,6 +4,7 @@ from .attention import attention_maps, attention_rollout
 from .cam import CAMResult, grad_cam
 from .capture import CallRecord, Capture, ModuleReport, capture
 from .diagnose import CaptureError
+from .findings import Finding
 from .hooks import HookSession
 from .stats import Histogram, TensorStats
 
@@ -12,6 +13,7 @@ __all__ = [
     "CallRecord",
     "Capture",
     "CaptureError",
+    "Finding",
     "Histogram",
     "HookSession",
     "ModuleReport",

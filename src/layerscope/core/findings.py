@@ -1,0 +1,509 @@
+"""The debugging checklist, answered from one Capture: shapes, devices, dtypes, NaN/Inf, gradients,
+dead or saturated activations, frozen, unused or training-mode layers, the loss and the batch.
+
+Everything is read off what ``capture()`` recorded, plus a cheap look at the model's flags and at the
+batch's value range; no extra forward pass is run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import diagnose
+from .nested import iter_tensors
+
+if TYPE_CHECKING:
+    from .capture import CallRecord, Capture
+
+SEVERITIES = ("error", "warning", "info")
+
+# Built-in layers that cannot turn finite inputs into NaN/Inf: when they output NaN/Inf, it came in with their input.
+_PASS_ON = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign, nn.Softplus, nn.LogSigmoid, nn.Softmax,
+    nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.PixelShuffle, nn.PixelUnshuffle,
+)
+# Built-in weighted layers: with finite weights they only make Inf/NaN by overflowing (values near 3e38).
+_AFFINE = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+    nn.Embedding,
+)
+_OVERFLOW_NEAR = 1e30
+_SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardsigmoid: (0.0, 1.0)}
+_TRAIN_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
+    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
+    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+
+    kind: str
+    severity: str
+    module: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def find(
+    cap: Capture,
+    *,
+    vanishing_ratio: float = 1e-3,
+    exploding_ratio: float = 1e4,
+    dead_fraction: float = 0.9,
+    saturated_fraction: float = 0.5,
+    saturated_margin: float = 0.02,
+    input_limit: float = 20.0,
+) -> list[Finding]:
+    """The findings for one capture, sorted by severity (error, warning, info), then by the order the
+    modules first ran (modules that never ran last).
+
+    Gradients are judged per layer (a module with trainable parameters of its own) by the ratio
+    r = ||gradient|| / ||parameters|| over its own parameters: how much one SGD step with learning
+    rate 1 would move the layer, relative to its size. With the stand-in loss "sum of all outputs"
+    the gradient is first divided by the number of output values, which puts r on the scale of a mean
+    loss. A layer's gradients *vanish* when r is below ``vanishing_ratio`` (1e-3) times the median r of
+    the model's layers, three orders of magnitude under the typical layer (needs three layers or more;
+    embeddings are left out, as a batch only touches a few of their rows). They *explode* when r is
+    above ``exploding_ratio`` (1e3): then one step with a usual learning rate of 1e-3 would already
+    move the weights by more than their own size. Healthy torchvision models stay within about 1.5
+    orders of magnitude of their median, and under 100.
+
+    A ReLU unit (channel) is dead when it is 0 for every item and position of the batch; a ReLU is
+    reported when more than ``dead_fraction`` of its units are dead, beyond what chance gives with few
+    values per unit (a healthy unit is 0 on k values with odds about 0.5**k). A sigmoid/tanh is
+    saturated when more than ``saturated_fraction`` of its outputs lie within ``saturated_margin``
+    (as a share of its output range) of a bound, read off its histogram: for a sigmoid, below 0.02 or
+    above 0.98, where its slope is under 8% of its peak. A float input whose largest absolute value exceeds
+    ``input_limit`` looks unnormalised (standardised data rarely goes past 5).
+    """
+    look = _Look(cap)
+    batch = look.batch(input_limit)
+    found = [*look.forward_error(), *batch]
+    nonfinite = [f for f in batch if f.kind == "input_nonfinite"] or look.nonfinite()
+    found += [f for f in nonfinite if f not in batch]
+    if not nonfinite:
+        found += look.loss()
+        if cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
+            found += look.gradients(vanishing_ratio, exploding_ratio)
+    found += [*look.dead(dead_fraction), *look.saturated(saturated_fraction, saturated_margin)]
+    found += [*look.frozen(), *look.unused(), *look.train_mode()]
+    return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module)))
+
+
+class _Look:
+    """The capture with the lookups the rules share."""
+
+    def __init__(self, cap: Capture):
+        self.cap = cap
+        self.modules: dict[str, nn.Module] = dict(cap.model.named_modules())
+
+    def position(self, name: str) -> float:
+        calls = self.cap[name].calls
+        return calls[0].index if calls else math.inf
+
+    def label(self, name: str) -> str:
+        return diagnose.label(name, self.modules[name])
+
+    def parent(self, name: str) -> str | None:
+        return None if not name else name.rpartition(".")[0]
+
+    def chain(self, name: str) -> Iterable[str]:
+        """The module and its ancestors, innermost first."""
+        while name is not None:
+            yield name
+            name = self.parent(name)
+
+    def highest(self, relevant: Callable[[str], bool], flagged: Callable[[str], bool]) -> list[str]:
+        """The outermost modules all of whose relevant modules (themselves and below) are flagged."""
+        whole: dict[str, bool] = {}
+        any_relevant: dict[str, bool] = {}
+        for name in reversed(list(self.cap.modules)):  # children come after their parents
+            children = self.cap[name].children
+            rel = relevant(name)
+            any_relevant[name] = rel or any(any_relevant[c] for c in children)
+            whole[name] = (not rel or flagged(name)) and all(whole[c] for c in children)
+        return [n for n in self.cap.modules
+                if whole[n] and any_relevant[n] and (not n or not whole[self.parent(n)])]
+
+    def own_params(self, name: str, trainable: bool | None = None) -> list[tuple[str, nn.Parameter]]:
+        params = self.modules[name].named_parameters(recurse=False)
+        return [(k, p) for k, p in params if trainable is None or p.requires_grad == trainable]
+
+    # -- a failed pass ------------------------------------------------------------------------------
+
+    def forward_error(self) -> list[Finding]:
+        err = self.cap.error
+        if err is None:
+            return []
+        text = (str(err.exception).strip().splitlines() or [type(err.exception).__name__])[0]
+        details = {"exception": type(err.exception).__name__, "torch_message": text}
+        if err.phase != "forward":
+            return [Finding(f"{err.phase}_error", "error", err.module, err.message, details)]
+        names = {id(m): n for n, m in self.modules.items()}
+        where = diagnose.locate(err.exception, names)
+        received = next(iter_tensors(where[2]), None) if where else None
+        module = self.modules[err.module]
+        tensors = [*module.parameters(), *module.buffers()]
+        if received is not None:
+            details["received"] = {"shape": list(received.shape), "dtype": _dtype(received.dtype),
+                                   "device": str(received.device)}
+        if (received is not None and any(t.device != received.device for t in tensors)) or "device" in text:
+            return [self._mismatch("device_mismatch", err.module, received, details)]
+        floats = {t.dtype for t in tensors if t.is_floating_point()}
+        if received is not None and floats and received.dtype not in floats and re.search("type", text, re.I):
+            return [self._mismatch("dtype_mismatch", err.module, received, details)]
+        if re.search(r"shape|size|dimension|channel|element|mat1 and mat2|\dD", text, re.I):
+            return [Finding("shape_mismatch", "error", err.module, err.message, details)]
+        return [Finding("forward_error", "error", err.module, err.message, details)]
+
+    def _mismatch(self, kind: str, failed: str, received: torch.Tensor | None, details: dict) -> Finding:
+        """Name the outermost module that sits wholly on another device (dtype) than the input that reached it."""
+        device = kind == "device_mismatch"
+        got = None if received is None else str(received.device) if device else _dtype(received.dtype)
+        name = failed
+        for up in self.chain(failed):
+            held = self.cap[up].devices if device else self.cap[up].dtypes
+            if got is None or not held or got in held:
+                break
+            name = up
+        has = ", ".join(self.cap[name].devices if device else self.cap[name].dtypes) or "unknown"
+        details.update(module_has=has, failed_in=failed)
+        if name == "" and device:
+            message = f"The batch is on {got}, but the model's parameters are on {has}: move both to one device."
+        elif name == "":
+            message = f"The batch is {got}, but the model's weights are {has}: convert the batch to {has}."
+        elif device:
+            message = (f"{self.label(name)} is on {has}, but the input that reached it is on {got} like the rest "
+                       f"of the model (torch stopped in {failed}).")
+        else:
+            message = (f"{self.label(name)} holds {has} weights, but the input that reached it is {got} like the "
+                       f"rest of the model (torch stopped in {failed}); convert it with .to(torch.{got}).")
+        if "meta" in has:
+            message += " The meta device holds shapes only, no values: load real weights into it."
+        return Finding(kind, "error", name, message, details)
+
+    # -- NaN / Inf ----------------------------------------------------------------------------------
+
+    def nonfinite(self) -> list[Finding]:
+        bad = [(n, c) for n, c in self.cap.calls if c.stats is not None and not c.stats.finite]
+        if not bad:
+            return []
+        seen, call = bad[0]
+        name = self._source(seen, call)
+        s = call.stats
+        kind = "nan" if s.nan_count else "inf"
+        count = s.nan_count if s.nan_count else s.inf_count
+        share = f"{count} of {s.numel} values ({count / s.numel:.1%})"
+        value = "NaN" if kind == "nan" else "Inf"
+        if name == seen:
+            message = f"{self.label(name)} turned finite inputs into {value}: {share} of its output."
+            bad_params = [k for k, v in self.cap[name].param_norms.items() if not _finite(v)]
+            if bad_params:
+                message += f" Its parameter {', '.join(bad_params)} already holds NaN/Inf."
+        else:
+            message = (f"{value} first appeared in the forward code of {self.label(name)} itself, between its "
+                       f"submodules: {seen} received it and output {share}.")
+        later = list(dict.fromkeys(n for n, _ in bad if n not in (name, seen)))
+        details = {"nan_count": s.nan_count, "inf_count": s.inf_count, "numel": s.numel, "first_seen_in": seen,
+                   "downstream": later}
+        if self.cap.loss is not None and not _finite(self.cap.loss):
+            details["loss"] = self.cap.loss
+        return [Finding(kind, "error", name, message, details)]
+
+    def _source(self, name: str, call: CallRecord) -> str:
+        """The module whose code made the first non-finite values, given the first call that output them."""
+        if not self._passes_on(name, call):
+            return name
+        child = name
+        while (parent := self.parent(child)) is not None:
+            if not isinstance(self.modules[parent], nn.Sequential):
+                return parent  # its own code, between submodule calls, made them
+            siblings = [c for c in self.cap[parent].children if self.cap[c].called]
+            if min(siblings, key=self.position) != child:
+                return name  # its input was the previous layer's finite output: it made them after all
+            child = parent
+        return name
+
+    def _passes_on(self, name: str, call: CallRecord) -> bool:
+        module = self.modules[name]
+        if isinstance(module, _PASS_ON):
+            return True
+        if not isinstance(module, _AFFINE):
+            return False
+        s = call.stats
+        params_finite = all(_finite(v) for v in self.cap[name].param_norms.values())
+        return params_finite and max(abs(s.min), abs(s.max)) < _OVERFLOW_NEAR
+
+    # -- the loss and the batch ---------------------------------------------------------------------
+
+    def loss(self) -> list[Finding]:
+        loss = self.cap.loss
+        if loss is None or _finite(loss):
+            return []
+        how = {"cross_entropy": "cross-entropy with the target", "loss_fn": "your loss_fn",
+               "sum": "sum of the outputs"}[self.cap.loss_kind]
+        message = (f"The loss ({how}) is {loss} although every module's output is finite: the loss computation "
+                   f"made it (log of 0 or of a negative number, division by zero, a target out of range).")
+        return [Finding("nonfinite_loss", "error", "", message, {"loss": loss, "loss_kind": self.cap.loss_kind})]
+
+    def batch(self, limit: float) -> list[Finding]:
+        found = []
+        for where, t in _float_tensors_named(self.cap.batch):
+            if t.is_meta or not t.numel():
+                continue
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            if nan or inf:
+                message = (f"The batch{where} holds {nan} NaN and {inf} Inf of {t.numel()} values: every module it "
+                           f"reaches will output NaN/Inf too. Clean or impute the data first.")
+                found.append(Finding("input_nonfinite", "error", "", message,
+                                     {"input": where, "nan_count": nan, "inf_count": inf, "numel": t.numel()}))
+                continue
+            lo, hi = (float(v) for v in torch.aminmax(t))
+            if max(abs(lo), abs(hi)) > limit:
+                mean = float(t.double().mean())
+                message = (f"The batch{where} runs from {lo:.4g} to {hi:.4g} (mean {mean:.4g}): it looks "
+                           f"unnormalised; scale it to about 0..1 or standardise it (e.g. divide pixels by 255, "
+                           f"then subtract the mean and divide by the std).")
+                found.append(Finding("input_range", "warning", "", message,
+                                     {"input": where, "min": lo, "max": hi, "mean": mean, "limit": limit}))
+        return found
+
+    # -- gradients ----------------------------------------------------------------------------------
+
+    def gradients(self, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
+        grads = {n: r.param_grad_norms for n, r in self.cap.modules.items()}
+        trainable = {n: [k for k, _ in self.own_params(n, trainable=True)] for n in self.modules}
+
+        def received(n: str) -> list[float]:
+            return [grads[n][k] for k in trainable[n] if grads[n].get(k) is not None]
+
+        found = self._no_grad(trainable, grads)
+        broken = [n for n in self.modules if any(not _finite(g) for g in received(n))]
+        if broken:
+            return found + [self._nonfinite_grad(broken)]
+        flat = self._flat_loss()
+        if flat:
+            return found + flat
+        with_grad = lambda n: bool(received(n))
+        for name in self.highest(with_grad, lambda n: not any(received(n))):
+            found.append(Finding("zero_grad", "warning", name,
+                                 f"Every gradient reaching {self.label(name)} is exactly 0: it will not learn "
+                                 f"from this batch (it feeds only dead units, or its output is multiplied by 0).",
+                                 {"parameters": self._count(name, trainable=True)}))
+        found += self._ratios(received, vanishing_ratio, exploding_ratio)
+        return found
+
+    def _flat_loss(self) -> list[Finding]:
+        """The stand-in loss (the sum of the outputs) after a softmax or a normalisation layer, whose outputs
+        add up to a constant: every gradient before that layer is rounding noise, not worth judging."""
+        root = self.cap[""].calls
+        if self.cap.loss_kind != "sum" or not root or not root[-1].grad_output_norm:
+            return []
+        top = root[-1].grad_output_norm
+        norms = [(n, c.grad_output_norm) for n, c in self.cap.calls if c.grad_output_norm is not None]
+        inner = [g for _, g in norms if g != top]
+        if not inner or not 0 < max(inner) < 1e-4 * top:  # exact zeros are real: see zero_grad
+            return []
+        name = next(n for n, g in norms if g == top)  # the innermost module whose output the loss sums
+        message = (f"The stand-in loss, the sum of the outputs, is flat: {self.label(name)} outputs values that "
+                   f"always add up to the same total (as softmax and normalisation layers do), so every gradient "
+                   f"before it is rounding noise (at most {max(inner):.2g}, against {top:.3g} at the output). "
+                   f"Pass target= or loss_fn= to capture() to judge the gradients.")
+        return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": max(inner), "output_grad": top})]
+
+    def _no_grad(self, trainable: dict, grads: dict) -> list[Finding]:
+        missing = lambda n: any(grads[n].get(k) is None for k in trainable[n])
+        relevant = lambda n: bool(trainable[n]) and self.cap[n].called
+        found = []
+        for name in self.highest(relevant, missing):
+            n = self._count(name, trainable=True)
+            what = "the model" if name == "" else self.label(name)
+            message = (f"{what} ran in the forward pass, but its {n} trainable parameter values received no "
+                       f"gradient: the path from it to the loss is cut (by .detach(), torch.no_grad(), or an "
+                       f"operation without a gradient such as argmax or round).")
+            found.append(Finding("no_grad", "warning", name, message, {"parameters": n}))
+        return found
+
+    def _nonfinite_grad(self, broken: list[str]) -> Finding:
+        name = max(broken, key=self.position)  # closest to the loss: the gradient went bad just after it
+        others = f" and {_plural(len(broken) - 1, 'earlier layer')}" if len(broken) > 1 else ""
+        message = (f"The gradients of {self.label(name)}{others} hold NaN/Inf although the forward pass and the "
+                   f"loss are finite: an operation right after {name or '<root>'} has no finite derivative there "
+                   f"(sqrt or log at 0, a division by a value near 0).")
+        return Finding("nonfinite_grad", "error", name, message, {"layers": broken})
+
+    def _ratios(self, received: Callable[[str], list[float]], vanishing: float, exploding: float) -> list[Finding]:
+        scale = 1.0
+        if self.cap.loss_kind == "sum":
+            scale = float(sum(t.numel() for t in _float_tensors(self.cap.output))) or 1.0
+        ratios = {}
+        for name, module in self.modules.items():
+            g = received(name)
+            p = [self.cap[name].param_norms.get(k) for k, _ in self.own_params(name, trainable=True)]
+            gnorm, pnorm = _norm(g) / scale, _norm(v for v in p if v is not None)
+            if g and gnorm > 0 and pnorm > 0 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                ratios[name] = gnorm / pnorm
+        if not ratios:
+            return []
+        median = float(np.median(list(ratios.values())))
+        found = []
+        for name, r in ratios.items():
+            details = {"ratio": r, "median_ratio": median, "loss_scale": scale}
+            if r > exploding:
+                message = (f"{self.label(name)} gets gradients {r:.3g} times the size of its weights (limit "
+                           f"{exploding:.3g}): one SGD step at learning rate 0.001 would change them "
+                           f"{r * 1e-3:.3g} times their own size. Lower the initial weights or add normalisation.")
+                found.append(Finding("exploding_grad", "warning", name, message, details))
+            elif len(ratios) >= 3 and r < median * vanishing:
+                message = (f"{self.label(name)} gets gradients {r:.3g} times the size of its weights, "
+                           f"{median / r:.3g} times smaller than the model's typical layer ({median:.3g}): the "
+                           f"gradient fades before it gets here, so this layer will barely learn.")
+                found.append(Finding("vanishing_grad", "warning", name, message, details))
+        return found
+
+    # -- activations --------------------------------------------------------------------------------
+
+    def dead(self, fraction: float) -> list[Finding]:
+        found = []
+        for name, report in self.cap.modules.items():
+            calls = [c for c in report.calls if c.units and c.stats is not None]
+            if not calls:
+                continue
+            call = max(calls, key=lambda c: c.dead_units / c.units)
+            share = call.dead_units / call.units
+            per_unit = call.stats.numel / call.units
+            if share > fraction + (1 - fraction) * 0.5**per_unit:
+                message = (f"{self.label(name)} outputs 0 for every item of the batch on {call.dead_units} of its "
+                           f"{call.units} units ({share:.0%}): those units pass no signal and get no gradient.")
+                details = {"dead_units": call.dead_units, "units": call.units, "fraction": share}
+                found.append(Finding("dead_activation", "warning", name, message, details))
+        return found
+
+    def saturated(self, fraction: float, margin: float) -> list[Finding]:
+        found = []
+        for name, module in self.modules.items():
+            bounds = _bounds(module)
+            calls = [c for c in self.cap[name].calls if c.histogram is not None and c.histogram.sampled]
+            if bounds is None or not calls:
+                continue
+            lo, hi = bounds
+            near = margin * (hi - lo)
+            share = max(_share_outside(c.histogram.counts, c.histogram.edges, lo + near, hi - near) for c in calls)
+            if share > fraction:
+                message = (f"{self.label(name)} has {share:.0%} of its outputs within {near:.3g} of its bounds "
+                           f"{lo:g} and {hi:g}, where it is nearly flat: little gradient passes through it. "
+                           f"Its inputs are too large; normalise them or lower the weights before it.")
+                found.append(Finding("saturated_activation", "warning", name, message,
+                                     {"fraction": share, "bounds": [lo, hi], "margin": near}))
+        return found
+
+    # -- the model's flags --------------------------------------------------------------------------
+
+    def _count(self, name: str, trainable: bool | None = None) -> int:
+        params = self.modules[name].parameters()
+        return sum(p.numel() for p in params if trainable is None or p.requires_grad == trainable)
+
+    def frozen(self) -> list[Finding]:
+        found = []
+        has_own = lambda n: bool(self.own_params(n))
+        for name in self.highest(has_own, lambda n: not self.own_params(n, trainable=True)):
+            what = "The whole model" if name == "" else self.label(name)
+            message = (f"{what} is frozen: all {self._count(name)} of its parameter values have "
+                       f"requires_grad=False, so training will not change it.")
+            found.append(Finding("frozen", "info", name, message, {"parameters": self._count(name)}))
+        return found
+
+    def unused(self) -> list[Finding]:
+        if self.cap.error is not None and self.cap.error.phase == "forward":
+            return []  # the modules after the failure never got their turn
+        found = []
+        grads = lambda n: any(g is not None for g in self.cap[n].param_grad_norms.values())
+        relevant = lambda n: bool(self.own_params(n)) and not isinstance(
+            self.modules[n], (nn.ParameterList, nn.ParameterDict))
+        for name in self.highest(relevant, lambda n: not self.cap[n].called and not grads(n)):
+            message = (f"{self.label(name)} holds {self._count(name)} parameter values but was never called in the "
+                       f"forward pass: remove it, or check that forward() uses it.")
+            found.append(Finding("unused_module", "info", name, message, {"parameters": self._count(name)}))
+        return found
+
+    def train_mode(self) -> list[Finding]:
+        relevant = lambda n: isinstance(self.modules[n], _TRAIN_DEPENDENT)
+        found = []
+        for name in self.highest(relevant, lambda n: self.modules[n].training):
+            layers = [m for m in self.modules[name].modules() if isinstance(m, _TRAIN_DEPENDENT)]
+            what = "the model" if name == "" else self.label(name)
+            verb = "is" if len(layers) == 1 else "are"
+            message = (f"{_plural(len(layers), 'dropout or batch-norm layer')} in {what} {verb} in training mode: "
+                       f"dropout zeroes random units and batch norm uses this batch's statistics, so outputs vary "
+                       f"between runs. Call model.eval() to see inference behaviour.")
+            found.append(Finding("train_mode", "info", name, message, {"layers": len(layers)}))
+        return found
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _norm(values: Iterable[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in iter_tensors(value) if t.is_floating_point() and not t.is_meta]
+
+
+def _float_tensors_named(batch: Any) -> list[tuple[str, torch.Tensor]]:
+    """The batch's floating-point tensors, each with how to find it (e.g. "['image']" or "[0]")."""
+    if isinstance(batch, torch.Tensor):
+        items = [("", batch)]
+    elif isinstance(batch, Mapping):
+        items = [(f"[{k!r}]", v) for k, v in batch.items()]
+    elif isinstance(batch, (tuple, list)):
+        items = [(f"[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        items = []
+    return [(where, t) for where, value in items for t in _float_tensors(value)]
+
+
+def _bounds(module: nn.Module) -> tuple[float, float] | None:
+    if isinstance(module, nn.ReLU6):
+        return None  # 0 is its ordinary off state, not saturation
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    for kind, bounds in _SATURATING.items():
+        if isinstance(module, kind):
+            return bounds
+    return None
+
+
+def _share_outside(counts: np.ndarray, edges: np.ndarray, low: float, high: float) -> float:
+    """Share of a histogram's mass at or below ``low`` or at or above ``high`` (uniform within each bin)."""
+    total = counts.sum()
+    if not total:
+        return 0.0
+    left, right = edges[:-1], edges[1:]
+    width = np.maximum(right - left, np.finfo(float).tiny)
+    below = np.clip((np.minimum(right, low) - left) / width, 0, 1)
+    above = np.clip((right - np.maximum(left, high)) / width, 0, 1)
+    return float((counts * np.minimum(below + above, 1)).sum() / total)
