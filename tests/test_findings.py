@@ -150,6 +150,21 @@ def test_meta_submodule_is_a_device_mismatch_naming_that_submodule():
     assert "meta" in f.message and "cpu" in f.message
 
 
+class Raises(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this block is not finished")
+
+
+def test_other_failures_keep_the_engine_message():
+    cap = capture(nn.Sequential(nn.Linear(4, 4), nn.Sequential(Raises())), torch.randn(2, 4))
+    f = only(cap, "forward_error")
+    assert (f.severity, f.module, f.message) == ("error", "1.0", cap.error.message)
+    assert f.details["torch_message"] == "this block is not finished"
+    cap = capture(mlp(4, 3), torch.randn(2, 4), target=torch.tensor([5, 0]))
+    f = only(cap, "loss_error")
+    assert (f.module, f.message) == ("", cap.error.message) and "5" in f.message
+
+
 # -- NaN / Inf: the producer, once -----------------------------------------------------------------
 
 
@@ -177,6 +192,17 @@ def test_log_in_forward_code_names_the_module_whose_code_ran_it():
     with torch.no_grad():
         expected = int(model(x).isnan().sum())
     assert f.details["nan_count"] == expected == 12
+    assert [(g.kind, g.module) for g in capture(model, x, backward=False).findings] == [("nan", "")]
+
+
+def test_nan_weight_names_the_layer_holding_it():
+    model = mlp(4, 8, 2)
+    with torch.no_grad():
+        model[2].weight[1, 3] = float("nan")
+    cap = capture(model, torch.randn(5, 4))
+    f = only(cap, "nan")
+    assert f.module == "2" and f.details["nan_count"] == 5
+    assert "parameter weight already holds NaN" in f.message
 
 
 def test_division_by_zero_gives_inf_at_the_dividing_module():

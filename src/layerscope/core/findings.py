@@ -71,30 +71,33 @@ def find(
     modules first ran (modules that never ran last).
 
     Gradients are judged per layer (a module with trainable parameters of its own) by the ratio
-    r = ||gradient|| / ||parameters|| over its own parameters: how much one SGD step with learning
-    rate 1 would move the layer, relative to its size. With the stand-in loss "sum of all outputs"
-    the gradient is first divided by the number of output values, which puts r on the scale of a mean
-    loss. A layer's gradients *vanish* when r is below ``vanishing_ratio`` (1e-3) times the median r of
-    the model's layers, three orders of magnitude under the typical layer (needs three layers or more;
-    embeddings are left out, as a batch only touches a few of their rows). They *explode* when r is
-    above ``exploding_ratio`` (1e3): then one step with a usual learning rate of 1e-3 would already
-    move the weights by more than their own size. Healthy torchvision models stay within about 1.5
-    orders of magnitude of their median, and under 100.
+    r = ||gradient|| / ||parameters|| over its own parameters: how far one SGD step with learning rate 1
+    would move the layer, relative to its size. With the stand-in loss "sum of all outputs" the gradient
+    is first divided by the number of output values, which puts r on the scale of a mean loss. A layer's
+    gradients *vanish* when r is below ``vanishing_ratio`` (1e-3) times the median r of the model's
+    layers: three orders of magnitude under the typical layer (needs three layers or more; embeddings are
+    left out, as a batch only touches a few of their rows). They *explode* when r is above
+    ``exploding_ratio`` (1e4), whatever the other layers do: one step with a usual learning rate of 1e-3
+    would move the weights by ten times their own size. For scale: in healthy torchvision models no layer
+    sits more than 2.2 orders of magnitude under the median, and r stays under 1.5e3 (the largest seen:
+    resnet50's first conv in training mode on a batch of 2).
 
     A ReLU unit (channel) is dead when it is 0 for every item and position of the batch; a ReLU is
-    reported when more than ``dead_fraction`` of its units are dead, beyond what chance gives with few
-    values per unit (a healthy unit is 0 on k values with odds about 0.5**k). A sigmoid/tanh is
-    saturated when more than ``saturated_fraction`` of its outputs lie within ``saturated_margin``
-    (as a share of its output range) of a bound, read off its histogram: for a sigmoid, below 0.02 or
-    above 0.98, where its slope is under 8% of its peak. A float input whose largest absolute value exceeds
-    ``input_limit`` looks unnormalised (standardised data rarely goes past 5).
+    reported when more than ``dead_fraction`` (90%) of its units are dead, beyond what chance gives with
+    few values per unit (a healthy unit is 0 on k values with odds about 0.5**k). Only a near-total
+    die-off counts: at random initialisation about half the units of a ReLU fed by non-negative inputs
+    can be off for a whole batch. A sigmoid/tanh is saturated when more than ``saturated_fraction`` of
+    its outputs lie within ``saturated_margin`` (as a share of its output range) of a bound, read off its
+    histogram: for a sigmoid, below 0.02 or above 0.98, where its slope is under 8% of its peak. A float
+    input whose largest absolute value exceeds ``input_limit`` looks unnormalised (standardised data
+    rarely goes past 5).
     """
     look = _Look(cap)
     batch = look.batch(input_limit)
-    found = [*look.forward_error(), *batch]
-    nonfinite = [f for f in batch if f.kind == "input_nonfinite"] or look.nonfinite()
-    found += [f for f in nonfinite if f not in batch]
-    if not nonfinite:
+    bad_batch = any(f.kind == "input_nonfinite" for f in batch)
+    nonfinite = [] if bad_batch else look.nonfinite()
+    found = [*look.forward_error(), *batch, *nonfinite]
+    if not bad_batch and not nonfinite:  # else the loss and the gradients only echo the NaN/Inf
         found += look.loss()
         if cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
             found += look.gradients(vanishing_ratio, exploding_ratio)
@@ -210,7 +213,7 @@ class _Look:
         value = "NaN" if kind == "nan" else "Inf"
         if name == seen:
             message = f"{self.label(name)} turned finite inputs into {value}: {share} of its output."
-            bad_params = [k for k, v in self.cap[name].param_norms.items() if not _finite(v)]
+            bad_params = self._nonfinite_params(name)
             if bad_params:
                 message += f" Its parameter {', '.join(bad_params)} already holds NaN/Inf."
         else:
@@ -244,8 +247,10 @@ class _Look:
         if not isinstance(module, _AFFINE):
             return False
         s = call.stats
-        params_finite = all(_finite(v) for v in self.cap[name].param_norms.values())
-        return params_finite and max(abs(s.min), abs(s.max)) < _OVERFLOW_NEAR
+        return not self._nonfinite_params(name) and max(abs(s.min), abs(s.max)) < _OVERFLOW_NEAR
+
+    def _nonfinite_params(self, name: str) -> list[str]:
+        return [k for k, p in self.own_params(name) if not p.is_meta and not bool(torch.isfinite(p).all())]
 
     # -- the loss and the batch ---------------------------------------------------------------------
 
@@ -264,15 +269,14 @@ class _Look:
         for where, t in _float_tensors_named(self.cap.batch):
             if t.is_meta or not t.numel():
                 continue
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            if nan or inf:
+            lo, hi = (float(v) for v in torch.aminmax(t))  # NaN and Inf show in the extremes: one pass
+            if not math.isfinite(lo + hi):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 message = (f"The batch{where} holds {nan} NaN and {inf} Inf of {t.numel()} values: every module it "
                            f"reaches will output NaN/Inf too. Clean or impute the data first.")
                 found.append(Finding("input_nonfinite", "error", "", message,
                                      {"input": where, "nan_count": nan, "inf_count": inf, "numel": t.numel()}))
-                continue
-            lo, hi = (float(v) for v in torch.aminmax(t))
-            if max(abs(lo), abs(hi)) > limit:
+            elif max(abs(lo), abs(hi)) > limit:
                 mean = float(t.double().mean())
                 message = (f"The batch{where} runs from {lo:.4g} to {hi:.4g} (mean {mean:.4g}): it looks "
                            f"unnormalised; scale it to about 0..1 or standardise it (e.g. divide pixels by 255, "
