@@ -30,4 +30,13 @@ __all__ = [
     "attention_rollout",
     "capture",
     "grad_cam",
+    "ModelInspector",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ModelInspector":  # imported on first use: `import layerscope` stays free of ipywidgets
+        from .widget import ModelInspector
+
+        return ModelInspector
+    raise AttributeError(f"module 'layerscope' has no attribute {name!r}")

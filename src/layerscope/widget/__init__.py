@@ -1,0 +1,5 @@
+"""The notebook side: ``ModelInspector`` (the only package that imports ipywidgets and anywidget)."""
+
+from .inspector import ModelInspector
+
+__all__ = ["ModelInspector"]

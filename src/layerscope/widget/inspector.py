@@ -1,0 +1,461 @@
+"""``ModelInspector``: the module tree on the left, the selected module's panels on the right.
+
+A thin controller: the capture engine and the explanation functions compute, ``layerscope.plots``
+draws, and this class wires them to widgets. Only the visible tab is drawn, on demand, and every
+figure, fetched output and Grad-CAM is cached until the next capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import ipywidgets as widgets
+import torch
+import traitlets
+from torch import nn
+from torch.nn.functional import adaptive_avg_pool2d
+
+from .. import plots
+from ..core import capture as run_capture
+from ..core.capture import FEATURE_CHANNELS, FEATURE_SIZE
+from ..core.nested import first_float_tensor
+from . import text
+from .outputs import module_output
+from .tree import TreeWidget, tree_rows
+
+TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Findings", "Summary")
+ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, FINDINGS, SUMMARY = range(len(TABS))
+PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
+
+
+def _is_spatial(call) -> bool:
+    s = call.output_shapes if call is not None else None
+    return isinstance(s, tuple) and len(s) == 4 and all(isinstance(d, int) for d in s)
+
+
+def _image(cls: str) -> widgets.Image:
+    image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", height="auto"))
+    image.add_class(cls)
+    return image
+
+
+def _shown(widget: widgets.DOMWidget, visible: bool) -> None:
+    widget.layout.display = None if visible else "none"
+
+
+class ModelInspector(widgets.VBox):
+    """Click through ``model`` as it ran on ``batch``: the module tree, and for the selected module its
+    activations, feature maps, gradients, Grad-CAM or attention, the findings and the torchinfo summary.
+
+    ``target`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label predictions,
+    ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps.
+    """
+
+    selected = traitlets.Unicode("")
+
+    def __init__(self, model: nn.Module, batch: Any, *, target: Any = None, class_names=None, mean=None, std=None,
+                 tokens=None, backward: bool = True):
+        self._model, self._batch, self._target, self._backward = model, batch, target, backward
+        self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
+        self._quiet = False  # True while panels set their own controls: their events are not user input
+        self._displayed = False  # panels are drawn once a tree view says it is on a page
+        self._drawn: dict[int, tuple] = {}
+        self._figure = functools.lru_cache(maxsize=256)(self._draw_figure)
+        self._output = functools.lru_cache(maxsize=2)(self._fetch_output)
+        self._cam = functools.lru_cache(maxsize=32)(self._compute_cam)
+        self._attention = functools.lru_cache(maxsize=1)(self._compute_attention)
+        self.tree = TreeWidget(layout=widgets.Layout(width="38%", min_width="280px"))
+        self._banner, self._header = widgets.HTML(), widgets.HTML()
+        self._banner.add_class("ls-banner")
+        self._header.add_class("ls-header")
+        self._tabs = widgets.Tab(layout=widgets.Layout(min_height="420px"))
+        self._build_tabs()
+        right = widgets.VBox([self._header, self._tabs], layout=widgets.Layout(flex="1", min_width="0"))
+        right.add_class("ls-panel")
+        super().__init__([self._banner, widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))])
+        self.add_class("layerscope-inspector")
+        self._run()
+        traitlets.link((self.tree, "selected"), (self, "selected"))
+        self.observe(self._on_selected, "selected")
+        self._tabs.observe(self._on_input, "selected_index")
+        self.tree.on_msg(self._on_tree_message)
+        self._select_initial()
+
+    # -- public -------------------------------------------------------------------------------------
+
+    @property
+    def capture(self):
+        """The Capture on show."""
+        return self._cap
+
+    def select(self, name: str) -> None:
+        """Select module ``name`` (a ``named_modules()`` name; "" is the model itself)."""
+        if name not in self._cap.modules:
+            raise KeyError(f"the model has no module named {name!r}")
+        self.selected = name
+
+    def refresh(self, batch: Any = None) -> None:
+        """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
+        if batch is not None:
+            self._batch = batch
+        for cache in (self._figure, self._output, self._cam, self._attention):
+            cache.cache_clear()
+        self._run()
+        self._select_initial(keep=self.selected)
+
+    def close(self) -> None:
+        for widget in self._descendants():
+            widget.close()
+        super().close()
+
+    def __repr__(self) -> str:
+        cap = getattr(self, "_cap", None)
+        size = f"{len(cap.modules)} modules" if cap is not None else "no capture"
+        failed = ", failed" if cap is not None and cap.error is not None else ""
+        return f"ModelInspector({type(self._model).__name__}, {size}{failed}, selected={self.selected!r})"
+
+    # -- capture ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ids = set(map(id, self._model.modules()))
+        progress = _progress(len(ids))
+
+        def tick(module, args, output) -> None:  # returns None: the output stays as it was
+            if id(module) in ids:
+                progress.update()
+
+        handle = nn.modules.module.register_module_forward_hook(tick)
+        try:
+            self._cap = run_capture(self._model, self._batch, target=self._target, backward=self._backward)
+        finally:
+            handle.remove()
+            progress.update(max(0, progress.total - progress.n))
+            progress.close()
+        self._captured_at = time.time()
+        cap = self._cap
+        self._banner.value = text.error(cap.error) if cap.error is not None else ""
+        _shown(self._banner, cap.error is not None)
+        self.tree.marked = cap.error.module if cap.error is not None else None
+        self.tree.rows = tree_rows(cap)
+        self._findings_box.children = self._finding_rows()
+        with self._quietly():
+            self._ex_class.options = []
+        self._drawn.clear()
+
+    def _select_initial(self, keep: str | None = None) -> None:
+        cap = self._cap
+        if keep is not None and keep in cap.modules:
+            name = keep
+        elif cap.error is not None and cap.error.module in cap.modules:
+            name = cap.error.module
+        else:
+            name = ""
+        parts = name.split(".") if name else []
+        self.tree.expanded = ["", *(".".join(parts[:i]) for i in range(1, len(parts)))]
+        if self.selected == name:
+            self._on_selected()
+        else:
+            self.selected = name
+
+    # -- layout -------------------------------------------------------------------------------------
+
+    def _build_tabs(self) -> None:
+        small = lambda width: widgets.Layout(width=width)
+        self._call = widgets.Dropdown(description="Call", layout=small("180px"))
+        self._hist, self._stats = _image("ls-histogram"), widgets.HTML()
+        activations = widgets.VBox([self._call, self._hist, self._stats])
+
+        self._fm_note, self._fm_image = widgets.HTML(), _image("ls-feature-maps")
+        self._fm_item = widgets.Dropdown(description="Item", layout=small("160px"))
+        self._fm_prev = widgets.Button(description="◀", tooltip="previous channels", layout=small("36px"))
+        self._fm_next = widgets.Button(description="▶", tooltip="next channels", layout=small("36px"))
+        self._fm_page = 0
+        self._fm_prev.on_click(lambda _: self._page(-1))
+        self._fm_next.on_click(lambda _: self._page(1))
+        self._fm_controls = widgets.HBox([self._fm_item, self._fm_prev, self._fm_next, self._fm_note])
+        feature_maps = widgets.VBox([self._fm_controls, self._fm_image])
+
+        self._grad_text, self._grad_image = widgets.HTML(), _image("ls-gradient-flow")
+        gradients = widgets.VBox([self._grad_text, self._grad_image])
+
+        self._ex_note, self._ex_image, self._ex_top = widgets.HTML(), _image("ls-explain"), widgets.HTML()
+        self._ex_item = widgets.Dropdown(description="Item", layout=small("160px"))
+        self._ex_class = widgets.Dropdown(description="Class", layout=small("300px"))
+        self._ex_head = widgets.Dropdown(description="Head", layout=small("200px"))
+        self._ex_controls = widgets.HBox([self._ex_item, self._ex_class, self._ex_head])
+        explain = widgets.VBox([self._ex_note, self._ex_controls, self._ex_image, self._ex_top])
+
+        for control in (self._call, self._fm_item, self._ex_item, self._ex_class, self._ex_head):
+            control.observe(self._on_input, "value")
+        self._findings_box, self._summary = widgets.VBox(), widgets.HTML()
+        self._tabs.children = [activations, feature_maps, gradients, explain, self._findings_box, self._summary]
+        self._tabs.titles = TABS
+
+    def _descendants(self):
+        stack = [self]
+        while stack:
+            for child in getattr(stack.pop(), "children", ()):
+                stack.append(child)
+                yield child
+
+    # -- events -------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _quietly(self):
+        quiet, self._quiet = self._quiet, True
+        try:
+            yield
+        finally:
+            self._quiet = quiet
+
+    def _on_input(self, change=None) -> None:
+        if not self._quiet:
+            self._draw()
+
+    def _on_tree_message(self, tree, content, buffers) -> None:
+        if content.get("event") == "shown":
+            self._displayed = True
+            self._draw()
+
+    def _on_selected(self, change=None) -> None:
+        report = self._cap[self.selected]
+        with self._quietly():
+            self._call.options = [(f"{i + 1} of {len(report.calls)}", i) for i in range(len(report.calls))]
+            self._call.value = 0 if report.calls else None
+        _shown(self._call, len(report.calls) > 1)
+        self._fm_page = 0
+        self._draw()
+
+    def _page(self, step: int) -> None:
+        self._fm_page += step
+        self._draw()
+
+    def _state(self, tab: int) -> tuple:
+        """What a tab's content depends on: it is redrawn only when this changes."""
+        if tab == FINDINGS or tab == SUMMARY:
+            return (id(self._cap),)
+        base = (id(self._cap), self.selected, self._call.value)
+        if tab == FEATURE_MAPS:
+            return base + (self._fm_item.value, self._fm_page)
+        if tab == EXPLAIN:
+            return base + (self._ex_item.value, self._ex_class.value, self._ex_head.value)
+        return base
+
+    def _draw(self) -> None:
+        """Draw the header and, once on a page, the visible tab for the current state (if not drawn yet)."""
+        report, call = self._report_call()
+        self._header.value = text.header(report, call)
+        tab = self._tabs.selected_index or 0
+        if not self._displayed or self._drawn.get(tab) == self._state(tab):
+            return
+        with self._quietly():
+            [self._activations, self._feature_maps, self._gradients, self._explain, lambda: None,
+             self._summary_tab][tab]()
+        self._drawn[tab] = self._state(tab)
+
+    def _report_call(self):
+        report = self._cap[self.selected]
+        index = self._call.value or 0
+        return report, report.calls[index] if index < len(report.calls) else None
+
+    # -- panels -------------------------------------------------------------------------------------
+
+    def _draw_figure(self, kind: str, name: str, *key) -> bytes:
+        """PNG bytes of one figure (cached: revisiting a module or a page costs nothing)."""
+        return text.png(self._make_figure(kind, name, *key))
+
+    def _make_figure(self, kind: str, name: str, *key):
+        report = self._cap[name]
+        if kind == "histogram":
+            return plots.activation_histogram(report.calls[key[0]])
+        if kind == "feature_maps":
+            call, item, page = key
+            record = report.calls[call]
+            if (item, page) != (0, 0):
+                record = dataclasses.replace(record, feature_maps=self._channels(name, call, item, page))
+            fig = plots.feature_maps(record, max_channels=FEATURE_CHANNELS)
+            first = page * FEATURE_CHANNELS
+            fig.axes[0].set_title(f"Channels {first}–{first + len(record.feature_maps) - 1} of "
+                                  f"{record.output_shapes[1]}, item {item}", loc="left", fontsize=10)
+            return fig
+        if kind == "gradient_flow":
+            return plots.gradient_flow(self._cap, highlight=name)
+        if kind == "cam":
+            layer, cls, item = key
+            heatmap = self._cam(layer, cls).heatmap[item]
+            return plots.cam_overlay(self._image_input()[item], heatmap, mean=self.mean, std=self.std)
+        if kind == "attention":
+            call, item, head = key
+            weights = self._attention_for(name, call)
+            return plots.attention_heatmap(weights[item], tokens=self._tokens(item), head=head)
+        raise ValueError(f"unknown figure kind {kind!r}")
+
+    def _show(self, image: widgets.Image, *key) -> None:
+        image.value = self._figure(*key)
+        _shown(image, True)
+
+    def _activations(self) -> None:
+        report, call = self._report_call()
+        _shown(self._hist, call is not None)
+        if call is None:
+            self._stats.value = text.note("This module was never called in this pass.")
+            return
+        self._show(self._hist, "histogram", report.name, self._call.value)
+        self._stats.value = text.stats(call)
+
+    def _feature_maps(self) -> None:
+        report, call = self._report_call()
+        spatial = _is_spatial(call) and call.feature_maps is not None
+        for control in (self._fm_item, self._fm_prev, self._fm_next):
+            _shown(control, spatial)
+        _shown(self._fm_image, spatial)
+        if not spatial:
+            self._fm_note.value = text.note("This module has no 4-D (N, C, H, W) output to show.")
+            return
+        n, channels = call.output_shapes[:2]
+        pages = math.ceil(channels / FEATURE_CHANNELS)
+        self._fm_page = min(max(self._fm_page, 0), pages - 1)
+        item = self._item(self._fm_item, n)
+        self._fm_prev.disabled, self._fm_next.disabled = self._fm_page == 0, self._fm_page == pages - 1
+        first = self._fm_page * FEATURE_CHANNELS
+        last = min(first + FEATURE_CHANNELS, channels) - 1
+        self._fm_note.value = text.note(f"channels {first}–{last} of {channels}")
+        try:
+            self._show(self._fm_image, "feature_maps", report.name, self._call.value, item, self._fm_page)
+        except Exception as exc:  # noqa: BLE001 - e.g. the model fails on the re-run: say why in the panel
+            _shown(self._fm_image, False)
+            self._fm_note.value = text.note(f"Could not fetch these channels: {exc}", "ls-note ls-warn")
+
+    def _gradients(self) -> None:
+        report, call = self._report_call()
+        self._grad_text.value = text.gradients(report, call, self._cap.backward)
+        _shown(self._grad_image, self._cap.backward)
+        if self._cap.backward:
+            self._show(self._grad_image, "gradient_flow", report.name)
+
+    def _explain(self) -> None:
+        name = self.selected
+        weights = self._attention_for(name, self._call.value or 0)
+        _shown(self._ex_head, weights is not None)
+        _shown(self._ex_class, weights is None)
+        self._ex_top.value = ""
+        try:
+            if weights is not None:
+                self._explain_attention(name, weights)
+            else:
+                self._explain_cam(name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a layer Grad-CAM cannot use: say why in the panel
+            _shown(self._ex_image, False)
+            self._ex_note.value = text.note(f"Cannot explain {text.display_name(name)}: {exc}", "ls-note ls-warn")
+
+    def _explain_cam(self, name: str) -> None:
+        image, logits = self._image_input(), self._logits()
+        ok = image is not None and logits is not None and self._cap.error is None
+        _shown(self._ex_controls, ok)
+        _shown(self._ex_image, ok)
+        if not ok:
+            why = "the model failed" if self._cap.error is not None else \
+                "it needs an image batch (N, C, H, W) as input and class scores (N, classes) as output"
+            self._ex_note.value = text.note(f"No Grad-CAM here: {why}.")
+            return
+        item = self._item(self._ex_item, len(image))
+        probs = torch.softmax(logits[item].double(), dim=0)
+        top = torch.topk(probs, min(5, len(probs)))
+        if len(self._ex_class.options) != len(probs):
+            self._ex_class.options = [(text.class_label(i, self.class_names), i) for i in range(len(probs))]
+            self._ex_class.value = int(top.indices[0])
+        self._ex_top.value = text.predictions(zip(top.indices.tolist(), top.values.tolist()), self.class_names)
+        _, call = self._report_call()
+        layer = name if _is_spatial(call) else None
+        cls = self._ex_class.value
+        self._show(self._ex_image, "cam", name, layer, cls, item)
+        where = f"Grad-CAM at {text.display_name(self._cam(layer, cls).layer)}"
+        if layer is None:
+            where += f", the layer chosen automatically ({text.display_name(name)} has no spatial output)"
+        self._ex_note.value = text.note(f"{where}, for class {text.class_label(cls, self.class_names)}")
+
+    def _explain_attention(self, name: str, weights: torch.Tensor) -> None:
+        n, heads = weights.shape[:2]
+        _shown(self._ex_controls, True)
+        item = self._item(self._ex_item, n)
+        options = [("all", None)] + [(str(h), h) for h in range(heads)]
+        if list(self._ex_head.options) != options:
+            self._ex_head.options = options
+        self._ex_note.value = text.note(f"Attention weights of {name}, item {item}")
+        self._show(self._ex_image, "attention", name, self._call.value, item, self._ex_head.value)
+
+    def _summary_tab(self) -> None:
+        self._summary.value = text.summary(self._cap)
+
+    def _finding_rows(self) -> list[widgets.Widget]:
+        if not self._cap.findings:
+            return [widgets.HTML(text.note("No findings: nothing in this pass looked wrong."))]
+        rows = []
+        for finding in self._cap.findings:
+            go = widgets.Button(description=text.display_name(finding.module), tooltip="select this module",
+                                layout=widgets.Layout(width="auto", min_width="120px"))
+            go.on_click(lambda _, name=finding.module: self.select(name))
+            rows.append(widgets.HBox([go, widgets.HTML(text.finding(finding))]))
+        return rows
+
+    # -- on-demand computations (cached) ---------------------------------------------------------------
+
+    def _fetch_output(self, name: str, call: int) -> torch.Tensor:
+        return module_output(self._model, self._batch, name, call)
+
+    def _channels(self, name: str, call: int, item: int, page: int) -> torch.Tensor:
+        first = page * FEATURE_CHANNELS
+        maps = self._output(name, call)[item, first:first + FEATURE_CHANNELS].float()
+        if maps.shape[-2] > FEATURE_SIZE or maps.shape[-1] > FEATURE_SIZE:
+            maps = adaptive_avg_pool2d(maps, (min(maps.shape[-2], FEATURE_SIZE), min(maps.shape[-1], FEATURE_SIZE)))
+        return maps
+
+    def _compute_cam(self, layer: str | None, cls: int):
+        from ..core.cam import grad_cam
+
+        return grad_cam(self._model, self._batch, layer=layer, target=cls)
+
+    def _compute_attention(self) -> dict:
+        from ..core.attention import attention_maps
+
+        return attention_maps(self._model, self._batch)
+
+    def _attention_for(self, name: str, call: int) -> torch.Tensor | None:
+        """The attention weights [N, heads, Lq, Lk] of a call, if the module is an attention layer."""
+        if self._cap.error is not None or not self._cap[name].called:
+            return None
+        return self._attention().get(name if call == 0 else f"{name} (call {call + 1})")
+
+    def _image_input(self) -> torch.Tensor | None:
+        t = first_float_tensor(self._batch)
+        return t if t is not None and t.dim() == 4 else None
+
+    def _logits(self) -> torch.Tensor | None:
+        out = first_float_tensor(self._cap.output)
+        return out.detach().cpu() if out is not None and out.dim() == 2 else None
+
+    def _tokens(self, item: int) -> list[str] | None:
+        tokens = self.tokens
+        if tokens is None:
+            return None
+        if len(tokens) and not isinstance(tokens[0], str):
+            tokens = tokens[item]  # one list of tokens per item
+        return [str(t) for t in tokens]
+
+    @staticmethod
+    def _item(dropdown: widgets.Dropdown, n: int) -> int:
+        if len(dropdown.options) != n:
+            dropdown.options = list(range(n))
+        _shown(dropdown, n > 1)
+        return dropdown.value or 0
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="layerscope: capturing", unit="module", delay=PROGRESS_DELAY, leave=False)

@@ -1,0 +1,146 @@
+"""The inspector's HTML fragments. Every value from the model or the user goes through ``html.escape``."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Iterable
+from typing import Any
+
+from ..core import CallRecord, Capture, ModuleReport
+
+ROOT_LABEL = "(model)"
+
+
+def count(n: int) -> str:
+    """The exact parameter count shown in the header: 9280 -> '9,280'."""
+    return f"{n:,}"
+
+
+def human(n: int) -> str:
+    """The short parameter count shown in the tree: 950 -> '950', 9280 -> '9.3K', 1235000 -> '1.2M'."""
+    value, unit = float(n), ""
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(value) < 999.95 or unit == "T":
+            break
+        value /= 1000
+    return str(n) if not unit else f"{value:.1f}{unit}"
+
+
+def shape(value: Any) -> str:
+    """(1, 64, 54, 54) -> '(1, 64, 54, 54)'; nested shapes keep their nesting; no tensor -> '-'."""
+    return "-" if value is None else str(value)
+
+
+def display_name(name: str) -> str:
+    return name or ROOT_LABEL
+
+
+def png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes, rendered by Agg whatever the notebook's backend is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+def _rows(pairs: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
+
+
+def table(pairs: Iterable[tuple[str, str]], cls: str = "") -> str:
+    return f'<table class="ls-table {cls}">{_rows(pairs)}</table>'
+
+
+def note(text: str, cls: str = "ls-note") -> str:
+    return f'<div class="{cls}">{html.escape(text)}</div>'
+
+
+def header(report: ModuleReport, call: CallRecord | None) -> str:
+    devices = sorted({*report.devices, *(call.output_devices if call else ())})
+    dtypes = sorted({*report.dtypes, *(call.output_dtypes if call else ())})
+    shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}" if call else "never called"
+    params = f"own {count(report.num_own_params)} · total {count(report.num_params)} · " \
+             f"trainable {count(report.num_trainable)}"
+    title = (
+        f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
+        f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
+    )
+    return title + table([
+        ("Parameters", params),
+        ("Device", ", ".join(devices) or "-"),
+        ("Dtype", ", ".join(dtypes) or "-"),
+        ("Shapes", shapes),
+        ("Calls", str(len(report.calls))),
+    ], "ls-header-table")
+
+
+def stats(call: CallRecord) -> str:
+    s = call.stats
+    if s is None:
+        return note("This call has no floating-point output.")
+    pairs = [
+        ("elements", count(s.numel)),
+        ("mean", f"{s.mean:.6g}"),
+        ("std", f"{s.std:.6g}"),
+        ("min", f"{s.min:.6g}"),
+        ("max", f"{s.max:.6g}"),
+        ("zeros", f"{s.zero_fraction:.2%}" + ("" if s.exact else " (sampled)")),
+        ("NaN", count(s.nan_count)),
+        ("Inf", count(s.inf_count)),
+    ]
+    if call.dead_units is not None:
+        pairs.append(("dead channels", f"{call.dead_units} of {call.units}"))
+    return table(pairs, "ls-stats")
+
+
+def _norm(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def gradients(report: ModuleReport, call: CallRecord | None, backward: bool) -> str:
+    if not backward:
+        return note("No gradients: the capture ran without a backward pass, or the pass failed before it.")
+    rows = "".join(
+        f"<tr><td>{html.escape(local)}</td><td>{_norm(report.param_grad_norms.get(local))}</td>"
+        f"<td>{_norm(report.param_norms.get(local))}</td></tr>"
+        for local in report.param_grad_norms
+    )
+    params = (
+        f'<table class="ls-table ls-grads"><tr><th>parameter</th><th>grad norm</th><th>norm</th></tr>{rows}</table>'
+        if rows else note("This module has no parameters of its own.")
+    )
+    out = _norm(call.grad_output_norm) if call else "-"
+    return params + table([("output grad norm", out)], "ls-out-grad")
+
+
+def error(err) -> str:
+    where = display_name(err.module)
+    return (
+        f'<div class="ls-error-banner"><b>{html.escape(err.phase.capitalize())} failed</b> in '
+        f'<code>{html.escape(where)}</code> ({html.escape(err.module_type)}): {html.escape(err.message)}</div>'
+    )
+
+
+def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
+    """The top classes of one item, with their softmax probabilities."""
+    rows = [(class_label(k, class_names), f"{p:.2%}") for k, p in pairs]
+    return "<b>Top predictions</b>" + table(rows, "ls-top5")
+
+
+def class_label(index: int, class_names) -> str:
+    if class_names is not None and 0 <= index < len(class_names):
+        return f"{index}: {class_names[index]}"
+    return str(index)
+
+
+def finding(f) -> str:
+    severity = str(f.severity)
+    return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
+            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>: {html.escape(str(f.message))}')
+
+
+def summary(cap: Capture) -> str:
+    return f'<pre class="ls-summary">{html.escape(cap.summary())}</pre>'

@@ -1,0 +1,372 @@
+"""ModelInspector in a real browser: headless Chromium driving JupyterLab 4 and Notebook 7 on 127.0.0.1.
+
+Screenshots land in test-artifacts/. Timings are printed (run with -s to see them), not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from jupyter_server import JupyterServer
+from layerscope.widget import text
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+EVIL = "<img src=x onerror=alert(1)>"
+# Notebook 7.6 logs these even for an empty notebook (see BROWSER_TESTING.md)
+NOTEBOOK7_NOISE = ("reading 'schema'", "'filebrowser:open-path' not registered", ".woff2")
+CELL_TIMEOUT = 120_000  # ms: the first cell imports torch and torchvision in a fresh kernel
+
+SETUP = """\
+import time
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models import squeezenet1_1
+
+from layerscope import ModelInspector
+
+EVIL = {evil!r}
+
+
+def timed(label, model, batch):
+    inspector = ModelInspector(model, batch)
+    print(f"LS-TIMING {{label}} {{inspector._captured_at * 1000:.0f}}")
+    return inspector
+
+
+class Evil(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({{EVIL: nn.Linear(4, 4)}})
+
+    def forward(self, x):
+        return self.blocks[EVIL](x)
+"""
+
+SQUEEZENET = """\
+torch.manual_seed(0)
+model = squeezenet1_1(weights=None).eval()
+batch = torch.randn(1, 3, 224, 224)
+timed("squeezenet", model, batch)
+"""
+
+STACK = """\
+blocks = [(nn.Linear(32, 32), nn.ReLU(), nn.LayerNorm(32), nn.Dropout(0.1)) for _ in range(500)]
+timed("stack", nn.Sequential(*[layer for block in blocks for layer in block]).eval(), torch.randn(4, 32))
+"""
+
+BROKEN = """\
+broken = nn.Sequential(OrderedDict(
+    features=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+    head=nn.Sequential(nn.Flatten(), nn.Linear(100, 10)),
+))
+ModelInspector(broken, torch.randn(2, 3, 28, 28))
+"""
+
+EVIL_CELL = "ModelInspector(Evil(), torch.randn(2, 4))\n"
+
+# Records, for every tree that appears, when its rows were first in the page (after the next frame).
+WATCH_TREES = """
+window.__lsTrees = [];
+new MutationObserver(() => {
+  for (const tree of document.querySelectorAll(".layerscope-tree:not([data-ls-seen])")) {
+    const first = tree.querySelector(".ls-row");
+    if (!first) continue;
+    tree.setAttribute("data-ls-seen", "1");
+    const rows = tree.querySelectorAll(".ls-row").length;
+    const type = first.querySelector(".ls-type").textContent;
+    requestAnimationFrame(() => setTimeout(() => window.__lsTrees.push({type, rows, t: Date.now()}), 0));
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
+
+# Clicks a row of the inspector and resolves with the milliseconds until its new histogram has loaded.
+CLICK_TO_HISTOGRAM = """
+(inspector, name) => new Promise((resolve, reject) => {
+  const img = inspector.querySelector("img.ls-histogram");
+  const before = img.src;
+  const row = [...inspector.querySelectorAll(".ls-row")].find((r) => r.dataset.name === name);
+  const t0 = performance.now();
+  row.click();
+  const check = () => {
+    if (img.src !== before && img.complete && img.naturalWidth > 0) resolve(performance.now() - t0);
+    else if (performance.now() - t0 > 20000) reject(new Error("the histogram did not change"));
+    else requestAnimationFrame(check);
+  };
+  check();
+})
+"""
+
+
+def notebook(*cells: str) -> str:
+    return json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
+                   "source": source} for i, source in enumerate(cells)],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    })
+
+
+class Monitor:
+    """Collects what must not happen on a page: console errors, page errors, failed or foreign requests."""
+
+    def __init__(self, page, server: JupyterServer, noise: tuple[str, ...] = ()):
+        self.problems: list[str] = []
+        self.noise = noise
+        self.host = urlparse(server.url).netloc
+        page.on("console", lambda m: m.type == "error" and self._add(f"console error: {m.text}"))
+        page.on("pageerror", lambda e: self._add(f"page error: {e}"))
+        page.on("dialog", lambda d: (self._add(f"dialog opened: {d.message}"), d.dismiss()))
+        page.on("response", lambda r: r.status >= 400 and self._add(f"HTTP {r.status}: {r.url}"))
+        page.on("request", lambda r: self._check_url(r.url))
+        page.on("websocket", lambda ws: self._check_url(ws.url))
+
+    def _check_url(self, url: str) -> None:
+        parts = urlparse(url)
+        if parts.scheme not in ("blob", "data") and parts.netloc != self.host:
+            self._add(f"request leaving 127.0.0.1: {url}")
+
+    def _add(self, problem: str) -> None:
+        if not any(n in problem for n in self.noise):
+            self.problems.append(problem)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium")
+    srv = JupyterServer(tmp_path_factory.mktemp("jupyter")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+def open_and_run(browser, server: JupyterServer, path: str, noise: tuple[str, ...] = ()):
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    context.add_init_script(WATCH_TREES)
+    page = context.new_page()
+    monitor = Monitor(page, server, noise)
+    page.goto(server.page_url(path))
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+        " return k && k.status === 'idle'; }", timeout=60_000)
+    if "lab/" in path:
+        page.evaluate("window.jupyterapp.shell.collapseLeft()")  # room for the inspector
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return page, monitor
+
+
+def inspector_with(page, name: str):
+    """The inspector whose tree shows a row named ``name``, once its cell has run (fails at once on a
+    cell error rather than waiting for the timeout)."""
+    inspector = page.locator(".layerscope-inspector").filter(has=page.locator(f'.ls-row[data-name="{name}"]'))
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+    expect(inspector.or_(errors).first).to_be_attached(timeout=CELL_TIMEOUT)
+    assert errors.count() == 0, errors.first.inner_text()
+    index = page.locator(".layerscope-inspector").evaluate_all(
+        "(all, name) => all.findIndex((el) =>"
+        " [...el.querySelectorAll('.ls-row')].some((r) => r.dataset.name === name))",
+        name)
+    return page.locator(".layerscope-inspector").nth(index)  # stays the same inspector when rows are filtered
+
+
+def row(inspector, name: str):
+    return inspector.locator(f'.ls-row[data-name="{name}"]')
+
+
+def tab(inspector, title: str):
+    return inspector.locator(".lm-TabBar-tab", has_text=title)
+
+
+def visible_image(inspector, cls: str):
+    image = inspector.locator(f"img.{cls}")
+    expect(image).to_be_visible()
+    image.page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    return image
+
+
+def timings(page) -> dict[str, float]:
+    """Milliseconds from the end of each timed capture (printed by the cell) to its tree in the page."""
+    captured = {m.group(1): float(m.group(2)) for m in re.finditer(r"LS-TIMING (\w+) (\d+)", page.content())}
+    seen = page.evaluate("window.__lsTrees")
+    kinds = {"squeezenet": "SqueezeNet", "stack": "Sequential"}
+    out = {}
+    for label, t in captured.items():
+        first = [s["t"] for s in seen if s["type"] == kinds[label]]
+        out[label] = min(first) - t
+    return out
+
+
+def expected_for_squeezenet():
+    from torchvision.models import squeezenet1_1
+
+    torch.manual_seed(0)
+    model = squeezenet1_1(weights=None).eval()
+    module = model.get_submodule("features.3.expand3x3")
+    shapes = []
+    handle = module.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    handle.remove()
+    params = sum(p.numel() for p in module.parameters())
+    names = [n for n, _ in model.named_modules()]
+    return model, params, shapes[0], names
+
+
+def ancestors(name: str) -> list[str]:
+    """'features.3.squeeze' -> ['', 'features', 'features.3']."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+def shown(names: list[str], opened: set[str]) -> list[str]:
+    """The rows a tree shows with the modules in ``opened`` expanded."""
+    return [n for n in names if all(a in opened for a in ancestors(n))]
+
+
+def search_result(names: list[str], query: str) -> list[str]:
+    """The rows a tree shows for a query: every name that matches and the names above it."""
+    keep = {k for n in names if query in n for k in (n, *ancestors(n))}
+    return [n for n in names if n in keep]
+
+
+def test_inspector_in_jupyterlab(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    model, params, out_shape, names = expected_for_squeezenet()
+    assert params == 16 * 64 * 9 + 64  # Conv2d(16, 64, 3): the number we expect in the header
+    assert text.count(params) == f"{params:,}"
+    (server.root / "inspector.ipynb").write_text(
+        notebook(SETUP.format(evil=EVIL), SQUEEZENET, STACK, BROKEN, EVIL_CELL))
+    page, monitor = open_and_run(browser, server, "lab/tree/inspector.ipynb")
+
+    squeeze = inspector_with(page, "classifier")
+    expect(squeeze).to_have_count(1, timeout=CELL_TIMEOUT)
+    # top-level blocks are open at once: features and classifier, not yet their children
+    expect(row(squeeze, "features")).to_be_visible()
+    expect(row(squeeze, "classifier")).to_be_visible()
+    expect(row(squeeze, "features.3")).to_have_count(0)
+    expect(page.locator(".layerscope-inspector")).to_have_count(4, timeout=CELL_TIMEOUT)
+    page.wait_for_function("() => window.__lsTrees.length >= 4")
+    squeeze.scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "lab-first-display.png")
+
+    row(squeeze, "features").locator(".ls-toggle").click()
+    expect(row(squeeze, "features.3")).to_be_visible()
+    click_ms = [squeeze.evaluate(CLICK_TO_HISTOGRAM, name) for name in ("features.3", "features.3.expand3x3")]
+    header = squeeze.locator(".ls-header")
+    expect(header).to_contain_text("features.3.expand3x3")
+    expect(header).to_contain_text(f"total {params:,}")
+    expect(header).to_contain_text("cpu")
+    expect(header).to_contain_text(f"→ {out_shape}")
+    expect(row(squeeze, "features.3.expand3x3")).to_have_class(re.compile("ls-selected"))
+    visible_image(squeeze, "ls-histogram")
+    expect(squeeze.locator(".ls-stats")).to_contain_text("mean")
+    squeeze.screenshot(path=ARTIFACTS / "lab-activations.png")
+
+    tab(squeeze, "Feature maps").click()
+    visible_image(squeeze, "ls-feature-maps")
+    expect(squeeze).to_contain_text("channels 0–15 of 64")
+    squeeze.screenshot(path=ARTIFACTS / "lab-feature-maps.png")
+
+    tab(squeeze, "Explain").click()
+    visible_image(squeeze, "ls-explain")
+    expect(squeeze.locator(".ls-top5 tr")).to_have_count(5)
+    squeeze.screenshot(path=ARTIFACTS / "lab-explain.png")
+    tab(squeeze, "Activations").click()
+
+    # search narrows the tree to the matches and what holds them; Escape brings the tree back
+    search = squeeze.locator(".ls-search")
+    search.fill("expand3x3")
+    expected = search_result(names, "expand3x3")
+    expect(squeeze.locator(".ls-row")).to_have_count(len(expected))
+    assert squeeze.locator(".ls-row").evaluate_all("rows => rows.map(r => r.dataset.name)") == expected
+    expect(squeeze.locator(".ls-tree-status")).to_contain_text(
+        f"{sum('expand3x3' in n for n in names)} of {len(names)} modules match")
+    squeeze.screenshot(path=ARTIFACTS / "lab-search.png")
+    search.press("Escape")
+    expect(squeeze.locator(".ls-row")).to_have_count(len(shown(names, {"", "features", "features.3"})))
+    # keyboard: the cursor is on the selected row; down then Enter selects the next row
+    squeeze.locator(".ls-rows").focus()
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    expect(header).to_contain_text("features.3.expand3x3_activation")
+
+    # the 2,001-row tree keeps only the rows in view in the page, and scrolls to the last one
+    stack = inspector_with(page, "0")
+    assert stack.locator(".ls-row").count() < 100
+    stack.locator(".ls-rows").evaluate("el => { el.scrollTop = el.scrollHeight; }")
+    expect(row(stack, "1999")).to_be_visible()
+    expect(stack.locator(".ls-tree-status")).to_have_text("2001 modules")
+
+    broken = inspector_with(page, "head.1")
+    expect(broken.locator(".ls-banner")).to_contain_text("head.1 (Linear, in_features=100)")
+    expect(row(broken, "head.1")).to_have_class(re.compile("ls-selected"))
+    expect(row(broken, "head.1")).to_have_class(re.compile("ls-marked"))
+    expect(broken.locator(".ls-header")).to_contain_text("head.1")
+    broken.screenshot(path=ARTIFACTS / "lab-broken.png")
+
+    evil = inspector_with(page, "blocks")
+    row(evil, "blocks").locator(".ls-toggle").click()
+    evil_row = evil.locator(".ls-row").nth(2)
+    expect(evil_row).to_have_attribute("data-name", f"blocks.{EVIL}")
+    expect(evil_row.locator(".ls-label")).to_have_text(EVIL)
+    evil_row.click()
+    expect(evil.locator(".ls-header .ls-name")).to_have_text(f"blocks.{EVIL}")
+    assert page.locator('img[src="x"]').count() == 0
+    evil.screenshot(path=ARTIFACTS / "lab-evil.png")
+
+    times = timings(page)
+    print(f"\nLS timings (JupyterLab): capture end -> tree visible: squeezenet {times['squeezenet']:.0f} ms, "
+          f"2,001-module stack {times['stack']:.0f} ms; click -> Activations rendered: "
+          f"features.3 {click_ms[0]:.0f} ms, features.3.expand3x3 {click_ms[1]:.0f} ms")
+    assert monitor.problems == []
+    shutil.copy(ARTIFACTS / "lab-activations.png", ARTIFACTS / "best.png")
+    page.context.close()
+
+
+def test_inspector_in_notebook7(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    _, params, out_shape, _ = expected_for_squeezenet()
+    (server.root / "short.ipynb").write_text(notebook(SETUP.format(evil=EVIL), SQUEEZENET, EVIL_CELL))
+    page, monitor = open_and_run(browser, server, "notebooks/short.ipynb", NOTEBOOK7_NOISE)
+    squeeze = inspector_with(page, "classifier")
+    expect(squeeze).to_have_count(1, timeout=CELL_TIMEOUT)
+    row(squeeze, "features").locator(".ls-toggle").click()
+    row(squeeze, "features.3").locator(".ls-toggle").click()
+    row(squeeze, "features.3.expand3x3").click()
+    expect(squeeze.locator(".ls-header")).to_contain_text(f"total {params:,}")
+    expect(squeeze.locator(".ls-header")).to_contain_text(f"→ {out_shape}")
+    visible_image(squeeze, "ls-histogram")
+    expect(page.locator(".layerscope-inspector")).to_have_count(2, timeout=CELL_TIMEOUT)
+    evil = inspector_with(page, "blocks")
+    row(evil, "blocks").locator(".ls-toggle").click()
+    expect(evil.locator(".ls-row").nth(2).locator(".ls-label")).to_have_text(EVIL)
+    assert page.locator('img[src="x"]').count() == 0
+    page.screenshot(path=ARTIFACTS / "notebook7.png", full_page=True)
+    assert monitor.problems == []
+    page.context.close()
