@@ -294,6 +294,19 @@ def test_exploding_linear_stack():
     assert exploding["0"].details["ratio"] > 1e4
 
 
+def test_gradients_overflowing_to_inf_are_exploding_not_a_bad_operation():
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(18)])
+    for p in model.parameters():
+        nn.init.normal_(p, std=1.5)
+    cap = capture(model, torch.randn(8, 64))
+    assert math.isfinite(cap.loss) and modules_of(cap, "nonfinite_grad") == []
+    exploding = [f for f in cap.findings if f.kind == "exploding_grad"]
+    assert any(f.module == "0" or "0" in f.details.get("layers", ()) for f in exploding)
+    if exploding[0].severity == "error":  # some gradient norms overflowed to Inf
+        assert exploding[0].details["largest_finite_grad"] > 1e12
+        assert "overflows to Inf" in exploding[0].message
+
+
 def test_vanishing_sigmoid_stack_at_its_first_layers_only():
     layers = []
     for _ in range(25):

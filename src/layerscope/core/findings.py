@@ -40,6 +40,7 @@ _AFFINE = (
     nn.Embedding,
 )
 _OVERFLOW_NEAR = 1e30
+_HUGE_GRAD = 1e12  # a finite gradient norm this large next to Inf ones: they overflowed, nothing else went wrong
 _SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardsigmoid: (0.0, 1.0)}
 _TRAIN_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
@@ -297,7 +298,8 @@ class _Look:
         found = self._no_grad(trainable, grads)
         broken = [n for n in self.modules if any(not _finite(g) for g in received(n))]
         if broken:
-            return found + [self._nonfinite_grad(broken)]
+            largest = max((g for n in self.modules for g in received(n) if _finite(g)), default=0.0)
+            return found + [self._nonfinite_grad(broken, largest)]
         flat = self._flat_loss()
         if flat:
             return found + flat
@@ -341,13 +343,19 @@ class _Look:
             found.append(Finding("no_grad", "warning", name, message, {"parameters": n}))
         return found
 
-    def _nonfinite_grad(self, broken: list[str]) -> Finding:
+    def _nonfinite_grad(self, broken: list[str], largest: float) -> Finding:
         name = max(broken, key=self.position)  # closest to the loss: the gradient went bad just after it
         others = f" and {_plural(len(broken) - 1, 'earlier layer')}" if len(broken) > 1 else ""
+        details = {"layers": broken, "largest_finite_grad": largest}
+        if largest > _HUGE_GRAD:
+            message = (f"The gradients of {self.label(name)}{others} are too large to measure (their size "
+                       f"overflows to Inf) and the finite ones reach {largest:.2g}: they explode. Lower the initial "
+                       f"weights or add normalisation.")
+            return Finding("exploding_grad", "error", name, message, details)
         message = (f"The gradients of {self.label(name)}{others} hold NaN/Inf although the forward pass and the "
                    f"loss are finite: an operation right after {name or '<root>'} has no finite derivative there "
                    f"(sqrt or log at 0, a division by a value near 0).")
-        return Finding("nonfinite_grad", "error", name, message, {"layers": broken})
+        return Finding("nonfinite_grad", "error", name, message, details)
 
     def _ratios(self, received: Callable[[str], list[float]], vanishing: float, exploding: float) -> list[Finding]:
         scale = 1.0
