@@ -165,3 +165,14 @@ def test_public_api_is_small_and_explicit():
     assert "capture" in layerscope.__all__
     for name in layerscope.__all__:
         assert hasattr(layerscope, name)
+
+
+def test_train_mode_capture_leaves_batchnorm_running_stats_untouched():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for run in (lambda: capture(model, torch.randn(4, 3, 8, 8) * 5 + 3),
+                lambda: capture(model, torch.randn(4, 3, 8, 8), target=torch.tensor([9, 9, 9, 9]))):  # loss error
+        run()
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    assert model.training and no_hooks_left(model)

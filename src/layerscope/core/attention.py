@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cam import buffers_kept
-from .capture import _call
 from .hooks import HookSession
+from .nested import call_model
 
 
 def _per_head(weights: torch.Tensor) -> torch.Tensor:
@@ -129,22 +128,19 @@ def attention_maps(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"attention_maps() needs a torch.nn.Module as model, got {type(model).__name__}")
     recorder = _Recorder()
-    pre_handles = []
     fast_path = torch.backends.mha.get_fastpath_enabled()
     original = F.scaled_dot_product_attention
-    with buffers_kept(model), HookSession(model) as session, torch.no_grad():
+    with HookSession(model) as session, torch.no_grad():
         try:
             for name, module in model.named_modules():
-                pre_handles.append(module.register_forward_pre_hook(recorder.enter(name, module), with_kwargs=True))
+                session.add_forward_pre_hook(module, recorder.enter(name, module))
                 session.add_forward_hook(module, recorder.leave(name, module))
             torch.backends.mha.set_fastpath_enabled(False)
             F.scaled_dot_product_attention = recorder.sdpa(original)
-            _call(model, batch)
+            call_model(model, batch)
         finally:
             F.scaled_dot_product_attention = original
             torch.backends.mha.set_fastpath_enabled(fast_path)
-            for handle in pre_handles:
-                handle.remove()
     return recorder.maps
 
 

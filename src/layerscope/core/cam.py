@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import _call
 from .hooks import HookSession
-from .nested import first_float_tensor, iter_tensors, map_tensors
+from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
 
 METHODS = ("gradcam", "gradcam++")
 MAX_EXTRA_TOKENS = 32  # class, distillation and register tokens in front of the patch tokens
@@ -87,19 +84,6 @@ def as_maps(t: torch.Tensor, how: Layout) -> torch.Tensor:
     _, seq_first, extra, h, w = how
     tokens = t.transpose(0, 1) if seq_first else t
     return tokens[:, extra:].reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
-
-
-@contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Puts back the buffers (e.g. batch-norm running statistics) a training-mode pass updates."""
-    training = any(m.training for m in model.modules())
-    saved = [(b, b.clone()) for b in model.buffers()] if training else []
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
 
 
 def _input_size(batch: Any) -> tuple[int, int] | None:
@@ -186,7 +170,7 @@ def _auto_pass(model, batch, session, size) -> tuple[str, torch.Tensor | None, L
                 calls.append(_Call(name, module, t))
 
         session.add_forward_hook(module, hook)
-    logits = _logits(_call(model, batch))
+    logits = _logits(call_model(model, batch))
     session.remove_forward_hooks()
     picked = _pick(calls, logits.shape[0], size)
     if picked is None:
@@ -215,7 +199,7 @@ def _layer_pass(model, batch, session, name: str) -> tuple[torch.Tensor, torch.T
 
     module = model.get_submodule(name)
     session.add_forward_hook(module, hook)
-    logits = _logits(_call(model, batch))
+    logits = _logits(call_model(model, batch))
     session.remove_forward_hooks()
     if "output" not in seen:
         raise ValueError(f"layer {name!r} ({type(module).__name__}) was not called with a floating-point output "
@@ -266,7 +250,7 @@ def grad_cam(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     name = None if layer is None else _layer_name(model, layer)
     size = _input_size(batch)
-    with buffers_kept(model), HookSession(model) as session, torch.inference_mode(False), torch.enable_grad():
+    with HookSession(model) as session, torch.inference_mode(False), torch.enable_grad():
         batch = map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)  # made under inference_mode
         output = None
         if name is None:

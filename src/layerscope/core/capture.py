@@ -17,7 +17,7 @@ from . import diagnose
 from .diagnose import CaptureError
 from .findings import find
 from .hooks import HookSession
-from .nested import call_inputs, first_float_tensor, iter_tensors, map_tensors, shape_tree
+from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
 from .stats import Histogram, StatsBatch, TensorStats, norm
 from .tree import module_tree
 
@@ -99,14 +99,6 @@ class Capture:
     def summary(self) -> str:
         """The torchinfo table for the same model and batch (computed once, on first use)."""
         return self._summary
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _check_arguments(model: Any, batch: Any) -> None:
@@ -316,7 +308,7 @@ def capture(
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
             with torch.enable_grad() if backward else torch.no_grad():
-                output = _call(model, batch_run)
+                output = call_model(model, batch_run)
                 session.remove_forward_hooks()  # a loss_fn that calls submodules must not add calls to the record
                 if backward:
                     phase = "loss"

@@ -10,7 +10,9 @@ from torch import nn
 
 class HookSession:
     """Context manager: hooks added through it are removed on exit (also on error), and each module's
-    ``training`` flag, each parameter's ``requires_grad`` and each existing ``.grad`` are restored.
+    ``training`` flag, each parameter's ``requires_grad`` and each existing ``.grad`` are restored, and
+    so are the buffers when any module is in training mode (a training-mode pass updates batch-norm
+    running statistics).
 
     Removing twice is harmless. Exceptions are never swallowed.
     """
@@ -21,15 +23,21 @@ class HookSession:
         self._tensor: list = []
         self._training: list[tuple[nn.Module, bool]] = []
         self._params: list[tuple[nn.Parameter, bool, torch.Tensor | None]] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> HookSession:
         self._training = [(m, m.training) for m in self.model.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        training = any(flag for _, flag in self._training)
+        self._buffers = [(b, b.clone()) for b in self.model.buffers()] if training else []
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
         self.restore()
+
+    def add_forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
+        self._forward.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def add_forward_hook(self, module: nn.Module, hook: Callable) -> None:
         self._forward.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -56,3 +64,6 @@ class HookSession:
                 param.requires_grad_(requires_grad)
             if param.grad is not grad:
                 param.grad = grad
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)

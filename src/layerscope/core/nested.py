@@ -65,6 +65,15 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def call_model(model: torch.nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
 def call_inputs(args: tuple, kwargs: dict) -> Any:
     """What a module was called with, as one value: the lone argument, the args, or the kwargs."""
     if not kwargs:
