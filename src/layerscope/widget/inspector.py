@@ -34,8 +34,9 @@ PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress ba
 
 
 def _is_spatial(call) -> bool:
+    """An output of shape (N, C, H, W) with more than one position."""
     s = call.output_shapes if call is not None else None
-    return isinstance(s, tuple) and len(s) == 4 and all(isinstance(d, int) for d in s)
+    return isinstance(s, tuple) and len(s) == 4 and all(isinstance(d, int) for d in s) and s[2] * s[3] > 1
 
 
 def _image(cls: str) -> widgets.Image:
@@ -315,7 +316,7 @@ class ModelInspector(widgets.VBox):
             _shown(control, spatial)
         _shown(self._fm_image, spatial)
         if not spatial:
-            self._fm_note.value = text.note("This module has no 4-D (N, C, H, W) output to show.")
+            self._fm_note.value = text.note("This module has no spatial (N, C, H, W) output to show.")
             return
         n, channels = call.output_shapes[:2]
         pages = math.ceil(channels / FEATURE_CHANNELS)

@@ -7,10 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.cam import buffers_kept
-from ..core.capture import _call
 from ..core.hooks import HookSession
-from ..core.nested import first_float_tensor
+from ..core.nested import call_model, first_float_tensor
 
 
 class _Got(Exception):
@@ -28,14 +26,14 @@ def module_output(model: nn.Module, batch: Any, name: str, call: int = 0) -> tor
         nonlocal calls
         if calls == call:
             t = first_float_tensor(output)
-            got.append(None if t is None else t.detach().cpu())
+            got.append(None if t is None else t.detach().to("cpu", copy=True))
             raise _Got
         calls += 1
 
     try:
-        with buffers_kept(model), HookSession(model) as session, torch.no_grad():
+        with HookSession(model) as session, torch.no_grad():  # also puts back running statistics
             session.add_forward_hook(module, hook)
-            _call(model, batch)
+            call_model(model, batch)
     except _Got:
         pass
     if not got:
