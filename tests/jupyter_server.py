@@ -68,7 +68,7 @@ class JupyterServer:
             "--LabApp.extension_manager=readonly", "--expose-app-in-browser",
             "--JupyterNotebookApp.expose_app_in_browser=True",
         ]
-        self.log = open(self.base / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.base / "server.log", "wb")  # closed in stop()
         self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
