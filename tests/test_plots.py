@@ -186,7 +186,7 @@ def test_gradient_flow_plots_autograd_norms_in_execution_order(squeeze):
     fig = plots.gradient_flow(cap)
     ax = fig.axes[0]
     (dots,) = [c for c in ax.collections if isinstance(c, PathCollection)]
-    np.testing.assert_allclose(dots.get_offsets()[:, 1], norms, rtol=1e-6)
+    np.testing.assert_allclose(dots.get_offsets()[:, 1], norms, rtol=1e-4)  # float32 accumulation
     np.testing.assert_array_equal(dots.get_offsets()[:, 0], np.arange(26))
     assert [t.get_text() for t in ax.get_xticklabels()] == order
     assert ax.get_yscale() == "log"

@@ -122,3 +122,13 @@ def test_a_tensor_passed_on_unchanged_is_summarised_once_and_inplace_changes_are
     assert conv.stats is drop.stats and drop.stats is inner.stats  # dropout in eval returns its input
     assert conv.stats.min < 0 and relu.stats.min == 0  # the in-place ReLU bumped the version: summarised anew
     assert relu.stats is root.stats
+
+
+def test_norm_does_not_overflow_and_matches_float64():
+    from layerscope.core.stats import norm
+
+    huge = torch.full((1000,), 1e20)
+    assert float(norm(huge)) == pytest.approx(1e20 * 1000**0.5, rel=1e-6)
+    x = torch.randn(300_000)
+    assert float(norm(x)) == pytest.approx(float(x.double().norm()), rel=1e-5)
+    assert float(norm(x.half())) == pytest.approx(float(x.half().double().norm()), rel=1e-5)
