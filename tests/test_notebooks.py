@@ -1,0 +1,137 @@
+"""The teaching notebooks run top to bottom in a fresh kernel (python3 of this environment), offline, each
+within its time limit, and say what they teach. The notebooks check their own lessons with ``assert``;
+these tests add the time limit, no error or stray stderr, and a few key numbers read off the outputs."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# Seconds per notebook, kernel start included, on the 2-core CI machine; together at most 5 minutes.
+LIMITS = {
+    "01_squeezenet_tour.ipynb": 60,
+    "02_debugging_checklist.ipynb": 60,
+    "03_gradcam_trained_cnn.ipynb": 90,
+    "04_attention.ipynb": 90,
+}
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def execute(name: str, limit: float | None = None) -> nbformat.NotebookNode:
+    """Run a notebook in a new python3 kernel and return it with its outputs; fail past the time limit."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    limit = LIMITS[name] if limit is None else limit
+    deadline = time.monotonic() + limit
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout_func=lambda cell: max(1, round(deadline - time.monotonic())),  # what is left of the limit
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    start = time.monotonic()
+    client.execute()
+    elapsed = time.monotonic() - start
+    assert elapsed < limit, f"{name} took {elapsed:.0f} s, over its {limit} s limit"
+    nb.metadata["elapsed"] = elapsed
+    return nb
+
+
+def outputs(nb, kind: str | None = None) -> list:
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+            if kind is None or o.output_type == kind]
+
+
+def stdout(nb) -> str:
+    return "".join(o.text for o in outputs(nb, "stream") if o.name == "stdout")
+
+
+def count(nb, mime: str) -> int:
+    return sum(mime in o.get("data", {}) for o in outputs(nb))
+
+
+def check_clean_run(nb) -> None:
+    assert not outputs(nb, "error")
+    stderr = "".join(o.text for o in outputs(nb, "stream") if o.name == "stderr")
+    assert stderr == "", f"unexpected stderr: {stderr[:2000]}"
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found in the notebook's output"
+    return float(match.group(1))
+
+
+def test_notebooks_are_listed_and_stored_without_outputs():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(LIMITS)
+    assert sum(LIMITS.values()) <= 300
+    for name in LIMITS:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        nbformat.validate(nb)
+        assert nb.metadata.kernelspec.name == "python3"
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+        assert "ModelInspector(" in "".join(c.source for c in code), f"{name} does not show the inspector"
+
+
+@pytest.mark.slow
+def test_squeezenet_tour():
+    nb = execute("01_squeezenet_tour.ipynb")
+    check_clean_run(nb)
+    text = stdout(nb)
+    notes = [line for line in text.splitlines() if "pretrained" in line.lower()]
+    assert notes in (["Pretrained weights are not available offline; using random weights."],
+                     ["Loaded the pretrained ImageNet weights."])
+    # the Fire blocks: squeeze to 16 channels, expand to 64 + 64, at 55 x 55
+    assert re.search(r"features\.3 +\(1, 64, 55, 55\) +\(1, 16, 55, 55\) +64 \+ 64 +11,408", text)
+    assert re.search(r"features\.12 +\(1, 512, 13, 13\) +\(1, 64, 13, 13\) +256 \+ 256 +197,184", text)
+    assert "total 1,235,496 parameters; classifier.1 holds 513,000 (42%)" in text
+    assert "at features.12: (13, 13) -> (224, 224)" in text
+    assert count(nb, WIDGET) >= 1 and count(nb, "image/png") >= 5
+
+
+@pytest.mark.slow
+def test_debugging_checklist():
+    nb = execute("02_debugging_checklist.ipynb")
+    check_clean_run(nb)
+    text = stdout(nb)
+    found = re.findall(r"^(?:error|warning|info) +(\w+) ", text, re.MULTILINE)
+    for kind in ("shape_mismatch", "nan", "dtype_mismatch", "device_mismatch", "no_grad", "frozen",
+                 "dead_activation", "exploding_grad", "vanishing_grad"):
+        assert kind in found, kind
+    assert text.count("No findings.") >= 9  # after every fix, and for the model that cannot overfit
+    assert number(r"on the same 32 examples (\d+\.\d+)", text) == pytest.approx(1.4612, abs=0.01)
+    assert number(r"loss without the softmax: (\d+\.\d+)", text) < 0.01
+    assert count(nb, WIDGET) >= 9
+
+
+@pytest.mark.slow
+def test_gradcam_trained_cnn():
+    nb = execute("03_gradcam_trained_cnn.ipynb")
+    check_clean_run(nb)
+    text = stdout(nb)
+    assert number(r"test accuracy (\d+\.\d)%", text) > 90
+    trained = number(r"background: trained (\d+)%", text)
+    untrained = number(r"untrained (\d+)% of the test images", text)
+    assert trained > 90 and trained > untrained + 20
+    assert count(nb, WIDGET) >= 1 and count(nb, "image/png") >= 3
+
+
+@pytest.mark.slow
+def test_attention():
+    nb = execute("04_attention.ipynb")
+    check_clean_run(nb)
+    text = stdout(nb)
+    before, after = (
+        [float(v) for v in re.findall(r"\d\.\d+", line)]
+        for line in re.findall(r"anti-diagonal, per head: (\[.*\])", text)
+    )
+    assert len(before) == len(after) == 2
+    assert max(before) < 0.4 and min(after) > 0.6
+    assert number(r"(\d+\.\d)% of the digits reversed correctly", text) > 99
+    assert count(nb, WIDGET) >= 1 and count(nb, "image/png") >= 2
