@@ -261,14 +261,22 @@ def test_broken_model_selects_and_marks_the_failing_module():
 def test_findings_tab_lists_findings_and_selects_their_module():
     inspector = on_page(ModelInspector(broken_model(), torch.randn(2, 3, 28, 28)))
     inspector._tabs.selected_index = FINDINGS
-    rows = inspector._findings_box.children
-    assert len(rows) == len(inspector.capture.findings)
-    first = inspector.capture.findings[0]
-    button, message = rows[0].children
-    assert button.description == first.module and html.escape(first.message) in message.value
+    findings = inspector.capture.findings
+    assert [label for label, _ in inspector._findings.options] == \
+        [f"{f.severity} · {f.module or text.ROOT_LABEL} · {f.message}" for f in findings]
+    assert f"{len(findings)} finding" in inspector._findings_note.value and "1 error" in inspector._findings_note.value
     inspector.select("")
-    button.click()
-    assert inspector.selected == first.module == "head.1"
+    inspector._findings.value = 0  # a click on the first finding
+    assert inspector.selected == findings[0].module == "head.1"
+    assert html.escape(findings[0].message) in inspector._finding_detail.value
+
+
+def test_a_thousand_findings_stay_one_widget():
+    blocks = [(nn.Linear(32, 32), nn.ReLU(), nn.LayerNorm(32), nn.Dropout(0.1)) for _ in range(250)]
+    inspector = ModelInspector(nn.Sequential(*[m for b in blocks for m in b]).eval(), torch.randn(4, 32))
+    assert len(inspector.capture.findings) >= 100
+    assert len(inspector._findings.options) == len(inspector.capture.findings)
+    assert sum(1 for _ in inspector._descendants()) < 40  # the inspector's size does not grow with the model
 
 
 def test_refresh_keeps_the_selection_and_reads_the_new_batch():
@@ -331,7 +339,8 @@ def test_repr_close_and_lazy_export(squeezenet):
     assert repr(inspector) == "ModelInspector(SqueezeNet, 68 modules, selected='features.3')"
     failed = ModelInspector(broken_model(), torch.randn(2, 3, 28, 28))
     assert repr(failed) == "ModelInspector(Sequential, 8 modules, failed, selected='head.1')"
-    parts = [inspector.tree, inspector._hist, inspector._ex_class, *inspector._findings_box.children]
+    parts = [inspector.tree, inspector._hist, inspector._ex_class, inspector._findings]
+    parts += [w.layout for w in parts] + [inspector.layout]
     inspector.close()
     assert inspector.comm is None and all(w.comm is None for w in parts)
     assert math.isfinite(inspector.capture.loss)

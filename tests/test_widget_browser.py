@@ -329,6 +329,14 @@ def test_inspector_in_jupyterlab(server, browser):
     expect(row(broken, "head.1").locator(".ls-badge-error")).to_have_text("1")
     expect(broken.locator(".ls-header")).to_contain_text("head.1")
     broken.screenshot(path=ARTIFACTS / "lab-broken.png")
+    # the Findings tab: picking a finding selects its module
+    row(broken, "").click()
+    expect(broken.locator(".ls-header .ls-name")).to_have_text("(model)")
+    tab(broken, "Findings").click()
+    broken.get_by_role("listbox").select_option(index=0)
+    expect(broken.locator(".ls-header .ls-name")).to_have_text("head.1")
+    expect(row(broken, "head.1")).to_have_class(re.compile("ls-selected"))
+    broken.screenshot(path=ARTIFACTS / "lab-findings.png")
 
     evil = inspector_with(page, "blocks")
     row(evil, "blocks").locator(".ls-toggle").click()

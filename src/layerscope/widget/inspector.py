@@ -104,15 +104,24 @@ class ModelInspector(widgets.VBox):
         """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
         if batch is not None:
             self._batch = batch
-        for cache in (self._figure, self._output, self._cam, self._attention):
-            cache.cache_clear()
+        self._forget()
         self._run()
         self._select_initial(keep=self.selected)
 
     def close(self) -> None:
-        for widget in self._descendants():
-            widget.close()
+        """Close every widget of the inspector (layouts included) and drop the cached pictures."""
+        self._forget()
+        for widget in [*self._descendants(), self]:
+            for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+                if isinstance(part, widgets.Widget):
+                    part.close()
+            if widget is not self:
+                widget.close()
         super().close()
+
+    def _forget(self) -> None:
+        for cache in (self._figure, self._output, self._cam, self._attention):
+            cache.cache_clear()
 
     def __repr__(self) -> str:
         cap = getattr(self, "_cap", None)
@@ -143,7 +152,7 @@ class ModelInspector(widgets.VBox):
         _shown(self._banner, cap.error is not None)
         self.tree.marked = cap.error.module if cap.error is not None else None
         self.tree.rows = tree_rows(cap)
-        self._findings_box.children = self._finding_rows()
+        self._list_findings()
         with self._quietly():
             self._ex_class.options = []
         self._drawn.clear()
@@ -193,8 +202,11 @@ class ModelInspector(widgets.VBox):
 
         for control in (self._call, self._fm_item, self._ex_item, self._ex_class, self._ex_head):
             control.observe(self._on_input, "value")
-        self._findings_box, self._summary = widgets.VBox(), widgets.HTML()
-        self._tabs.children = [activations, feature_maps, gradients, explain, self._findings_box, self._summary]
+        self._findings_note, self._finding_detail, self._summary = widgets.HTML(), widgets.HTML(), widgets.HTML()
+        self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
+        self._findings.observe(self._on_finding, "value")
+        findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
+        self._tabs.children = [activations, feature_maps, gradients, explain, findings, self._summary]
         self._tabs.titles = TABS
 
     def _descendants(self):
@@ -341,11 +353,11 @@ class ModelInspector(widgets.VBox):
 
     def _explain(self) -> None:
         name = self.selected
-        weights = self._attention_for(name, self._call.value or 0)
-        _shown(self._ex_head, weights is not None)
-        _shown(self._ex_class, weights is None)
         self._ex_top.value = ""
         try:
+            weights = self._attention_for(name, self._call.value or 0)
+            _shown(self._ex_head, weights is not None)
+            _shown(self._ex_class, weights is None)
             if weights is not None:
                 self._explain_attention(name, weights)
             else:
@@ -393,16 +405,25 @@ class ModelInspector(widgets.VBox):
     def _summary_tab(self) -> None:
         self._summary.value = text.summary(self._cap)
 
-    def _finding_rows(self) -> list[widgets.Widget]:
-        if not self._cap.findings:
-            return [widgets.HTML(text.note("No findings: nothing in this pass looked wrong."))]
-        rows = []
-        for finding in self._cap.findings:
-            go = widgets.Button(description=text.display_name(finding.module), tooltip="select this module",
-                                layout=widgets.Layout(width="auto", min_width="120px"))
-            go.on_click(lambda _, name=finding.module: self.select(name))
-            rows.append(widgets.HBox([go, widgets.HTML(text.finding(finding))]))
-        return rows
+    def _list_findings(self) -> None:
+        """All findings in one list box (one widget however many there are); picking one selects its module."""
+        findings = self._cap.findings
+        counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}" for s in ("error", "warning", "info"))
+        self._findings_note.value = text.note(
+            f"{len(findings)} finding{'s' * (len(findings) != 1)} ({counts}); pick one to select its module."
+            if findings else "No findings: nothing in this pass looked wrong.")
+        with self._quietly():
+            self._findings.options = [(text.finding_label(f), i) for i, f in enumerate(findings)]
+            self._findings.value = None
+        _shown(self._findings, bool(findings))
+        self._finding_detail.value = ""
+
+    def _on_finding(self, change) -> None:
+        if self._quiet or change["new"] is None:
+            return
+        finding = self._cap.findings[change["new"]]
+        self._finding_detail.value = text.finding(finding)
+        self.select(finding.module)
 
     # -- on-demand computations (cached) ---------------------------------------------------------------
 

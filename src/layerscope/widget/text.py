@@ -117,11 +117,9 @@ def gradients(report: ModuleReport, call: CallRecord | None, backward: bool) -> 
 
 
 def error(err) -> str:
-    where = display_name(err.module)
-    return (
-        f'<div class="ls-error-banner"><b>{html.escape(err.phase.capitalize())} failed</b> in '
-        f'<code>{html.escape(where)}</code> ({html.escape(err.module_type)}): {html.escape(err.message)}</div>'
-    )
+    """The banner over a failed capture; the message names the module and what went wrong."""
+    return (f'<div class="ls-error-banner"><b>{html.escape(err.phase.capitalize())} failed:</b> '
+            f'{html.escape(err.message)}</div>')
 
 
 def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
@@ -134,6 +132,11 @@ def class_label(index: int, class_names) -> str:
     if class_names is not None and 0 <= index < len(class_names):
         return f"{index}: {class_names[index]}"
     return str(index)
+
+
+def finding_label(f) -> str:
+    """One line of plain text for the findings list (a <select> shows it as text)."""
+    return f"{f.severity} · {display_name(f.module)} · {f.message}"
 
 
 def finding(f) -> str:
