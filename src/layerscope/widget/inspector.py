@@ -146,7 +146,7 @@ class ModelInspector(widgets.VBox):
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
             progress.close()
-        self._captured_at = time.time()
+        self._captured_at = time.time()  # when the capture ended (the browser test times the tree from here)
         cap = self._cap
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
         _shown(self._banner, cap.error is not None)
