@@ -1,4 +1,5 @@
-# Two commands, both idempotent: `make demo` (set up + run the main job) and `make test` (set up + tests).
+# Two commands, both idempotent: `make demo` (set up + open the demo notebook in JupyterLab on 127.0.0.1)
+# and `make test` (set up + lint + the whole test suite, browser and notebook tests included).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,10 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m layerscope
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 notebooks/01_squeezenet_tour.ipynb
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks notebooks
 
 # The widget tests drive Debian's Chromium (Playwright's own browser download does not work offline).
 chromium:
