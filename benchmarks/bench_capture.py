@@ -138,18 +138,26 @@ print(statistics.median(b) / statistics.median(a))
         return None
 
 
-def peak_rss(model_name: str, method: str | None) -> float:
-    """Peak RSS (MB) of a fresh process that builds the model and runs one method once (None: runs nothing)."""
+def peak_rss(model_name: str, method: str) -> float:
+    """MB by which one run of a method raises the peak RSS of a fresh process that holds model and batch.
+
+    The peak is reset (/proc/self/clear_refs) after the model is built: a forked child otherwise starts
+    with its parent's peak."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 from bench_capture import MODELS, methods
 torch.set_num_threads(2)
 model, x = MODELS[{model_name!r}]()
 model.eval()
-if {method!r} is not None:
-    methods(model)[0][{method!r}](x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+fn = methods(model)[0][{method!r}]
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+fn(x)
+print((status("VmHWM") - before) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -184,10 +192,9 @@ def main() -> None:
         }
         if not args.quick:
             row["torchlens / plain fwd"] = torchlens_ratio(name, max(3, repeats // 2))
-            base = peak_rss(name, None)
-            for method in ("plain forward (no_grad)", "capture, forward only", "capture, forward+backward",
-                           "plain forward+backward", "clone every output"):
-                row[f"peak RSS over model+batch, MB: {method}"] = peak_rss(name, method) - base
+            for method in ("plain forward (no_grad)", "capture, forward only", "plain forward+backward",
+                           "capture, forward+backward", "clone every output"):
+                row[f"peak RSS rise, MB: {method}"] = peak_rss(name, method)
         results[name] = row
         print(f"\n== {name} (batch {BATCH}, 2 threads, median of {repeats}; plain fwd {fwd * 1e3:.0f} ms) ==")
         for key, value in row.items():
