@@ -176,3 +176,20 @@ def test_train_mode_capture_leaves_batchnorm_running_stats_untouched():
         for key, value in model.state_dict().items():
             assert torch.equal(value, before[key]), key
     assert model.training and no_hooks_left(model)
+
+
+def test_garbage_collector_state_is_put_back():
+    import gc
+
+    assert gc.isenabled()
+    capture(RaisesInside(), torch.randn(2, 4))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        capture(nn.Linear(2, 2), torch.randn(1, 2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(TypeError):
+        capture("not a model", torch.randn(2))
+    assert gc.isenabled()

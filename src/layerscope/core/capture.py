@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -136,16 +138,16 @@ class _Recorder:
         return hook
 
     def _record(self, name: str, inputs: Any, output: Any, dead_units: bool) -> None:
-        ins, outs = list(iter_tensors(inputs)), list(iter_tensors(output))
+        ins, outs = _tensors(inputs), _tensors(output)
         call = dict(
             name=name,
             index=len(self.calls),
-            input_shapes=shape_tree(inputs),
-            output_shapes=shape_tree(output),
-            input_dtypes=_unique(str(t.dtype).removeprefix("torch.") for t in ins),
-            output_dtypes=_unique(str(t.dtype).removeprefix("torch.") for t in outs),
-            input_devices=_unique(str(t.device) for t in ins),
-            output_devices=_unique(str(t.device) for t in outs),
+            input_shapes=tuple(inputs.shape) if type(inputs) is torch.Tensor else shape_tree(inputs),
+            output_shapes=tuple(output.shape) if type(output) is torch.Tensor else shape_tree(output),
+            input_dtypes=_unique(t.dtype for t in ins),
+            output_dtypes=_unique(t.dtype for t in outs),
+            input_devices=_unique(t.device for t in ins),
+            output_devices=_unique(t.device for t in outs),
             slot=None,
             fmap=None,
             grad=None,
@@ -214,8 +216,13 @@ class _Recorder:
         return by_module
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [value] if type(value) is torch.Tensor else list(iter_tensors(value))
+
+
 def _unique(items) -> tuple[str, ...]:
-    return tuple(sorted(set(items)))
+    """Sorted unique names of dtypes or devices ('float32', 'cpu')."""
+    return tuple(sorted({str(item).removeprefix("torch.") for item in items}))
 
 
 def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tuple[torch.Tensor | None, str]:
@@ -249,19 +256,32 @@ def _describe(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _norms_by_module(model: nn.Module, tensors: dict[int, torch.Tensor]) -> dict[str, dict[str, float | None]]:
-    """Per module, the norm of the tensor given for each of its own parameters (None where there is none)."""
+def _norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:
+    """The norm of each tensor, by key, copied to the CPU once per device."""
     norms: dict[torch.device, dict[int, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not t.is_meta:
             norms.setdefault(t.device, {})[key] = norm(t)
     values = {}
-    for group in norms.values():  # one copy to the CPU per device
+    for group in norms.values():
         values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
-    return {
-        name: {local: values.get(id(p)) for local, p in module.named_parameters(recurse=False)}
-        for name, module in model.named_modules()
-    }
+    return values
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector, as it was before, for the length of a capture.
+
+    A capture keeps a few small objects per module call; in a process holding torch's large object graph
+    they set off full collections that cost as much as the whole forward pass of a 2,000-module model.
+    Reference counting still frees everything at once; only cycle detection waits until the end."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def capture(
@@ -287,6 +307,11 @@ def capture(
     mirrored on the meta device (shapes, no values, no memory) and no backward.
     """
     _check_arguments(model, batch)
+    with _gc_paused():
+        return _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample_size)
+
+
+def _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample_size) -> Capture:
     if bins < 1:
         raise ValueError(f"bins must be a positive number, got {bins}")
     tree = module_tree(model)
@@ -330,18 +355,18 @@ def capture(
         finally:
             session.remove()
     records = recorder.records()
-    grad_norms = _norms_by_module(model, {k: g for k, g in grads.items() if g is not None})
+    grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     with torch.no_grad():  # only a backward pass needs them (gradient-to-weight ratios): spare forward-only runs
-        param_norms = _norms_by_module(model, {id(p): p for p in model.parameters()} if grads else {})
-    modules = {
-        name: ModuleReport(
+        param_norms = _norms({id(p): p for p in model.parameters()} if grads else {})
+    modules = {}
+    for name, info in tree.items():
+        own = info.pop("own")
+        modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
-            param_grad_norms=MappingProxyType(grad_norms[name]),
-            param_norms=MappingProxyType(param_norms[name]),
+            param_grad_norms=MappingProxyType({local: grad_norms.get(id(p)) for local, p in own}),
+            param_norms=MappingProxyType({local: param_norms.get(id(p)) for local, p in own}),
         )
-        for name, info in tree.items()
-    }
     unique = list(model.parameters())
     cap = Capture(
         modules=MappingProxyType(modules),

@@ -5,36 +5,43 @@ from __future__ import annotations
 from torch import nn
 
 
-def _devices_and_dtypes(module: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    tensors = [*module.parameters(), *module.buffers()]
-    devices = sorted({str(t.device) for t in tensors})
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
-    return tuple(devices), tuple(dtypes)
+def _dtype(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def module_tree(model: nn.Module) -> dict[str, dict]:
-    """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport.
+    """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport, plus
+    ``own``: its own parameters as (local name, parameter) pairs.
 
-    Parameter counts count each tensor once, however often it is shared or tied.
+    One bottom-up pass: each module's parameter, device and dtype sets are its own joined with its
+    children's, so a tensor shared or tied at several places is counted once.
     """
     entries = list(model.named_modules())
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
             children[name.rpartition(".")[0]].append(name)
+    params: dict[str, dict[int, object]] = {}
+    places: dict[str, set[tuple[str, str]]] = {}
     tree = {}
-    for name, module in entries:
-        params = list(module.parameters())
-        devices, dtypes = _devices_and_dtypes(module)
+    for name, module in reversed(entries):  # children before their parents
+        own = [(local, p) for local, p in module._parameters.items() if p is not None]
+        mine = {id(p): p for _, p in own}
+        where = {(str(t.device), _dtype(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
+        for child in children[name]:
+            mine.update(params[child])
+            where |= places[child]
+        params[name], places[name] = mine, where
         tree[name] = dict(
             name=name,
             type_name=type(module).__name__,
             depth=0 if not name else name.count(".") + 1,
             children=tuple(children[name]),
-            num_params=sum(p.numel() for p in params),
-            num_own_params=sum(p.numel() for p in module.parameters(recurse=False)),
-            num_trainable=sum(p.numel() for p in params if p.requires_grad),
-            devices=devices,
-            dtypes=dtypes,
+            num_params=sum(p.numel() for p in mine.values()),
+            num_own_params=sum(p.numel() for _, p in own),
+            num_trainable=sum(p.numel() for p in mine.values() if p.requires_grad),
+            devices=tuple(sorted({d for d, _ in where})),
+            dtypes=tuple(sorted({t for _, t in where})),
+            own=own,
         )
-    return tree
+    return {name: tree[name] for name, _ in entries}
