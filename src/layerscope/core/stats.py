@@ -10,6 +10,7 @@ strided sample of their elements. Reductions accumulate in the tensor's own dtyp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,32 +168,27 @@ class StatsBatch:
                 self._slots[group.slots[i]][2:] = [vec, None, counts]
 
     def _summarise_large(self, x: torch.Tensor) -> list:
+        """Three passes over the tensor (aminmax, sum, dot) and a few small ops on a strided sample."""
         n = x.numel()
-        mn, mx = torch.aminmax(x)
-        if not bool(torch.isfinite(mn + mx)):  # NaN/Inf present: the rare, slower path
-            flat = x.reshape(-1)
-            nan, inf = torch.isnan(flat).sum(), torch.isinf(flat).sum()
-            x = flat[torch.isfinite(flat)]
-            if x.numel() == 0:
-                vec, counts = _with_non_finite(flat[:1], self.bins)
+        flat = x.reshape(-1)
+        lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # one copy to the CPU; NaN/Inf show up in it
+        nan = inf = 0
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # the rare, slower path
+            nan, inf = torch.stack([torch.isnan(flat).sum(), torch.isinf(flat).sum()]).tolist()
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel() == 0:
+                vec, counts = _with_non_finite(x.reshape(-1)[:1], self.bins)
                 vec[5], vec[6] = nan, inf
                 return [n, True, vec, None, counts]
-            mn, mx = torch.aminmax(x)
-        else:
-            nan = inf = None
-        m = x.numel()
-        flat = x.reshape(-1)
-        sumsq = norm(flat) ** 2
+            lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+        m = flat.numel()
         step = max(1, m // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
         sample = flat[::step][: self.sample_size]
-        svec, counts = _rows(sample[None], self.bins, (mn[None], mx[None]))  # histogram, zeros: from the sample
-        mean = flat.sum().double() / m
-        std = (sumsq / m - mean * mean).clamp_min(0).sqrt()
-        vec = svec[0].clone()
-        vec[0], vec[1], vec[2], vec[3] = mean, std, mn, mx
-        if nan is not None:
-            vec[5], vec[6] = nan, inf
-        return [n, m <= self.sample_size, vec, None, counts[0]]
+        left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+        counts = torch.histc(sample, self.bins, left, right)
+        sums = torch.stack([flat.sum().double(), norm(flat) ** 2, (sample == 0).sum().double()])
+        known = dict(n=m, min=lo, max=hi, nan=nan, inf=inf, lo=left, hi=right, binned=sample.numel())
+        return [n, m <= self.sample_size, sums, known, counts]
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
         """Move every summary to the CPU (one copy per buffer) and build the records."""
@@ -212,11 +208,19 @@ class StatsBatch:
                 out.append(None)
                 continue
             numel, exact, vec, row, counts = slot
-            f = dict(zip(_FIELDS, cpu(vec, row).tolist()))
+            if isinstance(row, dict):  # a large tensor: sums on the device, the rest known already
+                f, (total, sumsq, zeros) = row, cpu(vec, None).tolist()
+                mean = total / f["n"]
+                f.update(mean=mean, std=math.sqrt(max(sumsq / f["n"] - mean * mean, 0.0)),
+                         zero_fraction=zeros / f["binned"], nan_count=f["nan"], inf_count=f["inf"])
+                row = None
+            else:
+                f = dict(zip(_FIELDS, cpu(vec, row).tolist()))
             stats = TensorStats(numel=numel, mean=f["mean"], std=f["std"], min=f["min"], max=f["max"],
                                 zero_fraction=f["zero_fraction"], nan_count=int(f["nan_count"]),
                                 inf_count=int(f["inf_count"]), exact=exact)
-            hist = Histogram(counts=cpu(counts, row).copy(), edges=np.linspace(f["lo"], f["hi"], self.bins + 1),
-                             sampled=int(f["binned"]), numel=numel)
+            edges = np.linspace(f["lo"], f["hi"], self.bins + 1)
+            hist = Histogram(counts=cpu(counts, row).astype(np.int64), edges=edges, sampled=int(f["binned"]),
+                             numel=numel)
             out.append((stats, hist))
         return out
