@@ -379,3 +379,38 @@ def test_inspector_in_notebook7(server, browser):
     page.screenshot(path=ARTIFACTS / "notebook7.png", full_page=True)
     assert monitor.problems == []
     page.context.close()
+
+
+def test_squeezenet_tour_notebook_in_jupyterlab(server, browser):
+    """The shipped demo notebook, as a person opens it: every cell runs, its inspector answers a click."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    source = Path(__file__).resolve().parent.parent / "notebooks" / "01_squeezenet_tour.ipynb"
+    (server.root / source.name).write_text(source.read_text())
+    from torchvision.models import squeezenet1_1
+
+    model = squeezenet1_1(weights=None).eval()
+    fire = model.get_submodule("features.4")
+    params = sum(p.numel() for p in fire.parameters())
+    seen = []
+    handle = fire.register_forward_hook(lambda m, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))  # the notebook's batch: one 224 x 224 crop of the photo
+    handle.remove()
+    page, monitor = open_and_run(browser, server, f"lab/tree/{source.name}")
+    inspector = inspector_with(page, "classifier")
+    header = inspector.locator(".ls-header")
+    # wait for every code cell to have run (later cells select() modules themselves); read from the notebook's
+    # model, since JupyterLab only renders the cells in view
+    cells = "window.jupyterapp.shell.currentWidget.content.widgets.filter((c) => c.model.type === 'code')"
+    page.wait_for_function(f"() => {cells}.every((c) => c.model.executionCount !== null)", timeout=CELL_TIMEOUT)
+    errors = page.evaluate(f"() => {cells}.flatMap((c) => c.model.outputs.toJSON())"
+                           ".filter((o) => o.output_type === 'error').map((o) => o.ename + ': ' + o.evalue)")
+    assert errors == []
+    row(inspector, "features.4").click()
+    expect(header.locator(".ls-name")).to_have_text("features.4")
+    expect(header).to_contain_text(f"total {params:,}")
+    expect(header).to_contain_text(f"{seen[0][0]} → {seen[0][1]}")
+    visible_image(inspector, "ls-histogram")
+    inspector.screenshot(path=ARTIFACTS / "lab-tour-notebook.png")
+    assert monitor.problems == []
+    page.context.close()
