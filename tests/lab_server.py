@@ -83,7 +83,10 @@ class JupyterServer:
         raise RuntimeError("jupyterlab did not answer in time")
 
     def page_url(self, path: str) -> str:
-        return f"{self.url}/{path}?token={self.token}"
+        # ?reset: JupyterLab would otherwise restore the notebooks an earlier page opened, and one of
+        # them could end up as the current widget
+        reset = "&reset" if path.startswith("lab/") else ""
+        return f"{self.url}/{path}?token={self.token}{reset}"
 
     def stop(self) -> None:
         if self.process is None:

@@ -402,10 +402,10 @@ def test_squeezenet_tour_notebook_in_jupyterlab(server, browser):
     # wait for every code cell to have run (later cells select() modules themselves); read from the notebook's
     # model, since JupyterLab only renders the cells in view
     cells = "window.jupyterapp.shell.currentWidget.content.widgets.filter((c) => c.model.type === 'code')"
-    page.wait_for_function(f"() => {cells}.every((c) => c.model.executionCount !== null)", timeout=CELL_TIMEOUT)
-    errors = page.evaluate(f"() => {cells}.flatMap((c) => c.model.outputs.toJSON())"
-                           ".filter((o) => o.output_type === 'error').map((o) => o.ename + ': ' + o.evalue)")
-    assert errors == []
+    errors = f"{cells}.flatMap((c) => c.model.outputs.toJSON()).filter((o) => o.output_type === 'error')"
+    page.wait_for_function(f"() => {cells}.every((c) => c.model.executionCount !== null) || {errors}.length > 0",
+                           timeout=CELL_TIMEOUT)
+    assert page.evaluate(f"() => {errors}.map((o) => o.ename + ': ' + o.evalue)") == []
     row(inspector, "features.4").click()
     expect(header.locator(".ls-name")).to_have_text("features.4")
     expect(header).to_contain_text(f"total {params:,}")
