@@ -14,20 +14,13 @@ import statistics
 import time
 
 import torch
-from torch import nn
 from torchvision import models as tvm
 
 import layerscope
+from bench_capture import stack  # the same 2,001-module stack
 from layerscope.core.findings import find
 
 BATCH = 8
-
-
-def stack(blocks: int = 500, width: int = 512) -> nn.Module:
-    layers = []
-    for _ in range(blocks):
-        layers += [nn.Linear(width, width), nn.ReLU(), nn.LayerNorm(width), nn.Dropout(0.1)]
-    return nn.Sequential(*layers)
 
 
 MODELS = {
