@@ -456,3 +456,15 @@ def test_findings_leave_the_model_as_it_was():
     assert flags == ([p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sum_loss_after_layernorm_behind_dropout_is_flat_not_exploding():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(40):
+        layers += [nn.Linear(16, 16), nn.ReLU(), nn.LayerNorm(16), nn.Dropout(0.1)]
+    cap = capture(nn.Sequential(*layers).eval(), torch.randn(4, 16))
+    kinds = {f.kind for f in cap.findings}
+    assert "flat_loss" in kinds and not kinds & {"exploding_grad", "vanishing_grad"}
+    flat = next(f for f in cap.findings if f.kind == "flat_loss")
+    assert flat.module == "158"  # the last LayerNorm: the Dropout after it passes the same tensor on

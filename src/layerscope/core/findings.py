@@ -45,6 +45,17 @@ _SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardsigmoid: (0.
 _TRAIN_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
+def _sums_to_constant(module: nn.Module) -> bool:
+    """Whether the module's outputs always add up to the same total: a softmax, or a layer/group norm whose
+    scale is one number for all channels (as at initialisation)."""
+    if isinstance(module, nn.Softmax):
+        return True
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        weight = module.weight
+        return weight is None or weight.is_meta or bool((weight == weight.reshape(-1)[0]).all())
+    return False
+
+
 @dataclass(frozen=True)
 class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
@@ -321,14 +332,22 @@ class _Look:
         top = root[-1].grad_output_norm
         norms = [(n, c.grad_output_norm) for n, c in self.cap.calls if c.grad_output_norm is not None]
         inner = [g for _, g in norms if g != top]
-        if not inner or not 0 < max(inner) < 1e-4 * top:  # exact zeros are real: see zero_grad
-            return []
         name = next(n for n, g in norms if g == top)  # the innermost module whose output the loss sums
+        # the output tensor's producer (identities such as Dropout in eval pass on the same tensor, which
+        # shares its statistics): a softmax, or a normalisation whose scale is one number, sums to a constant
+        producer = next((n for n, c in self.cap.calls if root[-1].stats is not None and c.stats is root[-1].stats),
+                        name)
+        structural = _sums_to_constant(self.cap.model.get_submodule(producer)) if self.cap.model else False
+        if structural:
+            name = producer
+        elif not inner or not 0 < max(inner) < 1e-4 * top:  # exact zeros are real: see zero_grad
+            return []
+        largest = max(inner, default=0.0)
         message = (f"The stand-in loss, the sum of the outputs, is flat: {self.label(name)} outputs values that "
                    f"always add up to the same total (as softmax and normalisation layers do), so every gradient "
-                   f"before it is rounding noise (at most {max(inner):.2g}, against {top:.3g} at the output). "
+                   f"before it is rounding noise (at most {largest:.2g}, against {top:.3g} at the output). "
                    f"Pass target= or loss_fn= to capture() to judge the gradients.")
-        return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": max(inner), "output_grad": top})]
+        return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": largest, "output_grad": top})]
 
     def _no_grad(self, trainable: dict, grads: dict) -> list[Finding]:
         missing = lambda n: any(grads[n].get(k) is None for k in trainable[n])
