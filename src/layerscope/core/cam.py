@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import class_indices
 from .hooks import HookSession
 from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
 
@@ -108,18 +109,7 @@ def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
 
 
 def _targets(target: Any, logits: torch.Tensor) -> torch.Tensor:
-    n, classes = logits.shape
-    if target is None:
-        return logits.detach().argmax(dim=1)
-    t = torch.as_tensor(target, device=logits.device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.is_floating_point() or t.shape != (n,):
-        raise ValueError(f"target must be one class index or one per item ({n}), got shape {tuple(t.shape)}")
-    if int(t.min()) < 0 or int(t.max()) >= classes:
-        bad = int(t.max()) if int(t.max()) >= classes else int(t.min())
-        raise ValueError(f"target holds class {bad}, but the output has {classes} classes (0 to {classes - 1})")
-    return t.long()
+    return logits.detach().argmax(dim=1) if target is None else class_indices(target, logits)
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -225,6 +225,21 @@ def _unique(items) -> tuple[str, ...]:
     return tuple(sorted({str(item).removeprefix("torch.") for item in items}))
 
 
+def class_indices(target: Any, logits: torch.Tensor) -> torch.Tensor:
+    """``target`` (one class index, or one per item) as a long tensor [N] checked against logits [N, classes]."""
+    n, classes = logits.shape[0], logits.shape[1]
+    t = torch.as_tensor(target, device=logits.device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.is_floating_point() or t.shape != (n,):
+        raise ValueError(f"target must be one class index or one per item ({n}), got {_describe(t)}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= classes:
+        bad = hi if hi >= classes else lo
+        raise ValueError(f"target holds class {bad}, but the output has {classes} classes (0 to {classes - 1})")
+    return t.long()
+
+
 def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tuple[torch.Tensor | None, str]:
     if loss_fn is not None:
         loss = loss_fn(output, batch)
@@ -235,17 +250,7 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         logits = first_float_tensor(output)
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
-        n, classes = logits.shape[0], logits.shape[1]
-        target = torch.as_tensor(target, device=logits.device)
-        if target.dim() == 0:
-            target = target.expand(n)
-        if target.is_floating_point() or target.shape[0] != n:
-            raise ValueError(f"target must hold one class index per item ({n}), got {_describe(target)}")
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= classes:
-            bad = hi if hi >= classes else lo
-            raise ValueError(f"target holds class {bad}, but the output has {classes} classes (0 to {classes - 1})")
-        return F.cross_entropy(logits, target.long()), "cross_entropy"
+        return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
     parts = [t.float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
