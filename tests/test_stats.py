@@ -27,19 +27,23 @@ def _outputs(model, batch):
 
 def _check(stats, hist, x: np.ndarray, exact: bool):
     finite = x[np.isfinite(x)]
-    assert stats.numel == x.size
+    assert stats.numel == x.size and stats.count == finite.size
     assert stats.nan_count == np.isnan(x).sum() and stats.inf_count == np.isinf(x).sum()
     assert stats.mean == pytest.approx(finite.mean(dtype=np.float64), rel=1e-5, abs=1e-6)
     assert stats.std == pytest.approx(finite.std(dtype=np.float64), rel=1e-4, abs=1e-6)
+    assert stats.m2 == pytest.approx(finite.var(dtype=np.float64) * finite.size, rel=2e-4, abs=1e-6)
     assert stats.min == finite.min() and stats.max == finite.max()
     assert stats.exact is exact
+    assert hist.under == hist.over == 0  # equal bins over the tensor's own range hold every binned value
     if exact:
+        assert stats.checked == finite.size and stats.zeros == (finite == 0).sum()
         assert stats.zero_fraction == pytest.approx((finite == 0).mean())
         assert hist.counts.sum() == finite.size == hist.sampled
         span = (hist.edges[0], hist.edges[-1])
         reference, _ = np.histogram(finite.astype(np.float64), bins=len(hist.counts), range=span)
         assert np.abs(hist.counts - reference).sum() <= 2  # values exactly on an edge may fall either side
     else:
+        assert stats.checked == hist.sampled < finite.size and 0 <= stats.zeros <= stats.checked
         assert stats.zero_fraction == pytest.approx((finite == 0).mean(), abs=0.03)
         assert hist.edges[0] == finite.min() and hist.edges[-1] == pytest.approx(finite.max())
         assert hist.counts.sum() == hist.sampled <= 8192

@@ -1,12 +1,17 @@
-"""Summaries of tensors computed where the tensors live, keeping only small results.
+"""Summaries of tensors computed where the tensors live, keeping only small, mergeable results.
+
+A summary is a set of sufficient statistics (count, mean, M2, min, max, zeros, NaN and Inf counts) that
+``TensorStats.merge`` combines exactly (Chan et al.'s parallel formula): the stats of two parts of a tensor,
+or of two passes, steps or ranks, merge into the stats of the whole. Histograms merge when their edges agree;
+``StatsBatch.add(t, edges)`` bins a tensor on fixed edges so that histograms of different passes line up.
 
 Tensors of up to ``small`` elements are copied into a row of a buffer shared with tensors of the same
 size, and each full buffer is summarised at once by row-wise reductions: a few ops for many tensors,
-exactly (every element counts, the histogram too). Larger tensors are summarised on the spot in three
-passes (aminmax, sum, dot) with the histogram and the share of zeros read off a bounded, evenly
-strided sample of their elements. Reductions accumulate in the tensor's own dtype (float64 is about
-12x slower on CPU); nothing is copied to the CPU until ``results()``.
-"""
+exactly (every element counts, the histogram too; M2 is summed around each row's mean). Larger tensors are
+summarised on the spot in three passes (aminmax, sum, dot; two more around the mean when it dwarfs the
+spread), with the histogram and the share of zeros read off a bounded, evenly strided sample of their
+elements. Reductions accumulate in the tensor's own dtype (float64 is about 12x slower on CPU). Only a large
+tensor's handful of sums is copied to the CPU on the spot; everything else waits for ``results()``."""
 
 from __future__ import annotations
 
@@ -16,41 +21,107 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_FIELDS = ("mean", "std", "min", "max", "zero_fraction", "nan_count", "inf_count", "lo", "hi", "binned")
+# The per-row summary vector built on the device, in this order.
+_FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
 
 
 @dataclass(frozen=True)
 class TensorStats:
-    """Statistics of one tensor. mean/std/min/max/zero_fraction are over its finite values; std is
-    the population std (numpy's default, ddof=0). ``exact`` is False when zero_fraction was read off a
-    sample of the elements rather than all of them."""
+    """Sufficient statistics of one tensor (or of several merged). ``count``, ``mean``, ``m2`` (the sum of
+    squared deviations from the mean), ``min`` and ``max`` are over the finite values; ``zeros`` counts the
+    exact zeros among the ``checked`` finite values: all of them, or an evenly strided sample of a large
+    tensor. ``min`` and ``max`` are 0.0 when there is no finite value."""
 
     numel: int
+    count: int
     mean: float
-    std: float
+    m2: float
     min: float
     max: float
-    zero_fraction: float
+    zeros: int
+    checked: int
     nan_count: int
     inf_count: int
-    exact: bool = True
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (numpy's default, ddof=0) of the finite values."""
+        return math.sqrt(max(self.m2, 0.0) / self.count) if self.count else 0.0
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.checked if self.checked else 0.0
+
+    @property
+    def exact(self) -> bool:
+        """True when every finite element was looked at for zeros (False: zero_fraction is sampled)."""
+        return self.checked == self.count
 
     @property
     def finite(self) -> bool:
         return self.nan_count == 0 and self.inf_count == 0
 
+    def merge(self, other: TensorStats) -> TensorStats:
+        """The statistics of both tensors together (Chan, Golub and LeVeque's pairwise update)."""
+        a, b = self, other
+        n = a.count + b.count
+        if a.count == 0 or b.count == 0:
+            full = a if a.count else b
+            mean, m2, lo, hi = full.mean, full.m2, full.min, full.max
+        else:
+            delta = b.mean - a.mean
+            mean = a.mean + delta * (b.count / n)
+            m2 = a.m2 + b.m2 + delta * delta * (a.count / n * b.count)
+            lo, hi = min(a.min, b.min), max(a.max, b.max)
+        return TensorStats(numel=a.numel + b.numel, count=n, mean=mean, m2=m2, min=lo, max=hi,
+                           zeros=a.zeros + b.zeros, checked=a.checked + b.checked,
+                           nan_count=a.nan_count + b.nan_count, inf_count=a.inf_count + b.inf_count)
+
+    @classmethod
+    def of(cls, values) -> TensorStats:
+        """Exact statistics of an array or tensor, in float64 on the CPU (the slow reference)."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().to("cpu", torch.float64).numpy()
+        a = np.asarray(values, dtype=np.float64).reshape(-1)
+        finite = a[np.isfinite(a)]
+        nan = int(np.isnan(a).sum())
+        if finite.size == 0:
+            return cls(a.size, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, nan, a.size - nan)
+        mean = float(finite.mean())
+        return cls(numel=a.size, count=finite.size, mean=mean, m2=float(np.square(finite - mean).sum()),
+                   min=float(finite.min()), max=float(finite.max()), zeros=int((finite == 0).sum()),
+                   checked=finite.size, nan_count=nan, inf_count=a.size - finite.size - nan)
+
 
 @dataclass(frozen=True, eq=False)
 class Histogram:
-    """Counts of finite values in equal bins between ``edges[0]`` and ``edges[-1]``.
+    """Counts of finite values in the bins between ``edges`` (numpy's convention: [e0, e1), ..., and the
+    last bin closed [e(k-1), ek]). Equal bins over the tensor's own range, or edges fixed by the caller;
+    finite values outside fixed edges are counted in ``under`` and ``over``, NaN and Inf never.
 
-    ``sampled`` is how many elements were binned: all finite elements of small tensors, an evenly
-    strided sample (less any non-finite elements) of large ones."""
+    ``sampled`` is how many finite values were binned (``counts.sum() + under + over``): all finite elements
+    of small tensors, an evenly strided sample (less any non-finite elements) of large ones."""
 
     counts: np.ndarray
     edges: np.ndarray
     sampled: int
     numel: int
+    under: int = 0
+    over: int = 0
+
+    def merge(self, other: Histogram) -> Histogram:
+        """The histogram of both together; only defined when the two share their edges."""
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError(
+                f"cannot merge histograms with different edges ({_describe(self.edges)} and "
+                f"{_describe(other.edges)}); bin both on the same fixed edges to make them mergeable"
+            )
+        return Histogram(counts=self.counts + other.counts, edges=self.edges, sampled=self.sampled + other.sampled,
+                         numel=self.numel + other.numel, under=self.under + other.under, over=self.over + other.over)
+
+
+def _describe(edges: np.ndarray) -> str:
+    return f"{len(edges) - 1} bins over [{edges[0]:.6g}, {edges[-1]:.6g}]" if len(edges) else "no edges"
 
 
 def _to_float(t: torch.Tensor) -> torch.Tensor | None:
@@ -67,23 +138,26 @@ def _range(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact summaries of each row of ``m`` [k, n] (all values finite): a [k, 10] float64 vector per
+    """Exact summaries of each row of ``m`` [k, n] (all values finite): a [k, 12] float64 vector per
     row in the order of _FIELDS, and [k, bins] histogram counts. ``span`` = (min, max) [k] tensors
     sets the histogram range instead of the rows' own range."""
     k, n = m.shape
     mn, mx = torch.aminmax(m, dim=1) if span is None else span
-    mean = m.sum(1).double() / n
-    sumsq = (m * m).sum(1).double()
-    std = (sumsq / n - mean * mean).clamp_min(0).sqrt()
-    zeros = (m == 0).sum(1).double() / n
+    shift = m.sum(1) / n  # each row's mean, rounded to its dtype: summing around it, nothing cancels
+    centred = m - shift[:, None]
+    total = centred.sum(1).double()  # what the rounding of the mean left over
+    mean = shift.double() + total / n
+    m2 = (centred.square_().sum(1).double() - total * total / n).clamp_min_(0)
+    zeros = (m == 0).sum(1).double()
     lo, hi = _range(mn, mx)
     scale = bins / (hi - lo)
     idx = ((m - lo[:, None]) * scale[:, None]).long().clamp_(0, bins - 1)
     idx += torch.arange(0, k * bins, bins, device=m.device)[:, None]
     counts = torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins)
-    none = torch.zeros_like(mean)
-    vec = torch.stack([mean, std, mn.double(), mx.double(), zeros, none, none, lo.double(), hi.double(),
-                       none + n], dim=1)
+    none = torch.zeros_like(m2)
+    size = none + n
+    vec = torch.stack([size, mean, m2, mn.double(), mx.double(), zeros, size, none, none,
+                       lo.double(), hi.double(), size], dim=1)
     return vec, counts
 
 
@@ -94,10 +168,43 @@ def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Te
         vec, counts = _rows(finite[None], bins)
         vec, counts = vec[0].clone(), counts[0]
     else:
-        vec = torch.tensor([0, 0, 0, 0, 0, 0, 0, -0.5, 0.5, 0], dtype=torch.float64, device=x.device)
+        vec = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, -0.5, 0.5, 0], dtype=torch.float64, device=x.device)
         counts = torch.zeros(bins, dtype=torch.long, device=x.device)
-    vec[5], vec[6] = torch.isnan(x).sum(), torch.isinf(x).sum()
+    vec[7], vec[8] = torch.isnan(x).sum(), torch.isinf(x).sum()
     return vec, counts
+
+
+def _check_edges(edges) -> np.ndarray:
+    """A read-only float64 copy of histogram edges, after checking they are usable."""
+    e = np.array(edges.cpu() if isinstance(edges, torch.Tensor) else edges, dtype=np.float64)
+    if e.ndim != 1 or len(e) < 2 or not np.isfinite(e).all() or not (np.diff(e) > 0).all():
+        raise ValueError(f"histogram edges must be a 1-D increasing, finite sequence of two or more, got {edges!r}")
+    e.flags.writeable = False
+    return e
+
+
+def _thresholds(edges: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Boundaries in the values' own dtype such that the number of boundaries below a value x is:
+    0 for -Inf, 1 for x < e0 (under), 2 + j for x in bin j, k + 2 for x > ek (over), k + 3 for +Inf;
+    NaN lands on 0 or k + 3 (either end). Exact against the float64 edges: x >= e holds exactly when
+    x > (the largest value of the dtype below the smallest value of the dtype >= e)."""
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    inf = kind(np.inf)
+    with np.errstate(over="ignore"):  # edges beyond float32's range round to +-Inf, and step back from it
+        rounded = edges.astype(kind)
+        up = np.where(rounded < edges, np.nextafter(rounded, inf), rounded)  # smallest value >= each edge
+        last = rounded[-1] if rounded[-1] <= edges[-1] else np.nextafter(rounded[-1], -inf)  # largest <= ek
+        below = np.nextafter(up[:-1], -inf)
+    return np.concatenate([[-inf], below, [last, np.finfo(kind).max]]).astype(kind)
+
+
+def _bin(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Counts [k + 4] of ``values`` against _thresholds: -Inf/NaN, under, the k bins, over, +Inf/NaN."""
+    idx = torch.bucketize(values.contiguous(), bounds)  # how many bounds lie strictly below each value
+    if idx.device.type == "cpu":
+        return torch.bincount(idx.reshape(-1), minlength=len(bounds) + 1)
+    counts = torch.zeros(len(bounds) + 1, dtype=torch.long, device=idx.device)  # no sync, unlike bincount
+    return counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
@@ -130,16 +237,20 @@ class StatsBatch:
 
     def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192):
         self.bins, self.small, self.budget, self.sample_size = bins, small, budget, sample_size
-        self._slots: list = []  # per add: None, or [numel, exact, vec, row, counts]
+        self._slots: list = []  # per add: None, or [numel, vec, row, counts, fixed-edges counts or None]
         self._groups: dict[tuple, _Group] = {}
+        self._edges: dict[int, tuple] = {}  # id(edges) -> (edges, checked copy, {(device, dtype): bounds})
 
-    def add(self, t: torch.Tensor) -> int:
+    def add(self, t: torch.Tensor, edges=None) -> int:
+        """Queue ``t`` for summary; returns its slot in ``results()``. With ``edges`` (increasing float64
+        edges), its histogram uses exactly those edges instead of equal bins over its own range."""
         slot = len(self._slots)
         x = _to_float(t)
         if x is None:
             self._slots.append(None)
         elif x.numel() <= self.small:
-            self._slots.append([x.numel(), True, None, None, None])
+            fixed = None if edges is None else self._fixed(x.reshape(-1), edges)
+            self._slots.append([x.numel(), None, None, None, fixed])
             key = (x.device, x.dtype, x.numel())
             group = self._groups.get(key)
             if group is None:
@@ -149,8 +260,19 @@ class StatsBatch:
             if group.full():
                 self._summarise(self._groups.pop(key))
         else:
-            self._slots.append(self._summarise_large(x))
+            self._slots.append(self._summarise_large(x, edges))
         return slot
+
+    def _fixed(self, values: torch.Tensor, edges) -> tuple[torch.Tensor, np.ndarray]:
+        """Counts of ``values`` on fixed edges (on the device, see _bin), and the edges as float64."""
+        known = self._edges.get(id(edges))
+        if known is None or known[0] is not edges:  # keeping ``edges`` referenced keeps its id unique
+            known = self._edges[id(edges)] = (edges, _check_edges(edges), {})
+        bounds = known[2].get((values.device, values.dtype))
+        if bounds is None:
+            bounds = torch.from_numpy(_thresholds(known[1], values.dtype)).to(values.device)
+            known[2][values.device, values.dtype] = bounds
+        return _bin(values, bounds), known[1]
 
     def _summarise(self, group: _Group) -> None:
         m = group.buffer[: len(group.slots)]
@@ -161,34 +283,69 @@ class StatsBatch:
             rows = m if len(good) == len(finite) else m[good]
             vec, counts = _rows(rows, self.bins, None if len(good) < len(finite) else (mn, mx))
             for row, i in enumerate(good):
-                self._slots[group.slots[i]][2:] = [vec, row, counts]
+                self._slots[group.slots[i]][1:4] = [vec, row, counts]
         for i, ok in enumerate(finite):
             if not ok:
                 vec, counts = _with_non_finite(m[i], self.bins)
-                self._slots[group.slots[i]][2:] = [vec, None, counts]
+                self._slots[group.slots[i]][1:4] = [vec, None, counts]
 
-    def _summarise_large(self, x: torch.Tensor) -> list:
-        """Three passes over the tensor (aminmax, sum, dot) and a few small ops on a strided sample."""
+    def _passes(self, flat: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """The three passes (aminmax, sum, dot) and the zeros of an evenly strided sample, copied to the
+        CPU at once (NaN/Inf show up in the range); and the sample."""
+        step = max(1, flat.numel() // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
+        sample = flat[::step][: self.sample_size]
+        sums = [*torch.aminmax(flat), flat.sum(), norm(flat), (sample == 0).sum()]
+        return torch.stack([v.double() for v in sums]).tolist(), sample
+
+    def _summarise_large(self, x: torch.Tensor, edges) -> list:
+        """Three passes over the tensor (aminmax, sum, dot; two more, rarely, see below) and a few small ops
+        on a strided sample; one copy to the CPU."""
         n = x.numel()
         flat = x.reshape(-1)
-        lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # one copy to the CPU; NaN/Inf show up in it
+        (lo, hi, total, root, zeros), sample = self._passes(flat)
         nan = inf = 0
         if not (math.isfinite(lo) and math.isfinite(hi)):  # the rare, slower path
             nan, inf = torch.stack([torch.isnan(flat).sum(), torch.isinf(flat).sum()]).tolist()
             flat = flat[torch.isfinite(flat)]
             if flat.numel() == 0:
-                vec, counts = _with_non_finite(x.reshape(-1)[:1], self.bins)
-                vec[5], vec[6] = nan, inf
-                return [n, True, vec, None, counts]
-            lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+                known = dict(count=0, mean=0.0, m2=0.0, min=0.0, max=0.0, zeros=0, checked=0, nan_count=nan,
+                             inf_count=inf, lo=-0.5, hi=0.5, binned=0)
+                counts = torch.zeros(self.bins, dtype=torch.long, device=x.device)
+                return [n, None, known, counts, None if edges is None else self._fixed(flat, edges)]
+            (lo, hi, total, root, zeros), sample = self._passes(flat)
         m = flat.numel()
-        step = max(1, m // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
-        sample = flat[::step][: self.sample_size]
+        shift, squares = 0.0, root * root
+        if 0 < squares < math.inf and math.isfinite(total) and squares - total * total / m <= squares / 4:
+            # Most of the sum of squares is the mean's (a mean above about 1.7 std, or a constant): its
+            # rounding would swamp M2. Sum again around the mean rounded to the dtype, for such tensors only.
+            shift = torch.tensor(total / m, dtype=flat.dtype).item()
+        if shift:
+            shifted = flat - shift
+            total, root = torch.stack([shifted.sum().double(), norm(shifted)]).tolist()
+            squares = root * root
         left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-        counts = torch.histc(sample, self.bins, left, right)
-        sums = torch.stack([flat.sum().double(), norm(flat) ** 2, (sample == 0).sum().double()])
-        known = dict(n=m, min=lo, max=hi, nan=nan, inf=inf, lo=left, hi=right, binned=sample.numel())
-        return [n, m <= self.sample_size, sums, known, counts]
+        if edges is None:
+            counts, fixed = torch.histc(sample, self.bins, left, right), None
+        else:
+            counts, fixed = None, self._fixed(sample, edges)
+        known = dict(count=m, mean=shift + total / m, m2=max(squares - total * total / m, 0.0), min=lo, max=hi,
+                     zeros=zeros, checked=sample.numel(), nan_count=nan, inf_count=inf, lo=left, hi=right,
+                     binned=sample.numel())
+        return [n, None, known, counts, fixed]
+
+    def _fixed_on_cpu(self) -> dict[int, np.ndarray]:
+        """Every fixed-edges histogram on the CPU, one copy per device: {slot index: counts}."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, slot in enumerate(self._slots):
+            if slot is not None and slot[4] is not None:
+                by_device.setdefault(slot[4][0].device, []).append(i)
+        out = {}
+        for slots in by_device.values():
+            parts = [self._slots[i][4][0] for i in slots]
+            host = torch.cat(parts).cpu().numpy().astype(np.int64)
+            for i, piece in zip(slots, np.split(host, np.cumsum([len(p) for p in parts[:-1]]))):
+                out[i] = piece
+        return out
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
         """Move every summary to the CPU (one copy per buffer) and build the records."""
@@ -196,6 +353,7 @@ class StatsBatch:
             self._summarise(group)
         self._groups.clear()
         on_cpu: dict[int, np.ndarray] = {}
+        fixed_counts = self._fixed_on_cpu()
 
         def cpu(t: torch.Tensor, row: int | None) -> np.ndarray:
             if id(t) not in on_cpu:
@@ -203,24 +361,25 @@ class StatsBatch:
             return on_cpu[id(t)] if row is None else on_cpu[id(t)][row]
 
         out = []
-        for slot in self._slots:
+        for i, slot in enumerate(self._slots):
             if slot is None:
                 out.append(None)
                 continue
-            numel, exact, vec, row, counts = slot
-            if isinstance(row, dict):  # a large tensor: sums on the device, the rest known already
-                f, (total, sumsq, zeros) = row, cpu(vec, None).tolist()
-                mean = total / f["n"]
-                f.update(mean=mean, std=math.sqrt(max(sumsq / f["n"] - mean * mean, 0.0)),
-                         zero_fraction=zeros / f["binned"], nan_count=f["nan"], inf_count=f["inf"])
-                row = None
+            numel, vec, row, counts, fixed = slot
+            if isinstance(row, dict):  # a large tensor: all known already but the histogram
+                f, row = row, None
             else:
                 f = dict(zip(_FIELDS, cpu(vec, row).tolist()))
-            stats = TensorStats(numel=numel, mean=f["mean"], std=f["std"], min=f["min"], max=f["max"],
-                                zero_fraction=f["zero_fraction"], nan_count=int(f["nan_count"]),
-                                inf_count=int(f["inf_count"]), exact=exact)
-            edges = np.linspace(f["lo"], f["hi"], self.bins + 1)
-            hist = Histogram(counts=cpu(counts, row).astype(np.int64), edges=edges, sampled=int(f["binned"]),
-                             numel=numel)
+            stats = TensorStats(numel=numel, count=int(f["count"]), mean=f["mean"], m2=f["m2"], min=f["min"],
+                                max=f["max"], zeros=int(f["zeros"]), checked=int(f["checked"]),
+                                nan_count=int(f["nan_count"]), inf_count=int(f["inf_count"]))
+            if fixed is None:
+                edges = np.linspace(f["lo"], f["hi"], self.bins + 1)
+                hist = Histogram(counts=cpu(counts, row).astype(np.int64), edges=edges, sampled=int(f["binned"]),
+                                 numel=numel)
+            else:
+                c = fixed_counts[i]  # -Inf/NaN, under, the bins, over, +Inf/NaN
+                hist = Histogram(counts=c[2:-2], edges=fixed[1], sampled=int(c[1:-1].sum()), numel=numel,
+                                 under=int(c[1]), over=int(c[-2]))
             out.append((stats, hist))
         return out
