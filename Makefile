@@ -4,17 +4,40 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.layerscope-installed
+DEMO_STAMP := $(VENV)/.layerscope-demo-installed
+DEMO_NOTEBOOK := 01_squeezenet_tour.ipynb
+# Extra JupyterLab flags for `make demo`, e.g. `make demo JUPYTER_ARGS="--port 9999"`.
+JUPYTER_ARGS ?=
+# Jupyter refuses to run as root without --allow-root. Without a display on Linux there is no browser to
+# open (and Jupyter could start a text browser in the terminal instead), so it only prints the URL.
+DEMO_FLAGS := $(strip $(if $(filter 0,$(shell id -u)),--allow-root) \
+  $(if $(filter Linux,$(shell uname -s)),$(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser)))
 
 .PHONY: demo test lint bench chromium
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
-	touch $(STAMP)
+# $(call install,EXTRA): the venv (made again if it has no pip, e.g. after a failed first try without
+# python3-venv) with layerscope and the given extra, pinned by constraints.txt.
+define install
+test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+$(PY) -m pip install -q --upgrade pip
+$(PY) -m pip install -q -c constraints.txt -e ".[$(1)]"
+endef
 
-demo: $(STAMP)
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 notebooks/01_squeezenet_tour.ipynb
+# Everything: the bench extra includes test, which includes demo.
+$(STAMP): pyproject.toml constraints.txt
+	$(call install,bench)
+	touch $@
+
+# Only what the demo needs. An up-to-date full install already has it, so then nothing is installed.
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	$(if $(shell [ $(STAMP) -nt pyproject.toml ] && [ $(STAMP) -nt constraints.txt ] && echo fresh),,$(call install,demo))
+	touch $@
+
+demo: $(DEMO_STAMP)
+	@echo "Starting JupyterLab with notebooks/$(DEMO_NOTEBOOK): open the http://127.0.0.1 URL it prints below."
+	@echo "Ctrl-C twice stops it."
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks \
+	  --LabApp.default_url=/lab/tree/$(DEMO_NOTEBOOK) $(DEMO_FLAGS) $(JUPYTER_ARGS) notebooks/$(DEMO_NOTEBOOK)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks notebooks
