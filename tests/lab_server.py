@@ -18,11 +18,46 @@ from pathlib import Path
 
 import psutil
 
+JUPYTER_DIRS = ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR",
+                "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own browser download does not work offline
+# without the networking flags Chromium tries the network
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_lab_settings(settings_dir: Path, extra: dict[str, dict] | None = None) -> None:
+    """JupyterLab user settings for tests; ``extra`` adds files (name relative to the settings dir: value)."""
+    files = {
+        # no "get Jupyter news?" toast over the widgets
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
+            {"fetchNews": "false", "checkForUpdates": False},
+        # every cell stays in the DOM (no virtual scrolling), so locators find every inspector
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        **(extra or {}),
+    }
+    for name, value in files.items():
+        path = settings_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+
+def jupyter_env(base: Path, settings: dict[str, dict] | None = None) -> dict[str, str]:
+    """``os.environ`` with every Jupyter directory in a new folder under ``base`` and the lab settings written
+    (plus ``settings``, as in ``write_lab_settings``)."""
+    env = dict(os.environ)
+    for var in JUPYTER_DIRS:
+        path = base / var.lower()
+        path.mkdir(parents=True, exist_ok=True)
+        env[var] = str(path)
+    write_lab_settings(Path(env["JUPYTERLAB_SETTINGS_DIR"]), settings)
+    return env
 
 
 class JupyterServer:
@@ -35,32 +70,13 @@ class JupyterServer:
         self.process: subprocess.Popen | None = None
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for var in ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR",
-                    "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR"):
-            path = self.base / var.lower()
-            path.mkdir(parents=True, exist_ok=True)
-            env[var] = str(path)
+        env = jupyter_env(self.base)
         env["MPLBACKEND"] = "Agg"
         return env
-
-    def _settings(self, settings_dir: Path) -> None:
-        files = {
-            # no "get Jupyter news?" toast over the widgets
-            "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-                {"fetchNews": "false", "checkForUpdates": False},
-            # every cell stays in the DOM (no virtual scrolling), so locators find every inspector
-            "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-        }
-        for name, value in files.items():
-            path = settings_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(value))
 
     def start(self, timeout: float = 60) -> JupyterServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = self._env()
-        self._settings(Path(env["JUPYTERLAB_SETTINGS_DIR"]))
         cmd = [
             sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
             "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
