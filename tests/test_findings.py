@@ -330,7 +330,7 @@ def test_summed_softmax_is_a_flat_loss_not_vanishing_gradients():
     assert [(f.kind, f.module) for f in cap.findings] == [("flat_loss", "1")]
     assert cap.findings[0].details["largest_inner_grad"] < 1e-4 * math.sqrt(8 * 4)
     with_target = capture(model, x, target=torch.arange(8) % 4)
-    assert with_target.findings == []
+    assert with_target.findings == ()
 
 
 def test_thresholds_can_be_overridden():
@@ -442,7 +442,7 @@ def test_healthy_torchvision_models_have_no_error_or_warning(factory, target):
     cap = capture(model, torch.randn(2, 3, 64, 64), target=target)
     assert cap.error is None and cap.backward
     assert [(f.kind, f.module, f.message) for f in cap.findings if f.severity != "info"] == []
-    assert cap.findings == []  # eval mode, nothing frozen or unused either
+    assert cap.findings == ()  # eval mode, nothing frozen or unused either
     relus = [c for _, c in cap.calls if c.units]
     assert relus and max(c.dead_units / c.units for c in relus) < 0.9  # up to about half is usual at random init
 

@@ -19,6 +19,7 @@ from torchvision.models import squeezenet1_1
 import layerscope
 from layerscope import plots
 from layerscope.core import cam as core_cam
+from layerscope.core.records import human
 from layerscope.widget import ModelInspector, text
 from layerscope.widget.inspector import ACTIVATIONS, EXPLAIN, FEATURE_MAPS, FINDINGS, GRADIENTS, SUMMARY
 from layerscope.widget.tree import FIELDS, TreeWidget
@@ -62,8 +63,8 @@ class Evil(nn.Module):
 
 def test_counts_in_the_header_and_the_tree():
     assert [text.count(n) for n in (0, 9280, 1235496)] == ["0", "9,280", "1,235,496"]
-    assert [text.human(n) for n in (0, 950, 999, 9280, 11_400, 999_949, 999_950, 1_235_496, 3 * 10**9)] == \
-        ["0", "950", "999", "9.3K", "11.4K", "999.9K", "1.0M", "1.2M", "3.0B"]
+    assert [human(n) for n in (0, 950, 999, 9280, 11_400, 999_499, 999_500, 1_235_496, 3 * 10**9, 2e5, 12.5)] == \
+        ["0", "950", "999", "9.28K", "11.4K", "999K", "1.00M", "1.24M", "3.00B", "200K", "12.5"]
 
 
 def test_tree_rows_hold_every_module_in_order(squeezenet):
@@ -75,12 +76,12 @@ def test_tree_rows_hold_every_module_in_order(squeezenet):
     for r in rows:
         module = model.get_submodule(r["name"])
         assert r["type"] == type(module).__name__
-        assert r["params"] == text.human(sum(p.numel() for p in module.parameters()))
+        assert r["params"] == human(sum(p.numel() for p in module.parameters()))
         assert r["label"] == (r["name"].rpartition(".")[2] if r["name"] else text.ROOT_LABEL)
         parent = r["name"].rpartition(".")[0] if r["name"] else None
         assert r["parent"] == (-1 if parent is None else names.index(parent))
         assert r["called"] is True  # SqueezeNet calls every module
-    assert inspector.tree.rows[names.index("features.3.expand3x3")][3] == "9.3K"  # 16*64*9 + 64 = 9280
+    assert inspector.tree.rows[names.index("features.3.expand3x3")][3] == "9.28K"  # 16*64*9 + 64 = 9280
     assert inspector.tree.expanded == [""]  # the model is open: its top-level blocks show at once
     assert inspector.tree.selected == inspector.selected == ""
 
@@ -165,8 +166,8 @@ def test_feature_map_pages_are_the_module_output(squeezenet):
     with torch.no_grad():
         model(batch)
     handle.remove()
-    torch.testing.assert_close(inspector._channels("features.3.expand3x3", 0, 1, 1), seen[0][1, 16:32])
-    torch.testing.assert_close(inspector._channels("features.3.expand3x3", 0, 0, 0),
+    torch.testing.assert_close(inspector._rerun.feature_maps("features.3.expand3x3", 0, 1, 1), seen[0][1, 16:32])
+    torch.testing.assert_close(inspector._rerun.feature_maps("features.3.expand3x3", 0, 0, 0),
                                inspector.capture["features.3.expand3x3"].calls[0].feature_maps)
     inspector._page(5)  # clamped to the last page
     assert "channels 48–63 of 64" in inspector._fm_note.value and inspector._fm_next.disabled
@@ -347,3 +348,37 @@ def test_repr_close_and_lazy_export(squeezenet):
     inspector.close()
     assert inspector.comm is None and all(w.comm is None for w in parts)
     assert math.isfinite(inspector.capture.loss)
+
+
+def test_a_loaded_capture_draws_every_panel_records_can_draw(squeezenet, tmp_path):
+    model, batch = squeezenet
+    live = layerscope.capture(model, batch)
+    live.summary()
+    path = tmp_path / "squeezenet.lsc"
+    live.save(path)
+    inspector = on_page(ModelInspector(layerscope.load(path)))
+    assert repr(inspector) == "ModelInspector(loaded capture, 68 modules, selected='')"
+    assert inspector.tree.rows == tree_rows_of(live)
+    inspector.select("features.3.expand3x3")
+    assert "(2, 64, 15, 15)" in inspector._header.value and inspector._hist.value[:4] == b"\x89PNG"
+    s = live["features.3.expand3x3"].calls[0].stats
+    assert f"{s.mean:.6g}" in inspector._stats.value
+    inspector._tabs.selected_index = FEATURE_MAPS
+    assert inspector._fm_image.value[:4] == b"\x89PNG" and inspector._fm_image.layout.display is None
+    inspector._page(1)  # past the stored sample: one sentence, no failure
+    assert "need the model" in inspector._fm_note.value and inspector._fm_image.layout.display == "none"
+    inspector._tabs.selected_index = GRADIENTS
+    grads = live["features.3.expand3x3"].param_grad_norms
+    assert f"{grads['weight']:.4g}" in inspector._grad_text.value and inspector._grad_image.value[:4] == b"\x89PNG"
+    inspector._tabs.selected_index = EXPLAIN
+    assert "no model to run" in inspector._ex_note.value and inspector._ex_image.layout.display == "none"
+    inspector._tabs.selected_index = SUMMARY
+    assert html.escape(live.summary()) in inspector._summary.value
+    with pytest.raises(ValueError, match="needs a model"):
+        inspector.refresh()
+
+
+def tree_rows_of(cap):
+    from layerscope.widget.tree import tree_rows
+
+    return tree_rows(cap)

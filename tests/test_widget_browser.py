@@ -414,3 +414,51 @@ def test_squeezenet_tour_notebook_in_jupyterlab(server, browser):
     inspector.screenshot(path=ARTIFACTS / "lab-tour-notebook.png")
     assert monitor.problems == []
     page.context.close()
+
+
+LOADED_CELLS = (
+    "from layerscope import ModelInspector, load\n",
+    "ModelInspector(load('squeezenet.lsc'))\n",
+    "ModelInspector(load('evil.lsc'))\n",
+)
+
+
+def test_inspector_on_loaded_captures_in_jupyterlab(server, browser):
+    """Captures saved in this process and opened in the notebook's kernel: no model there, the records draw."""
+    import layerscope
+    from layerscope.core.records import human
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    model, params, out_shape, names = expected_for_squeezenet()
+    cap = layerscope.capture(model, torch.randn(1, 3, 224, 224))
+    cap.save(server.root / "squeezenet.lsc")
+    namespace: dict = {}
+    exec(SETUP.format(evil=EVIL), namespace)  # the same Evil model as the live test, built here
+    layerscope.capture(namespace["Evil"](), torch.randn(2, 4)).save(server.root / "evil.lsc")
+    (server.root / "loaded.ipynb").write_text(notebook(*LOADED_CELLS))
+    page, monitor = open_and_run(browser, server, "lab/tree/loaded.ipynb")
+
+    squeeze = inspector_with(page, "classifier")
+    expect(row(squeeze, "classifier").locator(".ls-params")).to_have_text(human(cap["classifier"].num_params))
+    row(squeeze, "features").locator(".ls-toggle").click()
+    row(squeeze, "features.3").locator(".ls-toggle").click()
+    row(squeeze, "features.3.expand3x3").click()
+    header = squeeze.locator(".ls-header")
+    expect(header).to_contain_text(f"total {params:,}")
+    expect(header).to_contain_text(f"→ {out_shape}")
+    visible_image(squeeze, "ls-histogram")
+    expect(squeeze.locator(".ls-stats")).to_contain_text(f"{cap['features.3.expand3x3'].calls[0].stats.mean:.6g}")
+    tab(squeeze, "Feature maps").click()
+    visible_image(squeeze, "ls-feature-maps")
+    tab(squeeze, "Gradients").click()
+    visible_image(squeeze, "ls-gradient-flow")
+    tab(squeeze, "Explain").click()
+    expect(squeeze).to_contain_text("no model to run")
+    squeeze.screenshot(path=ARTIFACTS / "lab-loaded.png")
+
+    loaded_evil = inspector_with(page, "blocks")
+    row(loaded_evil, "blocks").locator(".ls-toggle").click()
+    expect(loaded_evil.locator(".ls-row").nth(2).locator(".ls-label")).to_have_text(EVIL)
+    assert page.locator('img[src="x"]').count() == 0
+    assert monitor.problems == []
+    page.context.close()

@@ -6,14 +6,19 @@ from .core import (
     Capture,
     CaptureError,
     Finding,
+    FormatError,
     Histogram,
+    InputRecord,
     ModuleReport,
+    ParamRecord,
     TensorStats,
     attention_maps,
     attention_rollout,
     capture,
     grad_cam,
+    load,
 )
+from .core import find as findings
 
 __version__ = "0.1.0"
 
@@ -23,13 +28,18 @@ __all__ = [
     "Capture",
     "CaptureError",
     "Finding",
+    "FormatError",
     "Histogram",
+    "InputRecord",
     "ModuleReport",
+    "ParamRecord",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
     "capture",
+    "findings",
     "grad_cam",
+    "load",
     "ModelInspector",
 ]
 

@@ -2,11 +2,12 @@
 
 from .attention import attention_maps, attention_rollout
 from .cam import CAMResult, grad_cam
-from .capture import CallRecord, Capture, ModuleReport, capture
-from .diagnose import CaptureError
-from .findings import Finding
+from .capture import capture
+from .findings import find
 from .hooks import HookSession
+from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
 from .stats import Histogram, TensorStats
+from .store import FormatError, load
 
 __all__ = [
     "CAMResult",
@@ -14,12 +15,17 @@ __all__ = [
     "Capture",
     "CaptureError",
     "Finding",
+    "FormatError",
     "Histogram",
     "HookSession",
+    "InputRecord",
     "ModuleReport",
+    "ParamRecord",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
     "capture",
+    "find",
     "grad_cam",
+    "load",
 ]

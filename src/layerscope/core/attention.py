@@ -13,6 +13,7 @@ from torch import nn
 
 from .hooks import HookSession
 from .nested import call_model
+from .records import call_key
 
 
 def _per_head(weights: torch.Tensor) -> torch.Tensor:
@@ -66,11 +67,10 @@ class _Recorder:
         self.asked: dict[str, list[dict[str, Any]]] = {}  # per nn.MultiheadAttention: what each call asked
 
     def add(self, name: str, weights: torch.Tensor) -> None:
-        key, calls = name, 1
-        while key in self.maps:
-            calls += 1
-            key = f"{name} (call {calls})"
-        self.maps[key] = weights.detach()
+        call = 0
+        while call_key(name, call) in self.maps:
+            call += 1
+        self.maps[call_key(name, call)] = weights.detach()
 
     def enter(self, name: str, module: nn.Module):
         flags = _takes_weight_flags(module)

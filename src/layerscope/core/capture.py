@@ -3,104 +3,36 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import gc
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose
-from .diagnose import CaptureError
+from . import diagnose, traits
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
-from .stats import Histogram, StatsBatch, TensorStats, norm
+from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
+from .stats import StatsBatch, norm
 from .tree import module_tree
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
-_RELU_FAMILY = (nn.ReLU, nn.ReLU6)
 
 
-@dataclass(frozen=True, eq=False)
-class CallRecord:
-    """One invocation of a module. Statistics describe its first floating-point output tensor."""
-
-    index: int  # position among all calls of the pass, in the order they returned
-    input_shapes: Any
-    output_shapes: Any
-    input_dtypes: tuple[str, ...]
-    output_dtypes: tuple[str, ...]
-    input_devices: tuple[str, ...]
-    output_devices: tuple[str, ...]
-    stats: TensorStats | None
-    histogram: Histogram | None
-    grad_output_norm: float | None = None
-    dead_units: int | None = None  # ReLU/ReLU6 only: channels (dim 1) that are zero for every item
-    units: int | None = None  # how many channels dead_units is out of
-    feature_maps: torch.Tensor | None = field(default=None, repr=False)  # [C<=16, H<=64, W<=64], CPU
-
-
-@dataclass(frozen=True, eq=False)
-class ModuleReport:
-    name: str
-    type_name: str
-    depth: int
-    children: tuple[str, ...]
-    num_params: int
-    num_own_params: int
-    num_trainable: int
-    devices: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    calls: tuple[CallRecord, ...] = ()
-    param_grad_norms: Mapping[str, float | None] = field(default_factory=dict)
-    param_norms: Mapping[str, float | None] = field(default_factory=dict)  # own parameters; filled with backward
-
-    @property
-    def called(self) -> bool:
-        return bool(self.calls)
-
-
-@dataclass(frozen=True, eq=False)
-class Capture:
-    """Everything one pass recorded, keyed by ``named_modules()`` names (the root is "")."""
-
-    modules: Mapping[str, ModuleReport]
-    total_params: int
-    trainable_params: int
-    output: Any = field(repr=False)
-    loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
-    backward: bool  # True when gradients were computed
-    error: CaptureError | None
-    findings: list = field(default_factory=list)
-    model: nn.Module | None = field(default=None, repr=False)
-    batch: Any = field(default=None, repr=False)
-
-    def __getitem__(self, name: str) -> ModuleReport:
-        return self.modules[name]
-
-    @property
-    def calls(self) -> list[tuple[str, CallRecord]]:
-        """Every call of the pass as (module name, record), in the order the calls returned."""
-        pairs = [(name, c) for name, report in self.modules.items() for c in report.calls]
-        return sorted(pairs, key=lambda pair: pair[1].index)
-
-    @functools.cached_property
-    def _summary(self) -> str:
-        from .summary import summary
-
-        return summary(self.model, self.batch)
-
-    def summary(self) -> str:
-        """The torchinfo table for the same model and batch (computed once, on first use)."""
-        return self._summary
+def pool_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Feature maps [C, H, W] averaged down to at most FEATURE_SIZE x FEATURE_SIZE (a float copy either way)."""
+    if maps.shape[-2] > FEATURE_SIZE or maps.shape[-1] > FEATURE_SIZE:
+        size = (min(maps.shape[-2], FEATURE_SIZE), min(maps.shape[-1], FEATURE_SIZE))
+        return F.adaptive_avg_pool2d(maps.float(), size)
+    return maps.float().clone() if maps.dtype == torch.float32 else maps.float()
 
 
 def _check_arguments(model: Any, batch: Any) -> None:
@@ -115,6 +47,31 @@ def _check_arguments(model: Any, batch: Any) -> None:
         )
 
 
+def _edges(value: Any, what: str) -> np.ndarray:
+    edges = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
+    if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or not (np.diff(edges) > 0).all():
+        raise ValueError(f"{what} must be increasing, finite histogram edges (at least two), got {value!r}")
+    return edges
+
+
+def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
+    """``bins`` as (equal bins per tensor, fixed edges by module name or None).
+
+    An int: that many equal bins over each output's own range. A sequence of edges: those edges for every
+    module. A mapping {module name: edges}: those edges for the modules named, 64 equal bins elsewhere."""
+    if isinstance(bins, bool):
+        raise TypeError("bins must be a number of bins, a sequence of edges, or a mapping of module names to edges")
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"bins must be a positive number, got {bins}")
+        return bins, lambda name: None
+    if isinstance(bins, Mapping):
+        fixed = {str(name): _edges(e, f"bins[{name!r}]") for name, e in bins.items()}
+        return 64, fixed.get
+    edges = _edges(bins, "bins")
+    return len(edges) - 1, lambda name: edges
+
+
 def _on_meta(model: nn.Module) -> bool:
     tensors = [*model.parameters(), *model.buffers()]
     return bool(tensors) and all(t.is_meta for t in tensors)
@@ -123,21 +80,24 @@ def _on_meta(model: nn.Module) -> bool:
 class _Recorder:
     """The forward hooks' state: what each call saw, with statistics deferred to a StatsBatch."""
 
-    def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool):
-        self.session, self.stats, self.grads, self.feature_maps = session, stats, grads, feature_maps
+    def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool,
+                 edges: Callable[[str], np.ndarray | None]):
+        self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
         self.calls: list[dict] = []
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot)
+        self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
 
     def hook_for(self, name: str, module: nn.Module) -> Callable:
-        dead_units = isinstance(module, _RELU_FAMILY)
+        dead_units = "relu" in traits.class_traits(module)
+        edges = self.edges(name)
 
         def hook(module, args, kwargs, output):
-            self._record(name, call_inputs(args, kwargs), output, dead_units)
+            self._record(name, call_inputs(args, kwargs), output, dead_units, edges)
 
         return hook
 
-    def _record(self, name: str, inputs: Any, output: Any, dead_units: bool) -> None:
+    def _record(self, name: str, inputs: Any, output: Any, dead_units: bool, edges) -> None:
         ins, outs = _tensors(inputs), _tensors(output)
         call = dict(
             name=name,
@@ -148,6 +108,7 @@ class _Recorder:
             output_dtypes=_unique(t.dtype for t in outs),
             input_devices=_unique(t.device for t in ins),
             output_devices=_unique(t.device for t in outs),
+            inputs=self._inputs(ins, outs),
             slot=None,
             fmap=None,
             grad=None,
@@ -157,15 +118,9 @@ class _Recorder:
         t = first_float_tensor(outs)
         if t is None:
             return
-        call["slot"] = self._slot(t)
+        call["slot"] = self._slot(t, edges)
         if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            fmap = t.detach()[0, :FEATURE_CHANNELS]
-            if fmap.shape[-2] > FEATURE_SIZE or fmap.shape[-1] > FEATURE_SIZE:
-                size = (min(fmap.shape[-2], FEATURE_SIZE), min(fmap.shape[-1], FEATURE_SIZE))
-                fmap = F.adaptive_avg_pool2d(fmap.float(), size)
-            else:
-                fmap = fmap.clone()
-            call["fmap"] = fmap
+            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
         if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
             dims = [d for d in range(t.dim()) if d != 1]
             call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
@@ -177,22 +132,56 @@ class _Recorder:
 
             self.session.add_tensor_hook(t, on_grad)
 
-    def _slot(self, t: torch.Tensor) -> int:
+    def _inputs(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list | None:
+        """How to tell whether a call's floating-point inputs were finite: the StatsBatch slots of inputs that
+        were summarised as they are (an earlier module's output), and deferred checks for the rest; None when
+        it cannot be told (an input the module changed in place, or a meta tensor)."""
+        known = []
+        for t in ins:
+            if not t.is_floating_point():
+                continue
+            if t.is_meta:
+                return None
+            seen = self.summarised.get(id(t))
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors keep no version counter
+                version = None
+            if seen is not None and seen[0]() is t and seen[1] == version:
+                known.append(("slot", seen[2]))
+            elif any(t is o for o in outs):
+                return None  # changed in place by the module: what it received is gone
+            else:
+                known.append(("check", len(self.checks)))
+                self.checks.append(torch.isfinite(t.detach()).all())
+        return known
+
+    def _slot(self, t: torch.Tensor, edges=None) -> int:
         """Summarise ``t``, unless this very tensor was summarised before and not changed in place since
         (containers and identities such as Dropout in eval pass on the tensor they got)."""
         try:
             version = t._version
         except RuntimeError:  # inference tensors keep no version counter
-            return self.stats.add(t)
+            return self.stats.add(t, edges)
         seen = self.summarised.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == version:
             return seen[2]
-        slot = self.stats.add(t)
+        slot = self.stats.add(t, edges)
         self.summarised[id(t)] = (weakref.ref(t), version, slot)
         return slot
 
-    def records(self) -> dict[str, list[CallRecord]]:
+    def records(self) -> tuple[dict[str, list[CallRecord]], list]:
+        """The call records by module, and the StatsBatch summaries (by slot)."""
         summaries = self.stats.results()
+        checks = torch.stack([c.cpu() for c in self.checks]).tolist() if self.checks else []
+
+        def finite(inputs: list | None) -> bool | None:
+            if inputs is None:
+                return None
+            flags = [summaries[i][0].finite if how == "slot" and summaries[i] else checks[i] if how == "check"
+                     else True for how, i in inputs]
+            return all(flags)
+
         by_module: dict[str, list[CallRecord]] = {}
         for c in self.calls:
             stats, hist = summaries[c["slot"]] if c["slot"] is not None and summaries[c["slot"]] else (None, None)
@@ -211,9 +200,11 @@ class _Recorder:
                     dead_units=None if c["dead"] is None else int(c["dead"]),
                     units=c.get("units"),
                     feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
+                    input_finite=finite(c["inputs"]),
+                    output_id=None if stats is None else c["slot"],
                 )
             )
-        return by_module
+        return by_module, summaries
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -223,6 +214,23 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _unique(items) -> tuple[str, ...]:
     """Sorted unique names of dtypes or devices ('float32', 'cpu')."""
     return tuple(sorted({str(item).removeprefix("torch.") for item in items}))
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def float_inputs(batch: Any) -> list[tuple[str, torch.Tensor]]:
+    """The batch's floating-point tensors, each with where it sits ("" for a lone tensor, "[0]", "['image']")."""
+    if isinstance(batch, torch.Tensor):
+        items = [("", batch)]
+    elif isinstance(batch, Mapping):
+        items = [(f"[{k!r}]", v) for k, v in batch.items()]
+    elif isinstance(batch, (tuple, list)):
+        items = [(f"[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        items = []
+    return [(where, t) for where, value in items for t in iter_tensors(value) if t.is_floating_point()]
 
 
 def class_indices(target: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -296,7 +304,7 @@ def capture(
     backward: bool = True,
     target: Any = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    bins: int = 64,
+    bins: Any = 64,
     feature_maps: bool = True,
     sample_size: int = 8192,
 ) -> Capture:
@@ -310,15 +318,18 @@ def capture(
     The model is left exactly as it was: hooks removed, training flags, ``requires_grad`` and ``.grad``
     restored, nothing moved. A model whose tensors are all on the meta device gets its batch's tensors
     mirrored on the meta device (shapes, no values, no memory) and no backward.
+
+    ``bins`` sets the histograms: a number of equal bins over each output's own range (64), a sequence
+    of edges used for every module, or a mapping {module name: edges} (64 equal bins for the others).
+    Fixed edges make histograms of different passes, steps or ranks mergeable (``Histogram.merge``).
     """
     _check_arguments(model, batch)
+    default_bins, edges = _bin_plan(bins)
     with _gc_paused():
-        return _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample_size)
+        return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size)
 
 
-def _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample_size) -> Capture:
-    if bins < 1:
-        raise ValueError(f"bins must be a positive number, got {bins}")
+def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
     tree = module_tree(model)
     names = {id(m): n for n, m in model.named_modules()}
     meta = _on_meta(model)
@@ -333,7 +344,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     with HookSession(model) as session:
-        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps)
+        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
+        inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
         for name, module in model.named_modules():
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
@@ -359,31 +371,50 @@ def _capture(model, batch, backward, target, loss_fn, bins, feature_maps, sample
                 error = diagnose.backward_error(exc, name, model.get_submodule(name))
         finally:
             session.remove()
-    records = recorder.records()
+    records, summaries = recorder.records()
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
-    with torch.no_grad():  # only a backward pass needs them (gradient-to-weight ratios): spare forward-only runs
-        param_norms = _norms({id(p): p for p in model.parameters()} if grads else {})
+    with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
+        param_norms = _norms({id(p): p for p in model.parameters()})
+    constant_sum = traits.sums_to_constant(model)
     modules = {}
-    for name, info in tree.items():
+    for (name, module), info in zip(model.named_modules(), tree.values()):
         own = info.pop("own")
+        found = traits.class_traits(module)
+        if name in constant_sum:
+            found = found | {"sums_to_constant"}
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
-            param_grad_norms=MappingProxyType({local: grad_norms.get(id(p)) for local, p in own}),
-            param_norms=MappingProxyType({local: param_norms.get(id(p)) for local, p in own}),
+            params=MappingProxyType({
+                local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                                   trainable=p.requires_grad, norm=param_norms.get(id(p)),
+                                   grad_norm=grad_norms.get(id(p)))
+                for local, p in own
+            }),
+            training=module.training,
+            traits=found,
+            bounds=traits.bounds(module),
         )
     unique = list(model.parameters())
+    out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
     cap = Capture(
         modules=MappingProxyType(modules),
         total_params=sum(p.numel() for p in unique),
         trainable_params=sum(p.numel() for p in unique if p.requires_grad),
-        output=None if output is None else map_tensors(output, lambda t: t.detach()),
         loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
         error=error,
+        inputs=tuple(
+            InputRecord(where=where, shape=tuple(t.shape), dtype=_dtype(t), device=str(t.device),
+                        stats=summaries[slot][0] if summaries[slot] else None)
+            for where, t, slot in inputs
+        ),
+        output_numel=sum(t.numel() for t in out_floats),
+        meta=meta,
+        output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,
     )
-    cap.findings.extend(find(cap))
-    return cap
+    return dataclasses.replace(cap, findings=tuple(find(cap)))
+

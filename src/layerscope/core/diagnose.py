@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .nested import iter_tensors
-
-
-@dataclass(frozen=True, eq=False)
-class CaptureError:
-    """What went wrong: the innermost module that was running, the phase, the original exception,
-    and one sentence that names the module and puts what it got next to what it expected."""
-
-    module: str
-    module_type: str
-    phase: str  # "forward" | "loss" | "backward"
-    exception: BaseException
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
+from .records import CaptureError
 
 
 def _shape(t: Any) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def label(name: str, module: nn.Module, detail: str = "") -> str:
+def label(name: str, type_name: str, detail: str = "") -> str:
     """'features.3.squeeze (Conv2d, in_channels=64)': how a module is named in messages."""
-    inner = type(module).__name__ + (f", {detail}" if detail else "")
+    inner = type_name + (f", {detail}" if detail else "")
     return f"{name or '<root>'} ({inner})"
 
 
@@ -95,6 +80,23 @@ def _detail(module: nn.Module) -> str:
     return ""
 
 
+def _error(name: str, module: nn.Module, phase: str, exc: BaseException, message: str,
+           received: torch.Tensor | None = None) -> CaptureError:
+    return CaptureError(
+        module=name,
+        module_type=type(module).__name__,
+        phase=phase,
+        message=message,
+        exception_type=type(exc).__name__,
+        exception_message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        received=None if received is None else {
+            "shape": list(received.shape), "dtype": str(received.dtype).removeprefix("torch."),
+            "device": str(received.device)},
+        exception=exc,
+    )
+
+
 def forward_error(exc: BaseException, names: Mapping[int, str], model: nn.Module) -> CaptureError:
     where = locate(exc, names)
     module, name, args = where if where else (model, "", ())
@@ -103,17 +105,17 @@ def forward_error(exc: BaseException, names: Mapping[int, str], model: nn.Module
     if what is None:
         got = f"failed on input of shape {_shape(first)}" if first is not None else "failed"
         what = f"{got}: {_first_line(exc)}"
-    message = f"{label(name, module, _detail(module))} {what}."
-    return CaptureError(name, type(module).__name__, "forward", exc, message)
+    message = f"{label(name, type(module).__name__, _detail(module))} {what}."
+    return _error(name, module, "forward", exc, message, first)
 
 
 def loss_error(exc: BaseException, model: nn.Module) -> CaptureError:
-    return CaptureError("", type(model).__name__, "loss", exc, f"The loss could not be computed: {_first_line(exc)}")
+    return _error("", model, "loss", exc, f"The loss could not be computed: {_first_line(exc)}")
 
 
 def backward_error(exc: BaseException, name: str, module: nn.Module) -> CaptureError:
-    message = f"Backward failed in {label(name, module)}: {_first_line(exc)}"
-    return CaptureError(name, type(module).__name__, "backward", exc, message)
+    message = f"Backward failed in {label(name, type(module).__name__)}: {_first_line(exc)}"
+    return _error(name, module, "backward", exc, message)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,72 +1,26 @@
-"""The debugging checklist, answered from one Capture: shapes, devices, dtypes, NaN/Inf, gradients,
+"""The debugging checklist, answered from one Capture's records: shapes, devices, dtypes, NaN/Inf, gradients,
 dead or saturated activations, frozen, unused or training-mode layers, the loss and the batch.
 
-Everything is read off what ``capture()`` recorded, plus a cheap look at the model's flags and at the
-batch's value range; no extra forward pass is run.
+Everything is read off the records ``capture()`` left (``Capture``, ``ModuleReport``, ``CallRecord``), never
+off the live model, so a capture loaded in another process gives the same findings.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import diagnose
-from .nested import iter_tensors
-
-if TYPE_CHECKING:
-    from .capture import CallRecord, Capture
+from .diagnose import label
+from .records import CallRecord, Capture, Finding
 
 SEVERITIES = ("error", "warning", "info")
 
-# Built-in layers that cannot turn finite inputs into NaN/Inf: when they output NaN/Inf, it came in with their input.
-_PASS_ON = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign, nn.Softplus, nn.LogSigmoid, nn.Softmax,
-    nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd, nn.PixelShuffle, nn.PixelUnshuffle,
-)
-# Built-in weighted layers: with finite weights they only make Inf/NaN by overflowing (values near 3e38).
-_AFFINE = (
-    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-    nn.Embedding,
-)
 _OVERFLOW_NEAR = 1e30
 _HUGE_GRAD = 1e12  # a finite gradient norm this large next to Inf ones: they overflowed, nothing else went wrong
-_SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardsigmoid: (0.0, 1.0)}
-_TRAIN_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-
-
-def _sums_to_constant(module: nn.Module) -> bool:
-    """Whether the module's outputs always add up to the same total: a softmax, or a layer/group norm whose
-    scale is one number for all channels (as at initialisation)."""
-    if isinstance(module, nn.Softmax):
-        return True
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-        weight = module.weight
-        return weight is None or weight.is_meta or bool((weight == weight.reshape(-1)[0]).all())
-    return False
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
-    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
-    plain sentence with the numbers that prove it, and those numbers in ``details``."""
-
-    kind: str
-    severity: str
-    module: str
-    message: str
-    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 def find(
@@ -123,23 +77,23 @@ class _Look:
 
     def __init__(self, cap: Capture):
         self.cap = cap
-        self.modules: dict[str, nn.Module] = dict(cap.model.named_modules())
+        self.modules = cap.modules
 
     def position(self, name: str) -> float:
         calls = self.cap[name].calls
         return calls[0].index if calls else math.inf
 
     def label(self, name: str) -> str:
-        return diagnose.label(name, self.modules[name])
+        return label(name, self.cap[name].type_name)
 
-    def parent(self, name: str) -> str | None:
-        return None if not name else name.rpartition(".")[0]
+    def has(self, name: str, trait: str) -> bool:
+        return trait in self.cap[name].traits
 
     def chain(self, name: str) -> Iterable[str]:
         """The module and its ancestors, innermost first."""
         while name is not None:
             yield name
-            name = self.parent(name)
+            name = self.cap[name].parent
 
     def highest(self, relevant: Callable[[str], bool], flagged: Callable[[str], bool]) -> list[str]:
         """The outermost modules all of whose relevant modules (themselves and below) are flagged."""
@@ -151,11 +105,11 @@ class _Look:
             any_relevant[name] = rel or any(any_relevant[c] for c in children)
             whole[name] = (not rel or flagged(name)) and all(whole[c] for c in children)
         return [n for n in self.cap.modules
-                if whole[n] and any_relevant[n] and (not n or not whole[self.parent(n)])]
+                if whole[n] and any_relevant[n] and (not n or not whole[self.cap[n].parent])]
 
-    def own_params(self, name: str, trainable: bool | None = None) -> list[tuple[str, nn.Parameter]]:
-        params = self.modules[name].named_parameters(recurse=False)
-        return [(k, p) for k, p in params if trainable is None or p.requires_grad == trainable]
+    def own_params(self, name: str, trainable: bool | None = None) -> list[str]:
+        params = self.cap[name].params.items()
+        return [k for k, p in params if trainable is None or p.trainable == trainable]
 
     # -- a failed pass ------------------------------------------------------------------------------
 
@@ -163,31 +117,27 @@ class _Look:
         err = self.cap.error
         if err is None:
             return []
-        text = (str(err.exception).strip().splitlines() or [type(err.exception).__name__])[0]
-        details = {"exception": type(err.exception).__name__, "torch_message": text}
+        text = (err.exception_message.strip().splitlines() or [err.exception_type])[0]
+        details = {"exception": err.exception_type, "torch_message": text}
         if err.phase != "forward":
             return [Finding(f"{err.phase}_error", "error", err.module, err.message, details)]
-        names = {id(m): n for n, m in self.modules.items()}
-        where = diagnose.locate(err.exception, names)
-        received = next(iter_tensors(where[2]), None) if where else None
-        module = self.modules[err.module]
-        tensors = [*module.parameters(), *module.buffers()]
+        received = err.received
+        report = self.cap[err.module]
         if received is not None:
-            details["received"] = {"shape": list(received.shape), "dtype": _dtype(received.dtype),
-                                   "device": str(received.device)}
-        if (received is not None and any(t.device != received.device for t in tensors)) or "device" in text:
+            details["received"] = dict(received)
+        if (received is not None and any(d != received["device"] for d in report.devices)) or "device" in text:
             return [self._mismatch("device_mismatch", err.module, received, details)]
-        floats = {t.dtype for t in tensors if t.is_floating_point()}
-        if received is not None and floats and received.dtype not in floats and re.search("type", text, re.I):
+        floats = {d for d in report.dtypes if _is_float(d)}
+        if received is not None and floats and received["dtype"] not in floats and re.search("type", text, re.I):
             return [self._mismatch("dtype_mismatch", err.module, received, details)]
         if re.search(r"shape|size|dimension|channel|element|mat1 and mat2|\dD", text, re.I):
             return [Finding("shape_mismatch", "error", err.module, err.message, details)]
         return [Finding("forward_error", "error", err.module, err.message, details)]
 
-    def _mismatch(self, kind: str, failed: str, received: torch.Tensor | None, details: dict) -> Finding:
+    def _mismatch(self, kind: str, failed: str, received: dict | None, details: dict) -> Finding:
         """Name the outermost module that sits wholly on another device (dtype) than the input that reached it."""
         device = kind == "device_mismatch"
-        got = None if received is None else str(received.device) if device else _dtype(received.dtype)
+        got = None if received is None else received["device"] if device else received["dtype"]
         name = failed
         for up in self.chain(failed):
             held = self.cap[up].devices if device else self.cap[up].dtypes
@@ -240,11 +190,12 @@ class _Look:
 
     def _source(self, name: str, call: CallRecord) -> str:
         """The module whose code made the first non-finite values, given the first call that output them."""
-        if not self._passes_on(name, call):
+        made_here = call.input_finite if call.input_finite is not None else not self._passes_on(name, call)
+        if made_here:
             return name
         child = name
-        while (parent := self.parent(child)) is not None:
-            if not isinstance(self.modules[parent], nn.Sequential):
+        while (parent := self.cap[child].parent) is not None:
+            if not self.has(parent, "sequential"):
                 return parent  # its own code, between submodule calls, made them
             siblings = [c for c in self.cap[parent].children if self.cap[c].called]
             if min(siblings, key=self.position) != child:
@@ -253,16 +204,16 @@ class _Look:
         return name
 
     def _passes_on(self, name: str, call: CallRecord) -> bool:
-        module = self.modules[name]
-        if isinstance(module, _PASS_ON):
+        """Whether a layer of this class can only have passed NaN/Inf on (for calls whose inputs were not seen)."""
+        if self.has(name, "pass_on"):
             return True
-        if not isinstance(module, _AFFINE):
+        if not self.has(name, "affine"):
             return False
         s = call.stats
         return not self._nonfinite_params(name) and max(abs(s.min), abs(s.max)) < _OVERFLOW_NEAR
 
     def _nonfinite_params(self, name: str) -> list[str]:
-        return [k for k, p in self.own_params(name) if not p.is_meta and not bool(torch.isfinite(p).all())]
+        return [k for k, p in self.cap[name].params.items() if p.finite is False]
 
     # -- the loss and the batch ---------------------------------------------------------------------
 
@@ -278,30 +229,29 @@ class _Look:
 
     def batch(self, limit: float) -> list[Finding]:
         found = []
-        for where, t in _float_tensors_named(self.cap.batch):
-            if t.is_meta or not t.numel():
+        for given in self.cap.inputs:
+            s, where = given.stats, given.where
+            if s is None or not s.numel:
                 continue
-            lo, hi = (float(v) for v in torch.aminmax(t))  # NaN and Inf show in the extremes: one pass
-            if not math.isfinite(lo + hi):
-                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                message = (f"The batch{where} holds {nan} NaN and {inf} Inf of {t.numel()} values: every module it "
-                           f"reaches will output NaN/Inf too. Clean or impute the data first.")
+            if not s.finite:
+                message = (f"The batch{where} holds {s.nan_count} NaN and {s.inf_count} Inf of {s.numel} values: "
+                           f"every module it reaches will output NaN/Inf too. Clean or impute the data first.")
                 found.append(Finding("input_nonfinite", "error", "", message,
-                                     {"input": where, "nan_count": nan, "inf_count": inf, "numel": t.numel()}))
-            elif max(abs(lo), abs(hi)) > limit:
-                mean = float(t.double().mean())
-                message = (f"The batch{where} runs from {lo:.4g} to {hi:.4g} (mean {mean:.4g}): it looks "
+                                     {"input": where, "nan_count": s.nan_count, "inf_count": s.inf_count,
+                                      "numel": s.numel}))
+            elif max(abs(s.min), abs(s.max)) > limit:
+                message = (f"The batch{where} runs from {s.min:.4g} to {s.max:.4g} (mean {s.mean:.4g}): it looks "
                            f"unnormalised; scale it to about 0..1 or standardise it (e.g. divide pixels by 255, "
                            f"then subtract the mean and divide by the std).")
                 found.append(Finding("input_range", "warning", "", message,
-                                     {"input": where, "min": lo, "max": hi, "mean": mean, "limit": limit}))
+                                     {"input": where, "min": s.min, "max": s.max, "mean": s.mean, "limit": limit}))
         return found
 
     # -- gradients ----------------------------------------------------------------------------------
 
     def gradients(self, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
         grads = {n: r.param_grad_norms for n, r in self.cap.modules.items()}
-        trainable = {n: [k for k, _ in self.own_params(n, trainable=True)] for n in self.modules}
+        trainable = {n: self.own_params(n, trainable=True) for n in self.modules}
 
         def received(n: str) -> list[float]:
             return [grads[n][k] for k in trainable[n] if grads[n].get(k) is not None]
@@ -319,7 +269,7 @@ class _Look:
             found.append(Finding("zero_grad", "warning", name,
                                  f"Every gradient reaching {self.label(name)} is exactly 0: it will not learn "
                                  f"from this batch (it feeds only dead units, or its output is multiplied by 0).",
-                                 {"parameters": self._count(name, trainable=True)}))
+                                 {"parameters": self.cap[name].num_trainable}))
         found += self._ratios(received, vanishing_ratio, exploding_ratio)
         return found
 
@@ -335,10 +285,9 @@ class _Look:
         name = next(n for n, g in norms if g == top)  # the innermost module whose output the loss sums
         # the output tensor's producer (identities such as Dropout in eval pass on the same tensor, which
         # shares its statistics): a softmax, or a normalisation whose scale is one number, sums to a constant
-        producer = next((n for n, c in self.cap.calls if root[-1].stats is not None and c.stats is root[-1].stats),
-                        name)
-        structural = _sums_to_constant(self.cap.model.get_submodule(producer)) if self.cap.model else False
-        if structural:
+        same = root[-1].output_id
+        producer = next((n for n, c in self.cap.calls if same is not None and c.output_id == same), name)
+        if self.has(producer, "sums_to_constant"):
             name = producer
         elif not inner or not 0 < max(inner) < 1e-4 * top:  # exact zeros are real: see zero_grad
             return []
@@ -354,7 +303,7 @@ class _Look:
         relevant = lambda n: bool(trainable[n]) and self.cap[n].called
         found = []
         for name in self.highest(relevant, missing):
-            n = self._count(name, trainable=True)
+            n = self.cap[name].num_trainable
             what = "the model" if name == "" else self.label(name)
             message = (f"{what} ran in the forward pass, but its {n} trainable parameter values received no "
                        f"gradient: the path from it to the loss is cut (by .detach(), torch.no_grad(), or an "
@@ -379,13 +328,13 @@ class _Look:
     def _ratios(self, received: Callable[[str], list[float]], vanishing: float, exploding: float) -> list[Finding]:
         scale = 1.0
         if self.cap.loss_kind == "sum":
-            scale = float(sum(t.numel() for t in _float_tensors(self.cap.output))) or 1.0
+            scale = float(self.cap.output_numel) or 1.0
         ratios = {}
-        for name, module in self.modules.items():
+        for name, report in self.modules.items():
             g = received(name)
-            p = [self.cap[name].param_norms.get(k) for k, _ in self.own_params(name, trainable=True)]
+            p = [report.params[k].norm for k in self.own_params(name, trainable=True)]
             gnorm, pnorm = _norm(g) / scale, _norm(v for v in p if v is not None)
-            if g and gnorm > 0 and pnorm > 0 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if g and gnorm > 0 and pnorm > 0 and not self.has(name, "embedding"):
                 ratios[name] = gnorm / pnorm
         if not ratios:
             return []
@@ -425,8 +374,8 @@ class _Look:
 
     def saturated(self, fraction: float, margin: float) -> list[Finding]:
         found = []
-        for name, module in self.modules.items():
-            bounds = _bounds(module)
+        for name, report in self.modules.items():
+            bounds = report.bounds
             calls = [c for c in self.cap[name].calls if c.histogram is not None and c.histogram.sampled]
             if bounds is None or not calls:
                 continue
@@ -443,18 +392,14 @@ class _Look:
 
     # -- the model's flags --------------------------------------------------------------------------
 
-    def _count(self, name: str, trainable: bool | None = None) -> int:
-        params = self.modules[name].parameters()
-        return sum(p.numel() for p in params if trainable is None or p.requires_grad == trainable)
-
     def frozen(self) -> list[Finding]:
         found = []
         has_own = lambda n: bool(self.own_params(n))
         for name in self.highest(has_own, lambda n: not self.own_params(n, trainable=True)):
             what = "The whole model" if name == "" else self.label(name)
-            message = (f"{what} is frozen: all {self._count(name)} of its parameter values have "
+            message = (f"{what} is frozen: all {self.cap[name].num_params} of its parameter values have "
                        f"requires_grad=False, so training will not change it.")
-            found.append(Finding("frozen", "info", name, message, {"parameters": self._count(name)}))
+            found.append(Finding("frozen", "info", name, message, {"parameters": self.cap[name].num_params}))
         return found
 
     def unused(self) -> list[Finding]:
@@ -462,19 +407,18 @@ class _Look:
             return []  # the modules after the failure never got their turn
         found = []
         grads = lambda n: any(g is not None for g in self.cap[n].param_grad_norms.values())
-        relevant = lambda n: bool(self.own_params(n)) and not isinstance(
-            self.modules[n], (nn.ParameterList, nn.ParameterDict))
+        relevant = lambda n: bool(self.own_params(n)) and not self.has(n, "param_container")
         for name in self.highest(relevant, lambda n: not self.cap[n].called and not grads(n)):
-            message = (f"{self.label(name)} holds {self._count(name)} parameter values but was never called in the "
-                       f"forward pass: remove it, or check that forward() uses it.")
-            found.append(Finding("unused_module", "info", name, message, {"parameters": self._count(name)}))
+            message = (f"{self.label(name)} holds {self.cap[name].num_params} parameter values but was never called "
+                       f"in the forward pass: remove it, or check that forward() uses it.")
+            found.append(Finding("unused_module", "info", name, message, {"parameters": self.cap[name].num_params}))
         return found
 
     def train_mode(self) -> list[Finding]:
-        relevant = lambda n: isinstance(self.modules[n], _TRAIN_DEPENDENT)
+        relevant = lambda n: self.has(n, "train_dependent")
         found = []
         for name in self.highest(relevant, lambda n: self.modules[n].training):
-            layers = [m for m in self.modules[name].modules() if isinstance(m, _TRAIN_DEPENDENT)]
+            layers = [n for n in self.modules if relevant(n) and (not name or n == name or n.startswith(name + "."))]
             what = "the model" if name == "" else self.label(name)
             verb = "is" if len(layers) == 1 else "are"
             message = (f"{_plural(len(layers), 'dropout or batch-norm layer')} in {what} {verb} in training mode: "
@@ -484,8 +428,9 @@ class _Look:
         return found
 
 
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _is_float(dtype: str) -> bool:
+    kind = getattr(torch, dtype, None)
+    return isinstance(kind, torch.dtype) and kind.is_floating_point
 
 
 def _plural(n: int, noun: str) -> str:
@@ -498,34 +443,6 @@ def _finite(value: float | None) -> bool:
 
 def _norm(values: Iterable[float]) -> float:
     return math.sqrt(sum(v * v for v in values))
-
-
-def _float_tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in iter_tensors(value) if t.is_floating_point() and not t.is_meta]
-
-
-def _float_tensors_named(batch: Any) -> list[tuple[str, torch.Tensor]]:
-    """The batch's floating-point tensors, each with how to find it (e.g. "['image']" or "[0]")."""
-    if isinstance(batch, torch.Tensor):
-        items = [("", batch)]
-    elif isinstance(batch, Mapping):
-        items = [(f"[{k!r}]", v) for k, v in batch.items()]
-    elif isinstance(batch, (tuple, list)):
-        items = [(f"[{i}]", v) for i, v in enumerate(batch)]
-    else:
-        items = []
-    return [(where, t) for where, value in items for t in _float_tensors(value)]
-
-
-def _bounds(module: nn.Module) -> tuple[float, float] | None:
-    if isinstance(module, nn.ReLU6):
-        return None  # 0 is its ordinary off state, not saturation
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val)
-    for kind, bounds in _SATURATING.items():
-        if isinstance(module, kind):
-            return bounds
-    return None
 
 
 def _share_outside(counts: np.ndarray, edges: np.ndarray, low: float, high: float) -> float:

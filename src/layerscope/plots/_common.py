@@ -36,14 +36,6 @@ def to_numpy(x, what: str) -> np.ndarray:
     return a
 
 
-def human(n: float) -> str:
-    """1234 -> '1.23K', 11689512 -> '11.7M' (three significant digits)."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"
-
-
 def grid_shape(n: int, max_cols: int) -> tuple[int, int]:
     cols = max(1, min(n, max_cols))
     return math.ceil(n / cols), cols

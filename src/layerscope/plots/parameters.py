@@ -6,7 +6,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..core import Capture
-from ._common import axes_or_new, human
+from ..core.records import human
+from ._common import axes_or_new
 
 BAR = "#4C72B0"
 FROZEN = "#A9B8D6"

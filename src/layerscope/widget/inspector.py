@@ -18,14 +18,14 @@ import ipywidgets as widgets
 import torch
 import traitlets
 from torch import nn
-from torch.nn.functional import adaptive_avg_pool2d
 
 from .. import plots
+from ..core import Capture
 from ..core import capture as run_capture
-from ..core.capture import FEATURE_CHANNELS, FEATURE_SIZE
+from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
+from ..core.rerun import Rerun, cam_layer, input_size
 from . import text
-from .outputs import module_output
 from .tree import TreeWidget, tree_rows
 
 TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Findings", "Summary")
@@ -33,10 +33,11 @@ ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, FINDINGS, SUMMARY = range(len(TAB
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
 
 
-def _is_spatial(call) -> bool:
-    """An output of shape (N, C, H, W) with more than one position."""
+def _has_maps(call) -> bool:
+    """A call whose stored sample holds feature maps (an (N, C, H, W) output) with more than one position."""
     s = call.output_shapes if call is not None else None
-    return isinstance(s, tuple) and len(s) == 4 and all(isinstance(d, int) for d in s) and s[2] * s[3] > 1
+    return call is not None and call.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
+        s[2] * s[3] > 1
 
 
 def _image(cls: str) -> widgets.Image:
@@ -49,9 +50,16 @@ def _shown(widget: widgets.DOMWidget, visible: bool) -> None:
     widget.layout.display = None if visible else "none"
 
 
+NEEDS_MODEL = "this capture has no model to run (it was loaded from a file)"
+
+
 class ModelInspector(widgets.VBox):
     """Click through ``model`` as it ran on ``batch``: the module tree, and for the selected module its
     activations, feature maps, gradients, Grad-CAM or attention, the findings and the torchinfo summary.
+
+    ``ModelInspector(capture)`` shows a Capture instead, e.g. one from ``layerscope.load``: every panel
+    that records can draw; Grad-CAM, attention and feature-map pages past the stored sample need the
+    model, and say so when the capture has none.
 
     ``target`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label predictions,
     ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps.
@@ -59,17 +67,18 @@ class ModelInspector(widgets.VBox):
 
     selected = traitlets.Unicode("")
 
-    def __init__(self, model: nn.Module, batch: Any, *, target: Any = None, class_names=None, mean=None, std=None,
-                 tokens=None, backward: bool = True):
+    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, class_names=None,
+                 mean=None, std=None, tokens=None, backward: bool = True):
+        self._given = model if isinstance(model, Capture) else None
+        if self._given is not None:
+            model, batch = self._given.model, self._given.batch
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
         self._quiet = False  # True while panels set their own controls: their events are not user input
         self._displayed = False  # panels are drawn once a tree view says it is on a page
         self._drawn: dict[int, tuple] = {}
         self._figure = functools.lru_cache(maxsize=256)(self._draw_figure)
-        self._output = functools.lru_cache(maxsize=2)(self._fetch_output)
-        self._cam = functools.lru_cache(maxsize=32)(self._compute_cam)
-        self._attention = functools.lru_cache(maxsize=1)(self._compute_attention)
+        self._rerun = Rerun(model, batch) if model is not None else None
         self.tree = TreeWidget(layout=widgets.Layout(width="38%", min_width="280px"))
         self._banner, self._header = widgets.HTML(), widgets.HTML()
         self._banner.add_class("ls-banner")
@@ -102,8 +111,12 @@ class ModelInspector(widgets.VBox):
 
     def refresh(self, batch: Any = None) -> None:
         """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
+        if self._model is None:
+            raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
         if batch is not None:
             self._batch = batch
+            self._rerun = Rerun(self._model, batch)
+        self._given = None
         self._forget()
         self._run()
         self._select_initial(keep=self.selected)
@@ -120,18 +133,36 @@ class ModelInspector(widgets.VBox):
         super().close()
 
     def _forget(self) -> None:
-        for cache in (self._figure, self._output, self._cam, self._attention):
-            cache.cache_clear()
+        self._figure.cache_clear()
+        if self._rerun is not None:
+            self._rerun.forget()
 
     def __repr__(self) -> str:
         cap = getattr(self, "_cap", None)
         size = f"{len(cap.modules)} modules" if cap is not None else "no capture"
         failed = ", failed" if cap is not None and cap.error is not None else ""
-        return f"ModelInspector({type(self._model).__name__}, {size}{failed}, selected={self.selected!r})"
+        what = type(self._model).__name__ if self._model is not None else "loaded capture"
+        return f"ModelInspector({what}, {size}{failed}, selected={self.selected!r})"
 
     # -- capture ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._given is not None:
+            self._cap = self._given
+        else:
+            self._capture()
+        self._captured_at = time.time()  # when the capture ended (the browser test times the tree from here)
+        cap = self._cap
+        self._banner.value = text.error(cap.error) if cap.error is not None else ""
+        _shown(self._banner, cap.error is not None)
+        self.tree.marked = cap.error.module if cap.error is not None else None
+        self.tree.rows = tree_rows(cap)
+        self._list_findings()
+        with self._quietly():
+            self._ex_class.options = []
+        self._drawn.clear()
+
+    def _capture(self) -> None:
         ids = set(map(id, self._model.modules()))
         progress = _progress(len(ids))
 
@@ -146,16 +177,6 @@ class ModelInspector(widgets.VBox):
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
             progress.close()
-        self._captured_at = time.time()  # when the capture ended (the browser test times the tree from here)
-        cap = self._cap
-        self._banner.value = text.error(cap.error) if cap.error is not None else ""
-        _shown(self._banner, cap.error is not None)
-        self.tree.marked = cap.error.module if cap.error is not None else None
-        self.tree.rows = tree_rows(cap)
-        self._list_findings()
-        with self._quietly():
-            self._ex_class.options = []
-        self._drawn.clear()
 
     def _select_initial(self, keep: str | None = None) -> None:
         cap = self._cap
@@ -165,8 +186,11 @@ class ModelInspector(widgets.VBox):
             name = cap.error.module
         else:
             name = ""
-        parts = name.split(".") if name else []
-        self.tree.expanded = ["", *(".".join(parts[:i]) for i in range(1, len(parts)))]
+        ancestors, up = [], cap[name].parent
+        while up is not None:
+            ancestors.append(up)
+            up = cap[up].parent
+        self.tree.expanded = ancestors[::-1] or [""]  # the root is always open
         if self.selected == name:
             self._on_selected()
         else:
@@ -290,7 +314,7 @@ class ModelInspector(widgets.VBox):
             call, item, page = key
             record = report.calls[call]
             if (item, page) != (0, 0):
-                record = dataclasses.replace(record, feature_maps=self._channels(name, call, item, page))
+                record = dataclasses.replace(record, feature_maps=self._rerun.feature_maps(name, call, item, page))
             fig = plots.feature_maps(record, max_channels=FEATURE_CHANNELS)
             first = page * FEATURE_CHANNELS
             fig.axes[0].set_title(f"Channels {first}–{first + len(record.feature_maps) - 1} of "
@@ -300,7 +324,7 @@ class ModelInspector(widgets.VBox):
             return plots.gradient_flow(self._cap, highlight=name)
         if kind == "cam":
             layer, cls, item = key
-            heatmap = self._cam(layer, cls).heatmap[item]
+            heatmap = self._rerun.grad_cam(layer, cls).heatmap[item]
             return plots.cam_overlay(self._image_input()[item], heatmap, mean=self.mean, std=self.std)
         if kind == "attention":
             call, item, head = key
@@ -323,7 +347,7 @@ class ModelInspector(widgets.VBox):
 
     def _feature_maps(self) -> None:
         report, call = self._report_call()
-        spatial = _is_spatial(call) and call.feature_maps is not None
+        spatial = _has_maps(call)
         for control in (self._fm_item, self._fm_prev, self._fm_next):
             _shown(control, spatial)
         _shown(self._fm_image, spatial)
@@ -338,6 +362,11 @@ class ModelInspector(widgets.VBox):
         first = self._fm_page * FEATURE_CHANNELS
         last = min(first + FEATURE_CHANNELS, channels) - 1
         self._fm_note.value = text.note(f"channels {first}–{last} of {channels}")
+        if self._rerun is None and (item, self._fm_page) != (0, 0):
+            _shown(self._fm_image, False)
+            self._fm_note.value = text.note(f"Only channels 0–{len(call.feature_maps) - 1} of item 0 were stored; "
+                                            f"the others need the model, and {NEEDS_MODEL}.")
+            return
         try:
             self._show(self._fm_image, "feature_maps", report.name, self._call.value, item, self._fm_page)
         except Exception as exc:  # noqa: BLE001 - e.g. the model fails on the re-run: say why in the panel
@@ -354,6 +383,11 @@ class ModelInspector(widgets.VBox):
     def _explain(self) -> None:
         name = self.selected
         self._ex_top.value = ""
+        if self._rerun is None:
+            for widget in (self._ex_controls, self._ex_image):
+                _shown(widget, False)
+            self._ex_note.value = text.note(f"Grad-CAM and attention run the model again, and {NEEDS_MODEL}.")
+            return
         try:
             weights = self._attention_for(name, self._call.value or 0)
             _shown(self._ex_head, weights is not None)
@@ -384,10 +418,10 @@ class ModelInspector(widgets.VBox):
             self._ex_class.value = int(top.indices[0])
         self._ex_top.value = text.predictions(zip(top.indices.tolist(), top.values.tolist()), self.class_names)
         _, call = self._report_call()
-        layer = name if _is_spatial(call) else None
+        layer = name if cam_layer(call, len(image), input_size(self._batch)) else None
         cls = self._ex_class.value
         self._show(self._ex_image, "cam", name, layer, cls, item)
-        where = f"Grad-CAM at {text.display_name(self._cam(layer, cls).layer)}"
+        where = f"Grad-CAM at {text.display_name(self._rerun.grad_cam(layer, cls).layer)}"
         if layer is None:
             where += f", the layer chosen automatically ({text.display_name(name)} has no spatial output)"
         self._ex_note.value = text.note(f"{where}, for class {text.class_label(cls, self.class_names)}")
@@ -427,31 +461,11 @@ class ModelInspector(widgets.VBox):
 
     # -- on-demand computations (cached) ---------------------------------------------------------------
 
-    def _fetch_output(self, name: str, call: int) -> torch.Tensor:
-        return module_output(self._model, self._batch, name, call)
-
-    def _channels(self, name: str, call: int, item: int, page: int) -> torch.Tensor:
-        first = page * FEATURE_CHANNELS
-        maps = self._output(name, call)[item, first:first + FEATURE_CHANNELS].float()
-        if maps.shape[-2] > FEATURE_SIZE or maps.shape[-1] > FEATURE_SIZE:
-            maps = adaptive_avg_pool2d(maps, (min(maps.shape[-2], FEATURE_SIZE), min(maps.shape[-1], FEATURE_SIZE)))
-        return maps
-
-    def _compute_cam(self, layer: str | None, cls: int):
-        from ..core.cam import grad_cam
-
-        return grad_cam(self._model, self._batch, layer=layer, target=cls)
-
-    def _compute_attention(self) -> dict:
-        from ..core.attention import attention_maps
-
-        return attention_maps(self._model, self._batch)
-
     def _attention_for(self, name: str, call: int) -> torch.Tensor | None:
         """The attention weights [N, heads, Lq, Lk] of a call, if the module is an attention layer."""
         if self._cap.error is not None or not self._cap[name].called:
             return None
-        return self._attention().get(name if call == 0 else f"{name} (call {call + 1})")
+        return self._rerun.attention(name, call)
 
     def _image_input(self) -> torch.Tensor | None:
         t = first_float_tensor(self._batch)

@@ -17,16 +17,6 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def human(n: int) -> str:
-    """The short parameter count shown in the tree: 950 -> '950', 9280 -> '9.3K', 1235000 -> '1.2M'."""
-    value, unit = float(n), ""
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(value) < 999.95 or unit == "T":
-            break
-        value /= 1000
-    return str(n) if not unit else f"{value:.1f}{unit}"
-
-
 def shape(value: Any) -> str:
     """(1, 64, 54, 54) -> '(1, 64, 54, 54)'; nested shapes keep their nesting; no tensor -> '-'."""
     return "-" if value is None else str(value)

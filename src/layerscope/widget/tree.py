@@ -8,7 +8,8 @@ import anywidget
 import traitlets
 
 from ..core import Capture
-from .text import ROOT_LABEL, human
+from ..core.records import human
+from .text import ROOT_LABEL
 
 _HERE = pathlib.Path(__file__).parent
 
@@ -33,7 +34,7 @@ def tree_rows(cap: Capture) -> list[list]:
         if i is None or bucket is None:
             continue
         bucket[i] += 1
-    parents = [index.get(n.rpartition(".")[0], 0) if n else -1 for n in names]
+    parents = [index[r.parent] if r.parent is not None else -1 for r in cap.modules.values()]
     for i in range(len(names) - 1, 0, -1):  # children come after their parents: sum bottom-up
         errors[parents[i]] += errors[i]
         warnings[parents[i]] += warnings[i]

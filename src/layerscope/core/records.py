@@ -1,0 +1,228 @@
+"""The records a pass leaves behind: plain, frozen data keyed by ``named_modules()`` names.
+
+Producers (``capture``) build them; every consumer (findings, plots, the inspector, ``save``/``load``)
+reads them and never the live model. Everything here survives ``Capture.save`` and ``layerscope.load``
+except the three live-only fields of a Capture (``output``, ``model``, ``batch``) and the live
+exception of a CaptureError, which are None on a loaded capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import Histogram, TensorStats
+
+# What ModuleReport.traits can hold: facts about a module's class (and, for "sums_to_constant", its weights)
+# that the findings need, recorded while the model was at hand.
+TRAITS = (
+    "pass_on",  # a built-in layer that cannot turn finite inputs into NaN/Inf (activations, pooling, ...)
+    "affine",  # a built-in weighted layer: with finite weights it only makes Inf/NaN by overflowing
+    "relu",  # ReLU or ReLU6: its dead units are counted
+    "sequential",  # nn.Sequential: no code of its own between its children
+    "embedding",  # nn.Embedding / EmbeddingBag: a batch only touches a few rows
+    "param_container",  # nn.ParameterList / ParameterDict
+    "train_dependent",  # dropout or batch norm: behaves differently in training mode
+    "sums_to_constant",  # softmax, or a layer/group norm whose scale is one number: its outputs add up to a constant
+)
+
+
+def call_key(name: str, call: int) -> str:
+    """'blocks.0.attn' for a module's first call, 'blocks.0.attn (call 2)' for its second, and so on."""
+    return name if call == 0 else f"{name} (call {call + 1})"
+
+
+def human(n: float) -> str:
+    """A count in three significant digits: 950 -> '950', 9280 -> '9.28K', 1235496 -> '1.24M', 3e9 -> '3.00B'.
+    The one number format of the tree, the panels and the plots."""
+    value, unit = float(n), ""
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(value) < 999.5 or unit == "T":
+            break
+        value /= 1000
+    return f"{n:g}" if not unit else f"{value:#.3g}".rstrip(".") + unit
+
+
+@dataclass(frozen=True, eq=False)
+class CallRecord:
+    """One invocation of a module. Statistics describe its first floating-point output tensor."""
+
+    index: int  # position among all calls of the pass, in the order they returned
+    input_shapes: Any
+    output_shapes: Any
+    input_dtypes: tuple[str, ...]
+    output_dtypes: tuple[str, ...]
+    input_devices: tuple[str, ...]
+    output_devices: tuple[str, ...]
+    stats: TensorStats | None
+    histogram: Histogram | None
+    grad_output_norm: float | None = None
+    dead_units: int | None = None  # ReLU/ReLU6 only: channels (dim 1) that are zero for every item
+    units: int | None = None  # how many channels dead_units is out of
+    feature_maps: Any = field(default=None, repr=False)  # torch.Tensor [C<=16, H<=64, W<=64] on the CPU
+    input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
+    output_id: int | None = None  # calls that passed on the very same output tensor share this number
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """One parameter a module holds itself (not through a submodule)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    trainable: bool  # requires_grad
+    norm: float | None  # L2 norm; None on the meta device
+    grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def finite(self) -> bool | None:
+        """Whether every value is finite (None on the meta device)."""
+        return None if self.norm is None else math.isfinite(self.norm)
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleReport:
+    name: str
+    type_name: str
+    depth: int
+    children: tuple[str, ...]
+    num_params: int
+    num_own_params: int
+    num_trainable: int
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    calls: tuple[CallRecord, ...] = ()
+    params: Mapping[str, ParamRecord] = field(default_factory=dict)  # own parameters by local name
+    training: bool = False
+    traits: frozenset[str] = frozenset()  # see TRAITS
+    bounds: tuple[float, float] | None = None  # the output range of a saturating activation (sigmoid, tanh, ...)
+
+    @property
+    def parent(self) -> str | None:
+        """The name of the module holding this one (None for the model itself)."""
+        return None if not self.name else self.name.rpartition(".")[0]
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
+
+    @property
+    def param_grad_norms(self) -> dict[str, float | None]:
+        return {k: p.grad_norm for k, p in self.params.items()}
+
+    @property
+    def param_norms(self) -> dict[str, float | None]:
+        return {k: p.norm for k, p in self.params.items()}
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One floating-point tensor of the batch: where it sits ("" for a lone tensor, "[0]", "['image']")."""
+
+    where: str
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    stats: TensorStats | None  # None on the meta device
+
+
+@dataclass(frozen=True, eq=False)
+class CaptureError:
+    """What went wrong: the innermost module that was running, the phase, the exception (its type name,
+    message and traceback as text), and one sentence that names the module and puts what it got next
+    to what it expected. ``exception`` is the live exception, None on a loaded capture."""
+
+    module: str
+    module_type: str
+    phase: str  # "forward" | "loss" | "backward"
+    message: str
+    exception_type: str
+    exception_message: str
+    traceback: str = ""
+    received: Mapping[str, Any] | None = None  # shape, dtype, device of the first tensor the module got
+    exception: BaseException | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
+    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
+    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+
+    kind: str
+    severity: str
+    module: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Capture:
+    """Everything one pass recorded, keyed by ``named_modules()`` names (the root is "").
+
+    ``output``, ``model`` and ``batch`` are the live objects of the pass; they are None on a capture
+    read back with ``layerscope.load``, where everything else is as it was saved."""
+
+    modules: Mapping[str, ModuleReport]
+    total_params: int
+    trainable_params: int
+    loss: float | None
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
+    backward: bool  # True when gradients were computed
+    error: CaptureError | None
+    findings: tuple[Finding, ...] = ()
+    inputs: tuple[InputRecord, ...] = ()
+    output_numel: int = 0  # floating-point values in the model's output (the "sum" loss adds them up)
+    meta: bool = False  # the model was on the meta device: shapes and counts only
+    summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
+    output: Any = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)
+    batch: Any = field(default=None, repr=False)
+
+    def __getitem__(self, name: str) -> ModuleReport:
+        return self.modules[name]
+
+    @functools.cached_property
+    def calls(self) -> list[tuple[str, CallRecord]]:
+        """Every call of the pass as (module name, record), in the order the calls returned."""
+        pairs = [(name, c) for name, report in self.modules.items() for c in report.calls]
+        return sorted(pairs, key=lambda pair: pair[1].index)
+
+    @functools.cached_property
+    def _summary(self) -> str:
+        if self.summary_text is not None:
+            return self.summary_text
+        if self.model is None:
+            return "No torchinfo summary: it was not computed before this capture was saved."
+        from .summary import summary
+
+        return summary(self.model, self.batch)
+
+    def summary(self) -> str:
+        """The torchinfo table for the same model and batch (computed once, on first use; on a loaded
+        capture, the table saved with it, if it was computed before saving)."""
+        return self._summary
+
+    def save(self, path) -> None:
+        """Write this capture to one file (see ``layerscope.core.store`` for the format)."""
+        from .store import save
+
+        save(self, path)
+
+    def to_pandas(self):
+        """One row per call: module, type, call number, shapes, dtype, device, the statistics, the
+        output gradient norm, own and total parameters. Needs pandas."""
+        from .table import to_pandas
+
+        return to_pandas(self)

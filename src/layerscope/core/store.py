@@ -1,0 +1,227 @@
+"""``Capture.save(path)`` and ``layerscope.load(path)``: one file that holds every record, and nothing that runs.
+
+The format (version 1) is a zip archive with exactly these members:
+
+- ``layerscope.json``: ``{"format": "layerscope.capture", "version": 1, "capture": {...}, "modules": [...]}``,
+  every record as JSON (NaN and Inf as JSON's ``NaN``/``Infinity`` tokens; tuples as lists). Each module is
+  its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields. A call's histogram and feature
+  maps are not inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
+  ``shape``).
+- ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (float32): the histograms' counts and
+  edges and the feature-map samples of all calls, one after another, as flat numpy arrays.
+
+Loading reads JSON and raw numpy arrays only (``allow_pickle=False``): a member that holds a pickle, an
+array of Python objects, or any member not listed above is refused with a ``FormatError``, before anything
+in the file is used. A loaded Capture has ``output``, ``model`` and ``batch`` None, and its error's
+``exception`` None (the exception's type name, message and traceback text are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import zipfile
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .stats import Histogram, TensorStats
+
+FORMAT, VERSION = "layerscope.capture", 1
+_JSON = "layerscope.json"
+_ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.float32}
+_MEMBERS = {_JSON, *(f"{name}.npy" for name in _ARRAYS)}
+_PICKLE_MAGIC = (b"\x80", b"(", b"c")  # protocol 2+ opcode PROTO, and the first opcodes of protocols 0 and 1
+
+
+class FormatError(ValueError):
+    """The file is not a layerscope capture this version can read, or it holds something it must not."""
+
+
+def _fields(obj) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+class _Writer:
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+        self.sizes = dict.fromkeys(_ARRAYS, 0)
+
+    def put(self, name: str, values: np.ndarray) -> int:
+        flat = np.ascontiguousarray(values, dtype=_ARRAYS[name]).reshape(-1)
+        offset = self.sizes[name]
+        self.parts[name].append(flat)
+        self.sizes[name] += flat.size
+        return offset
+
+    def call(self, c: CallRecord) -> dict[str, Any]:
+        d = _fields(c)
+        d["stats"] = None if c.stats is None else _fields(c.stats)
+        h = c.histogram
+        if h is not None:
+            d["histogram"] = dict(bins=len(h.counts), counts=self.put("counts", h.counts),
+                                  edges=self.put("edges", h.edges), sampled=h.sampled, numel=h.numel,
+                                  under=h.under, over=h.over)
+        if c.feature_maps is not None:
+            maps = c.feature_maps.detach().cpu().float().numpy()
+            d["feature_maps"] = dict(shape=list(maps.shape), offset=self.put("feature_maps", maps))
+        return d
+
+    def module(self, m: ModuleReport) -> dict[str, Any]:
+        d = _fields(m)
+        d["calls"] = [self.call(c) for c in m.calls]
+        d["params"] = {k: _fields(p) for k, p in m.params.items()}
+        d["traits"] = sorted(m.traits)
+        return d
+
+
+def save(cap: Capture, path: str | os.PathLike) -> None:
+    """Write ``cap`` to ``path`` (conventionally ``.lsc``): JSON records and flat numpy arrays in one zip."""
+    writer = _Writer()
+    modules = [writer.module(m) for m in cap.modules.values()]
+    live = ("modules", "output", "model", "batch", "summary_text")
+    head = {k: v for k, v in _fields(cap).items() if k not in live}
+    head["summary_text"] = cap.summary_text if cap.summary_text is not None else cap.__dict__.get("_summary")
+    if cap.error is not None:
+        head["error"] = {k: v for k, v in _fields(cap.error).items() if k != "exception"}
+    head["findings"] = [_fields(f) for f in cap.findings]
+    head["inputs"] = [dict(_fields(i), stats=None if i.stats is None else _fields(i.stats)) for i in cap.inputs]
+    doc = {"format": FORMAT, "version": VERSION, "capture": head, "modules": modules}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr(_JSON, json.dumps(doc, default=_plain, separators=(",", ":")))
+        for name, parts in writer.parts.items():
+            values = np.concatenate(parts) if parts else np.zeros(0, dtype=_ARRAYS[name])
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, values, allow_pickle=False)
+            zf.writestr(f"{name}.npy", buffer.getvalue())
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what json does not know: numpy scalars and arrays, frozensets, mapping proxies."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError(f"cannot save a {type(value).__name__} in a layerscope file")
+
+
+def _read(zf: zipfile.ZipFile) -> tuple[dict, dict[str, np.ndarray]]:
+    names = zf.namelist()
+    for name in names:
+        with zf.open(name) as f:
+            head = f.read(1)
+        if name.endswith((".pkl", ".pickle", ".pt", ".pth")) or head in _PICKLE_MAGIC:
+            raise FormatError(f"the file holds a pickle ({name!r}); layerscope files never do, so it was not loaded "
+                              f"(loading a pickle can run any code)")
+    unknown = sorted(set(names) - _MEMBERS)
+    if unknown:
+        raise FormatError(f"the file holds {', '.join(map(repr, unknown))}, which a layerscope capture never has; "
+                          f"it was not loaded")
+    if _JSON not in names:
+        raise FormatError(f"not a layerscope capture: it has no {_JSON}")
+    try:
+        doc = json.loads(zf.read(_JSON))
+    except ValueError as exc:
+        raise FormatError(f"{_JSON} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise FormatError("not a layerscope capture (its format field is missing or different)")
+    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
+        raise FormatError(f"this capture has format version {doc.get('version')!r}; this layerscope reads up to "
+                          f"version {VERSION}: upgrade layerscope to open it")
+    arrays = {}
+    for name, dtype in _ARRAYS.items():
+        member = f"{name}.npy"
+        if member not in names:
+            arrays[name] = np.zeros(0, dtype=dtype)
+            continue
+        with zf.open(member) as f:
+            try:
+                values = np.lib.format.read_array(f, allow_pickle=False)
+            except ValueError as exc:  # an object array, which would need a pickle to read
+                raise FormatError(f"{member} is not a plain numeric array ({exc}); it was not loaded") from None
+        if values.dtype != dtype or values.ndim != 1:
+            raise FormatError(f"{member} must be a flat {np.dtype(dtype).name} array, got {values.dtype} "
+                              f"{values.shape}")
+        arrays[name] = values
+    return doc, arrays
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples they were (shapes, shape trees), dicts kept."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _slice(arrays: dict, name: str, offset: int, size: int) -> np.ndarray:
+    values = arrays[name]
+    if not (0 <= offset and offset + size <= values.size):
+        raise FormatError(f"a record points past the end of {name}.npy")
+    return values[offset:offset + size].copy()
+
+
+def _stats(d: dict | None) -> TensorStats | None:
+    return None if d is None else TensorStats(**d)
+
+
+def _call(d: dict, arrays: dict) -> CallRecord:
+    d = dict(d)
+    for key in ("input_shapes", "output_shapes", "input_dtypes", "output_dtypes", "input_devices", "output_devices"):
+        d[key] = _tuples(d[key])
+    d["stats"] = _stats(d["stats"])
+    h = d["histogram"]
+    if h is not None:
+        bins = int(h["bins"])
+        d["histogram"] = Histogram(counts=_slice(arrays, "counts", h["counts"], bins),
+                                   edges=_slice(arrays, "edges", h["edges"], bins + 1), sampled=h["sampled"],
+                                   numel=h["numel"], under=h["under"], over=h["over"])
+    fm = d["feature_maps"]
+    if fm is not None:
+        shape = tuple(int(n) for n in fm["shape"])
+        size = int(np.prod(shape))
+        d["feature_maps"] = torch.from_numpy(_slice(arrays, "feature_maps", fm["offset"], size).reshape(shape))
+    return CallRecord(**d)
+
+
+def _module(d: dict, arrays: dict) -> ModuleReport:
+    d = dict(d)
+    d["children"] = tuple(d["children"])
+    d["devices"], d["dtypes"] = tuple(d["devices"]), tuple(d["dtypes"])
+    d["calls"] = tuple(_call(c, arrays) for c in d["calls"])
+    d["params"] = MappingProxyType({k: ParamRecord(**dict(p, shape=tuple(p["shape"]))) for k, p in d["params"].items()})
+    d["traits"] = frozenset(d["traits"])
+    d["bounds"] = None if d["bounds"] is None else tuple(d["bounds"])
+    return ModuleReport(**d)
+
+
+def load(path: str | os.PathLike) -> Capture:
+    """Read a capture written by ``Capture.save``. Reads JSON and numbers only, never a pickle, so a file from
+    someone else cannot run code. ``output``, ``model`` and ``batch`` are None on the capture it returns."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise FormatError(f"{os.fspath(path)!r} is not a layerscope capture (not a zip archive)") from None
+    with zf:
+        doc, arrays = _read(zf)
+    try:
+        head = dict(doc["capture"])
+        modules = {m["name"]: _module(m, arrays) for m in doc["modules"]}
+        error = head.get("error")
+        head["error"] = None if error is None else CaptureError(**dict(error, received=error.get("received")))
+        head["findings"] = tuple(Finding(**f) for f in head["findings"])
+        head["inputs"] = tuple(InputRecord(**dict(i, shape=tuple(i["shape"]), stats=_stats(i["stats"])))
+                               for i in head["inputs"])
+        return Capture(modules=MappingProxyType(modules), **head)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"the capture's records are incomplete or malformed ({type(exc).__name__}: {exc})") from None
