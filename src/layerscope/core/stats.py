@@ -142,17 +142,21 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.
     row in the order of _FIELDS, and [k, bins] histogram counts. ``span`` = (min, max) [k] tensors
     sets the histogram range instead of the rows' own range."""
     k, n = m.shape
-    mn, mx = torch.aminmax(m, dim=1) if span is None else span
+    mn, mx = (m.amin(1), m.amax(1)) if span is None else span  # row-wise aminmax is several times slower on CPU
     shift = m.sum(1) / n  # each row's mean, rounded to its dtype: summing around it, nothing cancels
-    centred = m - shift[:, None]
-    total = centred.sum(1).double()  # what the rounding of the mean left over
+    work = m - shift[:, None]  # the one [k, n] scratch buffer, reused below
+    total = work.sum(1).double()  # what the rounding of the mean left over
     mean = shift.double() + total / n
-    m2 = (centred.square_().sum(1).double() - total * total / n).clamp_min_(0)
-    zeros = (m == 0).sum(1).double()
+    m2 = (work.square_().sum(1).double() - total * total / n).clamp_min_(0)
+    if n < 1 << 24:  # zeros as 0/1 in the float buffer, exact in its sums: three times faster than bools
+        zeros = torch.eq(m, 0, out=work).sum(1).double()
+    else:
+        zeros = (m == 0).sum(1).double()
     lo, hi = _range(mn, mx)
     scale = bins / (hi - lo)
-    idx = ((m - lo[:, None]) * scale[:, None]).long().clamp_(0, bins - 1)
-    idx += torch.arange(0, k * bins, bins, device=m.device)[:, None]
+    index = torch.int32 if k * bins < 1 << 31 else torch.long  # int32: a quarter of the time of int64, here
+    idx = torch.sub(m, lo[:, None], out=work).mul_(scale[:, None]).clamp_(0, bins - 1).to(index)
+    idx += torch.arange(0, k * bins, bins, dtype=index, device=m.device)[:, None]
     counts = torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins)
     none = torch.zeros_like(m2)
     size = none + n
@@ -184,9 +188,10 @@ def _check_edges(edges) -> np.ndarray:
 
 
 def _thresholds(edges: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """Boundaries in the values' own dtype such that the number of boundaries below a value x is:
+    """Boundaries in the values' own dtype such that the number of them strictly below a value x is:
     0 for -Inf, 1 for x < e0 (under), 2 + j for x in bin j, k + 2 for x > ek (over), k + 3 for +Inf;
-    NaN lands on 0 or k + 3 (either end). Exact against the float64 edges: x >= e holds exactly when
+    NaN lands on 0 or k + 3 (either end), k being the number of bins. Exact against the float64 edges
+    (numpy compares in float64 too): x >= e holds exactly when
     x > (the largest value of the dtype below the smallest value of the dtype >= e)."""
     kind = np.float32 if dtype == torch.float32 else np.float64
     inf = kind(np.inf)
@@ -276,7 +281,7 @@ class StatsBatch:
 
     def _summarise(self, group: _Group) -> None:
         m = group.buffer[: len(group.slots)]
-        mn, mx = torch.aminmax(m, dim=1)
+        mn, mx = m.amin(1), m.amax(1)
         finite = torch.isfinite(mn + mx).tolist()
         good = [i for i, ok in enumerate(finite) if ok]
         if good:
@@ -348,7 +353,8 @@ class StatsBatch:
         return out
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
-        """Move every summary to the CPU (one copy per buffer) and build the records."""
+        """Move every summary to the CPU and build the records: one copy per buffer, per large tensor's
+        histogram, and one for all the fixed-edges histograms on a device."""
         for group in self._groups.values():
             self._summarise(group)
         self._groups.clear()
