@@ -284,3 +284,11 @@ def test_a_capture_is_never_changed_after_it_is_built():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cap.findings = ()
     assert cap["fc2"].parent == "" and cap[""].parent is None
+
+
+def test_a_tensor_passed_on_to_a_module_with_other_edges_is_binned_on_those_edges():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()  # eval Dropout returns the very same tensor
+    cap = capture(model, torch.randn(8, 4), bins={"0": [-5.0, 0.0, 5.0], "1": [-5.0, -1.0, 1.0, 5.0]})
+    assert np.array_equal(cap["0"].calls[0].histogram.edges, [-5.0, 0.0, 5.0])
+    assert np.array_equal(cap["1"].calls[0].histogram.edges, [-5.0, -1.0, 1.0, 5.0])
+    assert cap["0"].calls[0].stats == cap["1"].calls[0].stats

@@ -84,7 +84,7 @@ class _Recorder:
                  edges: Callable[[str], np.ndarray | None]):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
         self.calls: list[dict] = []
-        self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot)
+        self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
 
@@ -164,10 +164,10 @@ class _Recorder:
         except RuntimeError:  # inference tensors keep no version counter
             return self.stats.add(t, edges)
         seen = self.summarised.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1] == version:
+        if seen is not None and seen[0]() is t and seen[1] == version and seen[3] is edges:
             return seen[2]
         slot = self.stats.add(t, edges)
-        self.summarised[id(t)] = (weakref.ref(t), version, slot)
+        self.summarised[id(t)] = (weakref.ref(t), version, slot, edges)
         return slot
 
     def records(self) -> tuple[dict[str, list[CallRecord]], list]:
