@@ -11,12 +11,14 @@ from .core import (
     InputRecord,
     ModuleReport,
     ParamRecord,
+    Run,
     TensorStats,
     attention_maps,
     attention_rollout,
     capture,
     grad_cam,
     load,
+    watch,
 )
 from .core import find as findings
 
@@ -33,6 +35,7 @@ __all__ = [
     "InputRecord",
     "ModuleReport",
     "ParamRecord",
+    "Run",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
@@ -40,6 +43,7 @@ __all__ = [
     "findings",
     "grad_cam",
     "load",
+    "watch",
     "ModelInspector",
 ]
 

@@ -6,8 +6,10 @@ from .capture import capture
 from .findings import find
 from .hooks import HookSession
 from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .run import Run, StepRecord
 from .stats import Histogram, TensorStats
 from .store import FormatError, load
+from .watch import watch
 
 __all__ = [
     "CAMResult",
@@ -21,6 +23,8 @@ __all__ = [
     "InputRecord",
     "ModuleReport",
     "ParamRecord",
+    "Run",
+    "StepRecord",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
@@ -28,4 +32,5 @@ __all__ = [
     "find",
     "grad_cam",
     "load",
+    "watch",
 ]

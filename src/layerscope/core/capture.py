@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -18,21 +17,11 @@ from torch import nn
 from . import diagnose, traits
 from .findings import find
 from .hooks import HookSession
-from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
-from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, norm
+from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
+from .recorder import Recorder, dtype_name, norms
+from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
+from .stats import StatsBatch
 from .tree import module_tree
-
-FEATURE_CHANNELS = 16
-FEATURE_SIZE = 64
-
-
-def pool_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Feature maps [C, H, W] averaged down to at most FEATURE_SIZE x FEATURE_SIZE (a float copy either way)."""
-    if maps.shape[-2] > FEATURE_SIZE or maps.shape[-1] > FEATURE_SIZE:
-        size = (min(maps.shape[-2], FEATURE_SIZE), min(maps.shape[-1], FEATURE_SIZE))
-        return F.adaptive_avg_pool2d(maps.float(), size)
-    return maps.float().clone() if maps.dtype == torch.float32 else maps.float()
 
 
 def _check_arguments(model: Any, batch: Any) -> None:
@@ -75,149 +64,6 @@ def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
 def _on_meta(model: nn.Module) -> bool:
     tensors = [*model.parameters(), *model.buffers()]
     return bool(tensors) and all(t.is_meta for t in tensors)
-
-
-class _Recorder:
-    """The forward hooks' state: what each call saw, with statistics deferred to a StatsBatch."""
-
-    def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool,
-                 edges: Callable[[str], np.ndarray | None]):
-        self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
-        self.calls: list[dict] = []
-        self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
-        self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
-        self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
-
-    def hook_for(self, name: str, module: nn.Module) -> Callable:
-        dead_units = "relu" in traits.class_traits(module)
-        edges = self.edges(name)
-
-        def hook(module, args, kwargs, output):
-            self._record(name, call_inputs(args, kwargs), output, dead_units, edges)
-
-        return hook
-
-    def _record(self, name: str, inputs: Any, output: Any, dead_units: bool, edges) -> None:
-        ins, outs = _tensors(inputs), _tensors(output)
-        call = dict(
-            name=name,
-            index=len(self.calls),
-            input_shapes=tuple(inputs.shape) if type(inputs) is torch.Tensor else shape_tree(inputs),
-            output_shapes=tuple(output.shape) if type(output) is torch.Tensor else shape_tree(output),
-            input_dtypes=_unique(t.dtype for t in ins),
-            output_dtypes=_unique(t.dtype for t in outs),
-            input_devices=_unique(t.device for t in ins),
-            output_devices=_unique(t.device for t in outs),
-            inputs=self._inputs(ins, outs),
-            slot=None,
-            fmap=None,
-            grad=None,
-            dead=None,
-        )
-        self.calls.append(call)
-        t = first_float_tensor(outs)
-        if t is None:
-            return
-        call["slot"] = self._slot(t, edges)
-        if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
-            dims = [d for d in range(t.dim()) if d != 1]
-            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = t.shape[1]
-        if self.grads and t.requires_grad:
-            def on_grad(g, call=call):
-                call["grad"] = norm(g)
-                self.last_grad_call = call
-
-            self.session.add_tensor_hook(t, on_grad)
-
-    def _inputs(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list | None:
-        """How to tell whether a call's floating-point inputs were finite: the StatsBatch slots of inputs that
-        were summarised as they are (an earlier module's output), and deferred checks for the rest; None when
-        it cannot be told (an input the module changed in place, or a meta tensor)."""
-        known = []
-        for t in ins:
-            if not t.is_floating_point():
-                continue
-            if t.is_meta:
-                return None
-            seen = self.summarised.get(id(t))
-            try:
-                version = t._version
-            except RuntimeError:  # inference tensors keep no version counter
-                version = None
-            if seen is not None and seen[0]() is t and seen[1] == version:
-                known.append(("slot", seen[2]))
-            elif any(t is o for o in outs):
-                return None  # changed in place by the module: what it received is gone
-            else:
-                known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(t.detach()).all())
-        return known
-
-    def _slot(self, t: torch.Tensor, edges=None) -> int:
-        """Summarise ``t``, unless this very tensor was summarised before and not changed in place since
-        (containers and identities such as Dropout in eval pass on the tensor they got)."""
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter
-            return self.stats.add(t, edges)
-        seen = self.summarised.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1] == version and seen[3] is edges:
-            return seen[2]
-        slot = self.stats.add(t, edges)
-        self.summarised[id(t)] = (weakref.ref(t), version, slot, edges)
-        return slot
-
-    def records(self) -> tuple[dict[str, list[CallRecord]], list]:
-        """The call records by module, and the StatsBatch summaries (by slot)."""
-        summaries = self.stats.results()
-        checks = torch.stack([c.cpu() for c in self.checks]).tolist() if self.checks else []
-
-        def finite(inputs: list | None) -> bool | None:
-            if inputs is None:
-                return None
-            flags = [summaries[i][0].finite if how == "slot" and summaries[i] else checks[i] if how == "check"
-                     else True for how, i in inputs]
-            return all(flags)
-
-        by_module: dict[str, list[CallRecord]] = {}
-        for c in self.calls:
-            stats, hist = summaries[c["slot"]] if c["slot"] is not None and summaries[c["slot"]] else (None, None)
-            by_module.setdefault(c["name"], []).append(
-                CallRecord(
-                    index=c["index"],
-                    input_shapes=c["input_shapes"],
-                    output_shapes=c["output_shapes"],
-                    input_dtypes=c["input_dtypes"],
-                    output_dtypes=c["output_dtypes"],
-                    input_devices=c["input_devices"],
-                    output_devices=c["output_devices"],
-                    stats=stats,
-                    histogram=hist,
-                    grad_output_norm=None if c["grad"] is None else float(c["grad"]),
-                    dead_units=None if c["dead"] is None else int(c["dead"]),
-                    units=c.get("units"),
-                    feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
-                    input_finite=finite(c["inputs"]),
-                    output_id=None if stats is None else c["slot"],
-                )
-            )
-        return by_module, summaries
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [value] if type(value) is torch.Tensor else list(iter_tensors(value))
-
-
-def _unique(items) -> tuple[str, ...]:
-    """Sorted unique names of dtypes or devices ('float32', 'cpu')."""
-    return tuple(sorted({str(item).removeprefix("torch.") for item in items}))
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def float_inputs(batch: Any) -> list[tuple[str, torch.Tensor]]:
@@ -267,18 +113,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     return "None" if value is None else type(value).__name__
-
-
-def _norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:
-    """The norm of each tensor, by key, copied to the CPU once per device."""
-    norms: dict[torch.device, dict[int, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if not t.is_meta:
-            norms.setdefault(t.device, {})[key] = norm(t)
-    values = {}
-    for group in norms.values():
-        values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
-    return values
 
 
 @contextlib.contextmanager
@@ -344,8 +178,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     with HookSession(model) as session:
-        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
-        inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
+        recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
+                            feature_maps=feature_maps, edges=lambda name, t: edges(name))
+        inputs = [(where, t, recorder.summarise(t)) for where, t in float_inputs(batch_run)]
         for name, module in model.named_modules():
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
@@ -372,9 +207,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         finally:
             session.remove()
     records, summaries = recorder.records()
-    grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
+    grad_norms = norms({k: g for k, g in grads.items() if g is not None})
     with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in model.parameters()})
+        param_norms = norms({id(p): p for p in model.parameters()})
     constant_sum = traits.sums_to_constant(model)
     modules = {}
     for (name, module), info in zip(model.named_modules(), tree.values()):
@@ -386,7 +221,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                local: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
                                    trainable=p.requires_grad, norm=param_norms.get(id(p)),
                                    grad_norm=grad_norms.get(id(p)))
                 for local, p in own
@@ -406,7 +241,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         backward=bool(grads),
         error=error,
         inputs=tuple(
-            InputRecord(where=where, shape=tuple(t.shape), dtype=_dtype(t), device=str(t.device),
+            InputRecord(where=where, shape=tuple(t.shape), dtype=dtype_name(t), device=str(t.device),
                         stats=summaries[slot][0] if summaries[slot] else None)
             for where, t, slot in inputs
         ),

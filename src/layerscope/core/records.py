@@ -77,6 +77,7 @@ class ParamRecord:
     trainable: bool  # requires_grad
     norm: float | None  # L2 norm; None on the meta device
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    update_ratio: float | None = None  # ||w after - w before|| / ||w before|| of an optimizer step (watch only)
 
     @property
     def numel(self) -> int:
@@ -158,13 +159,15 @@ class CaptureError:
 class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
     "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
-    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+    plain sentence with the numbers that prove it, and those numbers in ``details``. ``step`` is the
+    training step it was first seen at, for the findings of a watched run (None for one pass)."""
 
     kind: str
     severity: str
     module: str
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
+    step: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,7 +181,7 @@ class Capture:
     total_params: int
     trainable_params: int
     loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum" | "training" (a watched step); None: no loss
     backward: bool  # True when gradients were computed
     error: CaptureError | None
     findings: tuple[Finding, ...] = ()

@@ -22,8 +22,8 @@ from torch import nn
 from .. import plots
 from ..core import Capture
 from ..core import capture as run_capture
-from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
+from ..core.recorder import FEATURE_CHANNELS
 from ..core.rerun import Rerun, cam_layer, input_size
 from . import text
 from .tree import TreeWidget, tree_rows
