@@ -410,7 +410,7 @@ class Run:
         if field == "dead_fraction":
             units = row[_C["units"]]
             return row[_C["dead_units"]] / units if units > 0 else math.nan
-        return float(row[_C[field]])
+        return float(row[_C["grad_output_norm" if field == "output_grad_norm" else field]])
 
     def loss_at(self, step: int) -> float | None:
         """The loss logged at ``step`` (the scalar "loss"), None if none was."""

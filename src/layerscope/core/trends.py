@@ -17,8 +17,7 @@ from .findings import _Look, _plural
 from .records import Finding
 
 DEFAULTS = {
-    # loss_diverged: the logged "loss" is NaN/Inf, or above diverge_ratio times its start (the median of its
-    # first five values)
+    # loss_diverged: the logged "loss" is NaN/Inf, or above diverge_ratio times its first value (a positive one)
     "diverge_ratio": 10.0,
     # loss_flat: the mean loss of the last flat_window logged steps is not below the mean of the first
     # flat_window by at least flat_tolerance (a share of it); needs 2 * flat_window logged steps
@@ -33,7 +32,6 @@ DEFAULTS = {
     # dead_growth since the first sampled step
     "dead_growth": 0.25,
 }
-_START = 5  # logged values that make the loss's start
 
 
 def find_trends(run, *, diverge_ratio: float = DEFAULTS["diverge_ratio"], flat_window: int = DEFAULTS["flat_window"],
@@ -76,11 +74,11 @@ class _Trends:
         steps, values = self._loss()
         if not len(values):
             return []
-        finite = values[np.isfinite(values)]
-        start = float(np.median(finite[:_START])) if len(finite) else math.nan
-        bad = ~np.isfinite(values)
-        if len(finite) >= _START and start > 0:
-            bad |= np.isfinite(values) & (values > ratio * start)
+        finite = np.isfinite(values)
+        start = float(values[np.argmax(finite)]) if finite.any() else math.nan
+        bad = ~finite
+        if start > 0:
+            bad |= finite & (values > ratio * start)
         if not bad.any():
             return []
         i = int(np.argmax(bad))
@@ -98,7 +96,7 @@ class _Trends:
             module, seen_at = where
             details.update(first_nonfinite_module=module, first_nonfinite_step=seen_at)
             message += (f" NaN/Inf first came out of {self.label(module)}, at sampled step {seen_at}.")
-        elif self.records:
+        elif self.records and not math.isfinite(value):
             message += " No sampled step shows NaN/Inf in the model: sample more often (every=1) to see where."
         message += " Lower the learning rate, clip the gradients, or look for a log/division of values near 0."
         return [Finding("loss_diverged", "error", module, message, details, step)]
@@ -254,7 +252,7 @@ class _Trends:
         return []
 
     def dead_growing(self, growth: float) -> list[Finding]:
-        rising: dict[str, tuple[float, float, int, int]] = {}
+        rising: dict[str, tuple[float, float, int, int, int]] = {}
         for name in self.modules:
             if not self.look.has(name, "relu"):
                 continue
@@ -265,7 +263,8 @@ class _Trends:
             steps, dead = steps[ok], dead[ok]
             up = dead - dead[0] >= growth
             if up[-1]:
-                rising[name] = (float(dead[0]), float(dead[-1]), int(steps[0]), int(steps[np.argmax(up)]))
+                rising[name] = (float(dead[0]), float(dead[-1]), int(steps[0]), int(steps[np.argmax(up)]),
+                                int(steps[-1]))
         found = []
         relevant = lambda n: self.look.has(n, "relu")
         for name in self.look.highest(relevant, lambda n: n in rising):
@@ -273,12 +272,12 @@ class _Trends:
             start = float(np.mean([rising[n][0] for n in layers]))
             end = float(np.mean([rising[n][1] for n in layers]))
             step = min(rising[n][3] for n in layers)
-            first = min(rising[n][2] for n in layers)
+            first, last = min(rising[n][2] for n in layers), max(rising[n][4] for n in layers)
             where = self.label(name) if len(layers) == 1 and name in rising else \
                 f"{_plural(len(layers), 'ReLU')} in {self.what(name)}"
             message = (f"The share of dead channels (0 for every item of the batch) of {where} rose from {start:.0%} "
-                       f"at step {first} to {end:.0%} now: units die as training goes on and never come back, "
-                       f"typically because the learning rate is too high.")
+                       f"at step {first} to {end:.0%} at step {last}: units die as training goes on and never come "
+                       f"back, typically because the learning rate is too high.")
             found.append(Finding("dead_units_growing", "warning", name, message,
                                  {"start": start, "now": end, "layers": len(layers)}, step))
         return found

@@ -390,9 +390,7 @@ class _Watcher:
         for rows, sizes, before in cur.before:
             after = torch.cat([self._sample_of(self.params[row]) for row in rows])
             squares = (after - before).double().square()
-            segment = torch.repeat_interleave(torch.arange(len(rows), device=squares.device),
-                                              torch.tensor(sizes, device=squares.device))
-            sums = torch.zeros(len(rows), dtype=torch.float64, device=squares.device).index_add_(0, segment, squares)
+            sums = torch.segment_reduce(squares, "sum", lengths=torch.tensor(sizes, device=squares.device))
             share = torch.tensor([self.params[row].numel() / size for row, size in zip(rows, sizes)],
                                  dtype=torch.float64, device=squares.device)
             for row, value in zip(rows, (sums * share).sqrt()):
