@@ -207,7 +207,8 @@ class Capture:
         if self.summary_text is not None:
             return self.summary_text
         if self.model is None:
-            return "No torchinfo summary: it was not computed before this capture was saved."
+            return ("No torchinfo summary: it was not computed before this capture was saved (the steps of a watched "
+                    "run have none: watch runs no extra pass of the model).")
         from .summary import summary
 
         return summary(self.model, self.batch)

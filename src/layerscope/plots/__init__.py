@@ -7,9 +7,11 @@ from .channels import feature_maps
 from .filters import conv_filters
 from .gradients import gradient_flow
 from .histogram import activation_histogram
+from .over_time import activation_heatmap, module_over_time, scalars_over_time
 from .parameters import parameter_breakdown
 
 __all__ = [
+    "activation_heatmap",
     "activation_histogram",
     "attention_heatmap",
     "attention_rollout_overlay",
@@ -17,5 +19,7 @@ __all__ = [
     "conv_filters",
     "feature_maps",
     "gradient_flow",
+    "module_over_time",
     "parameter_breakdown",
+    "scalars_over_time",
 ]

@@ -126,13 +126,15 @@ def class_label(index: int, class_names) -> str:
 
 def finding_label(f) -> str:
     """One line of plain text for the findings list (a <select> shows it as text)."""
-    return f"{f.severity} · {display_name(f.module)} · {f.message}"
+    step = "" if getattr(f, "step", None) is None else f"step {f.step} · "
+    return f"{f.severity} · {step}{display_name(f.module)} · {f.message}"
 
 
 def finding(f) -> str:
     severity = str(f.severity)
+    step = "" if getattr(f, "step", None) is None else f' <span class="ls-step-of">at step {int(f.step)}</span>'
     return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
-            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>: {html.escape(str(f.message))}')
+            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{step}: {html.escape(str(f.message))}')
 
 
 def summary(cap: Capture) -> str:
