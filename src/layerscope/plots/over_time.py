@@ -18,6 +18,7 @@ CURSOR = "#C03030"
 LINES = {"mean": "#4C72B0", "std": "#DD8452", "zero_fraction": "#55A868", "grad_norm": "#4C72B0",
          "output_grad_norm": "#8172B3", "update_ratio": "#C44E52"}
 MAX_TICKS = 12
+WIDE = 12.0  # inches: the scalars span the whole inspector
 
 
 def _ticks(ax: Axes, steps: np.ndarray, offset: float = 0.0) -> None:
@@ -135,10 +136,10 @@ def scalars_over_time(run: Run, names=None, *, step: int | None = None, ax: Axes
     names = [n for n in (names if names is not None else run.scalar_names)]
     names = sorted(names, key=lambda n: n != "loss")[:4]
     if ax is not None or len(names) <= 1:
-        fig, ax = axes_or_new(ax, 1.9)
+        fig, ax = axes_or_new(ax, 1.8, WIDE)
         axes = [ax]
     else:
-        fig = figure(0.4 + 1.3 * len(names))
+        fig = figure(0.4 + 1.2 * len(names), WIDE)
         axes = list(fig.subplots(len(names), 1, sharex=True))
     if not names:
         _empty(axes[0], "nothing logged yet: run.log(loss=loss) in the loop")

@@ -156,6 +156,13 @@ class ModelInspector(widgets.VBox):
         self._run()
         self._select_initial(keep=self.selected)
 
+    def _repr_mimebundle_(self, **kwargs):
+        if self._watched is not None:
+            # displayed before the training cell: while that cell runs the kernel reads no message from the page
+            # (not even the tree's "shown"), so a run's inspector draws its panels from now on
+            self._displayed = True
+        return super()._repr_mimebundle_(**kwargs)
+
     def close(self) -> None:
         """Close every widget of the inspector (layouts included) and drop the cached pictures."""
         self._forget()

@@ -11,6 +11,7 @@ from . import text
 
 LIVE_INTERVAL = 0.5  # seconds: while the run trains, the inspector updates at most twice a second
 LIVE_SHARE = 0.1  # ... and takes at most about this share of the training time to do it
+LIVE_MAX = 5.0  # seconds: but updates at least this often
 
 
 class StepsBar(widgets.VBox):
@@ -42,15 +43,19 @@ class StepsBar(widgets.VBox):
 
 
 class Throttle:
-    """Says when a live update is due: at most every LIVE_INTERVAL seconds, and rarer when updates are slow."""
+    """Says when a live update is due: at most every LIVE_INTERVAL seconds, rarer when updates are slow (up to
+    LIVE_MAX). The first update, which also warms matplotlib up, does not count as slow."""
 
     def __init__(self):
         self.last = -float("inf")
         self.interval = LIVE_INTERVAL
+        self.updates = 0
 
     def due(self, done: bool) -> bool:
         return done or time.monotonic() - self.last >= self.interval
 
     def ran(self, started: float) -> None:
         self.last = time.monotonic()
-        self.interval = max(LIVE_INTERVAL, (self.last - started) / LIVE_SHARE)
+        took = (self.last - started) if self.updates else 0.0
+        self.interval = min(max(LIVE_INTERVAL, took / LIVE_SHARE), max(LIVE_MAX, LIVE_INTERVAL))
+        self.updates += 1
