@@ -71,10 +71,14 @@ def activation_heatmap(run: Run, module: str, *, step: int | None = None, ax: Ax
 
 
 def _line(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: str, log: bool = False) -> bool:
+    """Values over the columns; on a log axis, exact zeros are marked with an x at the bottom."""
     ok = np.isfinite(values) & ((values > 0) if log else True)
-    if not ok.any():
-        return False
     x = np.arange(len(steps))
+    if log and np.any(values == 0):
+        ax.scatter(x[values == 0], [0.03] * int(np.sum(values == 0)), marker="x", s=14, color=color,
+                   transform=ax.get_xaxis_transform(), clip_on=False, label=f"{label}: exactly 0")
+    if not ok.any():
+        return bool(log and np.any(values == 0))
     ax.plot(x[ok], values[ok], marker="o", markersize=2.5, linewidth=1.2, color=color, label=label)
     return True
 
@@ -107,13 +111,15 @@ def module_over_time(run: Run, module: str, *, step: int | None = None) -> Figur
              (("grad_norm", "parameters' gradient"), ("output_grad_norm", "output's gradient"))]
     grads.set_title("Gradient norms", loc="left", fontsize=10)
     if any(drawn):
-        grads.set_yscale("log")
+        if any(line.get_xydata().size for line in grads.get_lines()):
+            grads.set_yscale("log")
         grads.legend(fontsize=7, loc="upper left", frameon=False, ncols=2)
     else:
         grads.text(0.5, 0.5, "no gradients recorded", ha="center", va="center", transform=grads.transAxes)
     updates.set_title("Update ratio ||Δw|| / ||w||", loc="left", fontsize=10)
     if _line(updates, steps, series["update_ratio"][1], "update ratio", LINES["update_ratio"], log=True):
-        updates.set_yscale("log")
+        if updates.get_lines():
+            updates.set_yscale("log")
         updates.axhline(1e-3, color="0.5", linestyle="--", linewidth=0.8)
         updates.text(0.995, 1e-3, "1e-3", transform=updates.get_yaxis_transform(), ha="right", va="bottom",
                      fontsize=7, color="0.4")
