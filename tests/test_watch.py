@@ -135,7 +135,7 @@ def test_grad_is_never_written_and_a_failing_hook_does_not_stop_training(digits,
             raise RuntimeError("boom")
 
         # the next steps cannot be recorded
-        monkeypatch.setattr(importlib.import_module("layerscope.core.watch"), "norms", broken)
+        monkeypatch.setattr(importlib.import_module("layerscope.core.watch"), "fast_norms", broken)
         with pytest.warns(RuntimeWarning, match="training goes on"):
             train(model, opt, batches(x, y, 2))
     assert run.step_count == 3 and list(run.steps) == [0]

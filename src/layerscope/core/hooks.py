@@ -56,6 +56,11 @@ class HookSession:
         """``hook(param)`` after each backward has added its gradient into ``param.grad``."""
         self._tensor.append(param.register_post_accumulate_grad_hook(hook))
 
+    def add_global_forward_hook(self, hook: Callable) -> None:
+        """``hook(module, args, kwargs, output)`` after the forward of every module of the process (filter by
+        module), removed with the forward hooks. Raises TypeError on a torch whose global hooks take no kwargs."""
+        self._forward.append(nn.modules.module.register_module_forward_hook(hook, with_kwargs=True))
+
     def add_step_hooks(self, optimizer: torch.optim.Optimizer, pre: Callable, post: Callable) -> None:
         """``pre(optimizer, args, kwargs)`` and ``post(...)`` around each ``optimizer.step()``."""
         self._tensor += [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]

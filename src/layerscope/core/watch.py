@@ -23,8 +23,8 @@ from torch import nn
 from . import traits
 from .capture import _bin_plan, float_inputs
 from .hooks import HookSession
-from .nested import first_float_tensor, iter_tensors
-from .recorder import Recorder, dtype_name, norms
+from .nested import call_inputs, first_float_tensor, iter_tensors
+from .recorder import Recorder, dtype_name, fast_norms
 from .records import InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
 from .stats import StatsBatch, norm
@@ -163,6 +163,7 @@ class _Watcher:
         self.session: HookSession | None = None
         self._marks: dict[int, tuple] | None = None  # each .grad at the end of the step before a sampled one
         self._layouts: dict[tuple, tuple] = {}
+        self._binning: dict = {}  # the StatsBatch's checked edges and thresholds, kept from step to step
         self._warned = False
 
     # -- the with block -------------------------------------------------------------------------------------
@@ -180,6 +181,7 @@ class _Watcher:
             self.run._watcher = self
         self.names = names
         self.modules = [m for _, m in self.model.named_modules()]
+        self.known = {id(m): (m, name, "relu" in traits.class_traits(m)) for name, m in zip(names, self.modules)}
         rows: dict[int, int] = {}
         self.params: list[nn.Parameter] = []
         self.first_row: list[int] = []  # for each parameter row, the row where that tensor first appears
@@ -270,19 +272,37 @@ class _Watcher:
                 cur.session.add_grad_hook(p, self._guard(lambda param, row=row: self._on_grad(row, param)))
 
     def _on_grad(self, row: int, param: torch.Tensor) -> None:
-        if self.current is not None and param.grad is not None:
-            self.current.grads[row] = norm(param.grad)
+        """After each backward: the norm of the gradient accumulated so far (the last backward's is the step's)."""
+        g = param.grad
+        if self.current is not None and g is not None:
+            low = g.dtype in (torch.float16, torch.bfloat16)
+            self.current.grads[row] = torch.linalg.vector_norm(g.detach(), dtype=torch.float32 if low else None)
 
     def _record_forward(self, args, kwargs) -> None:
         cur = self.current
-        cur.recorder = rec = Recorder(cur.session, StatsBatch(bins=self.bins, sample_size=self.sample_size),
-                                      grads=True, feature_maps=False, edges=self._edges_for)
+        stats = StatsBatch(bins=self.bins, sample_size=self.sample_size, edges=self._binning)
+        cur.recorder = rec = Recorder(cur.session, stats, grads=True, feature_maps=False, edges=self._edges_for)
         batch = args[0] if len(args) == 1 and not kwargs else kwargs if not args else args
         cur.inputs = [(where, t, rec.summarise(t)) for where, t in float_inputs(batch)]
         cur.training = np.array([m.training for m in self.modules], dtype=bool)
-        for name, module in zip(self.names, self.modules):
-            cur.session.add_forward_hook(module, self._guard(rec.hook_for(name, module)))
-        cur.session.add_forward_hook(self.model, self._guard(self._after_forward))
+        try:  # one hook for all modules: nothing to register per module at each sampled step
+            cur.session.add_global_forward_hook(self._on_module)
+        except TypeError:  # a torch whose global hooks take no kwargs: one hook per module
+            for name, module in zip(self.names, self.modules):
+                cur.session.add_forward_hook(module, self._guard(rec.hook_for(name, module)))
+            cur.session.add_forward_hook(self.model, self._guard(self._after_forward))
+
+    def _on_module(self, module, args, kwargs, output) -> None:
+        known = self.known.get(id(module))
+        cur = self.current
+        if known is None or known[0] is not module or cur is None or cur.recorder is None:
+            return  # a module of another model, or the step's record was dropped
+        try:
+            cur.recorder.record(known[1], call_inputs(args, kwargs), output, known[2])
+            if module is self.model:
+                self._after_forward(module, args, kwargs, output)
+        except Exception as exc:  # noqa: BLE001 - the training goes on; the step is not recorded
+            self._fail(exc)
 
     def _edges_for(self, name: str, t: torch.Tensor) -> np.ndarray | None:
         edges = self.run.edges.get(name)
@@ -350,7 +370,7 @@ class _Watcher:
 
     def _before_update(self) -> None:
         cur = self.current
-        cur.norms = norms({row: self.params[row] for row in self.unique})
+        cur.norms = fast_norms({row: self.params[row] for row in self.unique})
         cur.group = np.full(len(self.params), np.nan)
         if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
             cur.scale = float(self.scaler.get_scale())
@@ -417,33 +437,36 @@ class _Watcher:
         updates = {row: next(host) for row in cur.updates}
 
         bins = max((len(e) - 1 for e in self.run.edges.values()), default=0)
-        table = np.full((len(calls), len(CALL_FIELDS)), np.nan)
         counts = np.zeros((len(calls), bins), dtype=np.int32)
-        layout = []
+        nothing = (math.nan,) * 14
+        rows, layout = [], []
         for i, (c, ok) in enumerate(zip(calls, finite)):
-            layout.append((self.run._index[c["name"]], c["input_shapes"], c["output_shapes"], c["input_dtypes"],
+            name = c["name"]
+            layout.append((self.run._index[name], c["input_shapes"], c["output_shapes"], c["input_dtypes"],
                            c["output_dtypes"], c["input_devices"], c["output_devices"]))
-            row = table[i]
             got = summaries[c["slot"]] if c["slot"] is not None else None
+            head = nothing
             if got:
                 s, h = got
-                row[:14] = (c["slot"], s.numel, s.count, s.mean, s.m2, s.min, s.max, s.zeros, s.checked,
-                            s.nan_count, s.inf_count, h.sampled, h.under, h.over)
-                edges = self.run.edges.get(c["name"])
-                if edges is not None and len(h.edges) == len(edges) and np.array_equal(h.edges, edges):
+                head = (c["slot"], s.numel, s.count, s.mean, s.m2, s.min, s.max, s.zeros, s.checked, s.nan_count,
+                        s.inf_count, h.sampled, h.under, h.over)
+                edges = self.run.edges.get(name)
+                binned = self._binning.get(id(edges)) if edges is not None else None
+                if binned is not None and binned[0] is edges and binned[1] is h.edges:  # on the run's edges
                     counts[i, :len(h.counts)] = h.counts
-            row[14:] = (grads[i], dead[i], c.get("units", math.nan), math.nan if ok is None else float(ok))
+            rows.append((*head, grads[i], dead[i], c.get("units", math.nan), math.nan if ok is None else float(ok)))
+        table = np.array(rows, dtype=np.float64).reshape(len(calls), len(CALL_FIELDS))
         layout = tuple(layout)
         if len(self._layouts) >= _LAYOUTS and layout not in self._layouts:
             self._layouts.clear()
         layout = self._layouts.setdefault(layout, layout)
 
-        params = np.full((len(self.params), len(PARAM_FIELDS)), np.nan)
-        for row, first in enumerate(self.first_row):
-            p = self.params[row]
-            params[row] = (cur.norms.get(first, math.nan), grad_norms.get(first, math.nan),
-                           updates.get(first, math.nan) if cur.updated else math.nan, float(p.requires_grad),
-                           cur.group[row] if cur.group is not None else math.nan, stale.get(first, 0.0))
+        group = cur.group if cur.group is not None else np.full(len(self.params), np.nan)
+        params = np.array([(cur.norms.get(first, math.nan), grad_norms.get(first, math.nan),
+                            updates.get(first, math.nan) if cur.updated else math.nan,
+                            float(self.params[row].requires_grad), group[row], stale.get(first, 0.0))
+                           for row, first in enumerate(self.first_row)],
+                          dtype=np.float64).reshape(len(self.params), len(PARAM_FIELDS))
         training = cur.training if cur.training is not None else np.array([m.training for m in self.modules])
         inputs = tuple(InputRecord(where=where, shape=tuple(t.shape), dtype=dtype_name(t), device=str(t.device),
                                    stats=summaries[slot][0] if summaries[slot] else None)
