@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose, traits
+from . import diagnose, distributed, traits
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
 from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, norm
+from .stats import StatsBatch, local, norm
 from .tree import module_tree
 
 FEATURE_CHANNELS = 16
@@ -120,12 +120,13 @@ class _Recorder:
         if t is None:
             return
         call["slot"] = self._slot(t, edges)
-        if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
-            dims = [d for d in range(t.dim()) if d != 1]
-            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = t.shape[1]
+        x = local(t)  # a DTensor's own shard: what this rank holds
+        if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
+            call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
+        if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
+            dims = [d for d in range(x.dim()) if d != 1]
+            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
+            call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call):
                 call["grad"] = norm(g)
@@ -154,7 +155,7 @@ class _Recorder:
                 return None  # changed in place by the module: what it received is gone
             else:
                 known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(t.detach()).all())
+                self.checks.append(torch.isfinite(local(t).detach()).all())
         return known
 
     def _slot(self, t: torch.Tensor, edges=None) -> int:
@@ -257,10 +258,11 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         return loss.reshape(()), "loss_fn"
     if target is not None:
         logits = first_float_tensor(output)
+        logits = None if logits is None else local(logits)
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
         return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
-    parts = [t.float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
+    parts = [local(t).float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
 
@@ -326,12 +328,13 @@ def capture(
     """
     _check_arguments(model, batch)
     default_bins, edges = _bin_plan(bins)
-    with _gc_paused():
+    with _gc_paused(), distributed.resharded(model):
         return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size)
 
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
     tree = module_tree(model)
+    unique = list(model.parameters())  # before the pass: FSDP2 swaps in gathered copies during it
     names = {id(m): n for n, m in model.named_modules()}
     meta = _on_meta(model)
     if meta:
@@ -356,11 +359,14 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    params = [p for p in model.parameters() if p.requires_grad]
+                    params = [p for p in unique if p.requires_grad]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
-                        got = torch.autograd.grad(loss, params, allow_unused=True)
-                        grads = {id(p): g for p, g in zip(params, got)}
+                        if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
+                            grads = distributed.backward(loss, params, batch)
+                        else:
+                            got = torch.autograd.grad(loss, params, allow_unused=True)
+                            grads = {id(p): g for p, g in zip(params, got)}
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -374,8 +380,10 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             session.remove()
     records, summaries = recorder.records()
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
+    rank, world = distributed.process()
     with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in model.parameters()})
+        param_norms = _norms({id(p): p for p in unique})
+        checksums = distributed.checksums({id(p): p for p in unique}) if world > 1 else {}
     constant_sum = traits.sums_to_constant(model)
     modules = {}
     for (name, module), info in zip(model.named_modules(), tree.values()):
@@ -387,22 +395,22 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                key: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
                                    trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)))
-                for local, p in own
+                                   grad_norm=grad_norms.get(id(p)), checksum=checksums.get(id(p)),
+                                   **distributed.layout(p))
+                for key, p in own
             }),
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
         )
-    unique = list(model.parameters())
-    out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
+    out_floats = [local(t) for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
     cap = Capture(
         modules=MappingProxyType(modules),
         total_params=sum(p.numel() for p in unique),
         trainable_params=sum(p.numel() for p in unique if p.requires_grad),
-        loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
+        loss=None if loss is None or error is not None and error.phase == "loss" else float(local(loss).detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
         error=error,
@@ -413,6 +421,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         ),
         output_numel=sum(t.numel() for t in out_floats),
         meta=meta,
+        rank=rank,
+        world_size=world,
         output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,

@@ -1,7 +1,9 @@
 """The records a pass leaves behind: plain, frozen data keyed by ``named_modules()`` names.
 
 Producers (``capture``) build them; every consumer (findings, plots, the inspector, ``save``/``load``)
-reads them and never the live model. Everything here survives ``Capture.save`` and ``layerscope.load``
+reads them and never the live model. In a ``torch.distributed`` job each rank's capture is that rank's own view;
+``layerscope.gather`` merges them into one capture of the whole job, whose records keep the ranks' values in
+their ``per_rank`` fields. Everything here survives ``Capture.save`` and ``layerscope.load``
 except the three live-only fields of a Capture (``output``, ``model``, ``batch``) and the live
 exception of a CaptureError, which are None on a loaded capture.
 """
@@ -65,11 +67,17 @@ class CallRecord:
     feature_maps: Any = field(default=None, repr=False)  # bfloat16 tensor [C<=16, H<=64, W<=64] on the CPU
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats (None: not on that rank)
 
 
 @dataclass(frozen=True)
 class ParamRecord:
-    """One parameter a module holds itself (not through a submodule)."""
+    """One parameter a module holds itself (not through a submodule).
+
+    A DTensor parameter (FSDP2, tensor parallel) has its global ``shape``, and on a rank's capture the norms of
+    the rank's own shard; ``placements`` says how it is laid out on its device mesh and ``shard`` which piece
+    this rank holds: (index, number of distinct pieces), replicas holding the same index. On a merged capture
+    the norms are those of the whole parameter and ``per_rank`` keeps the ranks' own records."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -77,6 +85,10 @@ class ParamRecord:
     trainable: bool  # requires_grad
     norm: float | None  # L2 norm; None on the meta device
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    placements: tuple[str, ...] = ()  # a DTensor's placements ("Shard(0)", "Replicate()", ...); () for a tensor
+    shard: tuple[int, int] | None = None  # a DTensor's piece on this rank: (index, number of pieces)
+    checksum: int | None = None  # distributed capture: its bits summed as integers, equal on identical replicas
+    per_rank: tuple[ParamRecord | None, ...] | None = None  # merged capture: each rank's own record
 
     @property
     def numel(self) -> int:
@@ -132,6 +144,7 @@ class InputRecord:
     dtype: str
     device: str
     stats: TensorStats | None  # None on the meta device
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,14 +170,16 @@ class CaptureError:
 @dataclass(frozen=True)
 class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
-    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
-    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch; ``rank``, the
+    rank it was found on in a merged capture of a distributed job, None for the whole job or a single process),
+    one plain sentence with the numbers that prove it, and those numbers in ``details``."""
 
     kind: str
     severity: str
     module: str
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
+    rank: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +187,10 @@ class Capture:
     """Everything one pass recorded, keyed by ``named_modules()`` names (the root is "").
 
     ``output``, ``model`` and ``batch`` are the live objects of the pass; they are None on a capture
-    read back with ``layerscope.load``, where everything else is as it was saved."""
+    read back with ``layerscope.load``, where everything else is as it was saved.
+
+    In a ``torch.distributed`` job, ``rank`` and ``world_size`` say whose view this is; a capture merged by
+    ``layerscope.gather`` has ``rank`` None and ``world_size`` the number of ranks (``merged`` is True)."""
 
     modules: Mapping[str, ModuleReport]
     total_params: int
@@ -186,12 +204,19 @@ class Capture:
     output_numel: int = 0  # floating-point values in the model's output (the "sum" loss adds them up)
     meta: bool = False  # the model was on the meta device: shapes and counts only
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
+    rank: int | None = None  # the rank that recorded it; None outside a job and on a merged capture
+    world_size: int = 1  # ranks in the job
     output: Any = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
     batch: Any = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> ModuleReport:
         return self.modules[name]
+
+    @property
+    def merged(self) -> bool:
+        """True for the capture of a whole distributed job, merged from its ranks' captures."""
+        return self.rank is None and self.world_size > 1
 
     @functools.cached_property
     def calls(self) -> list[tuple[str, CallRecord]]:
