@@ -5,7 +5,8 @@ The format (version 1) is a zip archive with exactly these members:
 - ``layerscope.json``: ``{"format": "layerscope.capture", "version": 1, "capture": {...}, "modules": [...]}``,
   every record as JSON (NaN and Inf as JSON's ``NaN``/``Infinity`` tokens; tuples as lists). Each module is
   its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields (a merged capture's ``per_rank``
-  values inline, as lists with null for a rank that has none). A call's histogram and feature maps are not inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
+  values inline, as lists with null for a rank that has none). A call's histogram and feature maps are not
+  inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
   ``shape``).
 - ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (int16: the bits of bfloat16 values,
   which numpy has no type for): the histograms' counts and edges and the feature-map samples of all calls,
@@ -201,7 +202,8 @@ def _param(d: dict | None) -> ParamRecord | None:
         return None
     shard = d.get("shard")
     return ParamRecord(**dict(d, shape=tuple(d["shape"]), placements=tuple(d.get("placements", ())),
-                              shard=None if shard is None else tuple(shard), per_rank=_ranks(d.get("per_rank"), _param)))
+                              shard=None if shard is None else tuple(shard),
+                              per_rank=_ranks(d.get("per_rank"), _param)))
 
 
 def _call(d: dict, arrays: dict) -> CallRecord:
