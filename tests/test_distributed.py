@@ -221,3 +221,25 @@ def test_gather_outside_a_job_and_bad_arguments():
     merged = distributed.merge([cap, cap])
     with pytest.raises(ValueError, match="already merged"):
         distributed.merge([merged])
+
+
+def test_the_inspector_shows_per_rank_values_and_ranks_of_findings(jobs):
+    from layerscope import plots
+    from layerscope.widget import ModelInspector, text
+
+    merged = load(jobs / "tensor_parallel" / "merged.lsc")
+    inspector = ModelInspector(merged)
+    inspector.tree._handle_custom_msg({"event": "shown"}, [])
+    inspector.select("0")  # ColwiseParallel: each rank holds other columns
+    call = merged["0"].calls[0]
+    shown = inspector._stats.value
+    assert "all ranks" in shown and "rank 0" in shown and "rank 1" in shown
+    assert all(f"{s.mean:.6g}" in shown for s in (call.stats, *call.per_rank))
+    assert inspector._hist.value[:4] == b"\x89PNG"
+    assert call.histogram.rebinned  # the ranks binned over their own ranges: spread onto shared bins
+    figure = plots.activation_histogram(call)
+    assert any("merged across ranks" in t.get_text() for t in figure.axes[0].texts)
+    same_on_both = merged["2"].calls[0]  # RowwiseParallel's output is replicated: one column is enough
+    assert len(set(same_on_both.per_rank)) == 1 and "rank 0" not in text.stats(same_on_both)
+    nan = next(f for f in load(jobs / "nan" / "merged.lsc").findings if f.kind == "nan")
+    assert " · rank 1 · " in text.finding_label(nan) and "(rank 1)" in text.finding(nan)
