@@ -21,8 +21,8 @@ from torch import nn
 import layerscope
 from distributed_jobs import SCENARIOS, WORLD, entry, make_batch, make_model
 from layerscope import TensorStats, load
-from layerscope.core import distributed, versions
-from test_records import same
+from layerscope.core import distributed, versions, wire
+from test_records import same, zoo
 
 FSDP2_ON_CPU = versions.torch_version() >= (2, 7)  # CPU streams lack record_event before torch 2.7
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 runs on CPU from torch 2.7")
@@ -243,3 +243,34 @@ def test_the_inspector_shows_per_rank_values_and_ranks_of_findings(jobs):
     assert len(set(same_on_both.per_rank)) == 1 and "rank 0" not in text.stats(same_on_both)
     nan = next(f for f in load(jobs / "nan" / "merged.lsc").findings if f.kind == "nan")
     assert " · rank 1 · " in text.finding_label(nan) and "(rank 1)" in text.finding(nan)
+
+
+def test_histograms_of_all_calls_at_once_equal_merging_them_one_by_one():
+    rng = np.random.default_rng(0)
+    calls, expected = [], []
+    for i in range(40):
+        hists = []
+        for r in range(3):
+            values = rng.normal(r * 0.3 * (i % 4), 1 + r, size=500)
+            edges = np.linspace(values.min(), values.max(), 17) if i % 5 else np.linspace(-4, 4, 17)  # some shared
+            hists.append(layerscope.Histogram(counts=np.histogram(values, edges)[0], edges=edges, sampled=500,
+                                              numel=500, under=int((values < edges[0]).sum()),
+                                              over=int((values > edges[-1]).sum())))
+        calls.append([_Call(h) for h in hists])
+        expected.append(distributed._histogram(hists))
+    for got, want in zip(distributed._histograms(calls), expected):
+        assert np.array_equal(got.edges, want.edges) and got.rebinned == want.rebinned
+        assert np.array_equal(got.counts, want.counts) and (got.under, got.over) == (want.under, want.over)
+        assert got.counts.sum() + got.under + got.over == 3 * 500
+
+
+@dataclasses.dataclass
+class _Call:
+    histogram: layerscope.Histogram
+
+
+@pytest.mark.parametrize("index", range(len(zoo())))
+def test_what_a_rank_sends_keeps_every_record_of_the_zoo(index):
+    model, batch = zoo()[index]
+    cap = layerscope.capture(model, batch)
+    same(cap, wire.decode(wire.encode(cap)))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import wire
 from .nested import iter_tensors
 from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord
 from .stats import Histogram, TensorStats, local
@@ -170,11 +170,13 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
     """One capture of the whole job on rank ``dst``, None on the other ranks: a collective every rank calls with its
     own capture. Outside an initialised ``torch.distributed`` job it returns ``cap`` itself (one rank is the job).
 
-    Each rank sends its capture as the store's bytes (JSON and raw numbers, no pickle) in one uint8 tensor, on the
+    Each rank sends its capture as bytes (``wire``: JSON and raw numbers, no pickle) in one uint8 tensor, on the
     device its backend needs (CUDA for NCCL); ``dst`` merges them with ``merge``. A rank whose capture cannot be
-    serialised still takes part (no rank is left waiting) and raises afterwards, and so does ``dst``."""
+    encoded still takes part (no rank is left waiting) and raises afterwards, and so does ``dst``."""
     if not isinstance(cap, Capture):
         raise TypeError(f"gather() takes a Capture (from layerscope.capture), got {type(cap).__name__}")
+    if cap.merged:
+        raise ValueError("gather() takes each rank's own capture; this one is already merged")
     dist = _dist()
     if dist is None:
         return cap
@@ -186,7 +188,7 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
         payload = b"C"  # dst merges its own capture as it is
     else:
         try:
-            payload = b"C" + to_bytes(cap)
+            payload = b"C" + wire.encode(cap)
         except Exception as exc:  # noqa: BLE001 - sent to dst, raised below once every rank took part
             failure, payload = exc, b"E" + f"{type(exc).__name__}: {exc}".encode()
     parts = _exchange(dist, payload, dst)
@@ -201,23 +203,8 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
         for r, part in enumerate(parts):
             if part[:1] == b"E":
                 raise RuntimeError(f"gather(): rank {r} could not send its capture ({part[1:].decode()})")
-            captures.append(cap if r == dst else from_bytes(part[1:]))
+            captures.append(cap if r == dst else wire.decode(part[1:]))
         return merge(captures)
-
-
-def to_bytes(cap: Capture) -> bytes:
-    """``cap`` in the store's format (``Capture.save``), uncompressed, as bytes."""
-    from .store import save
-
-    buffer = io.BytesIO()
-    save(cap, buffer, compress=False)
-    return buffer.getvalue()
-
-
-def from_bytes(data: bytes) -> Capture:
-    from .store import load
-
-    return load(io.BytesIO(data))
 
 
 def _exchange(dist, payload: bytes, dst: int) -> list[bytes] | None:
@@ -255,17 +242,21 @@ def merge(captures: Sequence[Capture]) -> Capture:
         if c.merged or c.rank not in (None, r):
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
-    world = len(captures)
     names = list(dict.fromkeys(name for c in captures for name in c.modules))
-    modules, order = {}, []
-    for name in names:
-        reports = [c.modules.get(name) for c in captures]
-        modules[name] = _module(reports, world, order)
-    order.sort(key=lambda item: item[0])  # (index on its lowest rank, that rank), module, call number
-    renumber = {(name, k): i for i, (_, name, k) in enumerate(order)}
-    modules = {name: dataclasses.replace(m, calls=tuple(dataclasses.replace(c, index=renumber[name, k])
-                                                           for k, c in enumerate(m.calls)))
-               for name, m in modules.items()}
+    reports = {name: [c.modules.get(name) for c in captures] for name in names}
+    calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
+    for name, held in reports.items():
+        for k in range(_calls_of(held)):
+            per_rank = [m.calls[k] if m is not None and k < len(m.calls) else None for m in held]
+            low = next(r for r, c in enumerate(per_rank) if c is not None)
+            calls[name, k] = per_rank
+            order.append((per_rank[low].index, low, name, k))
+    order.sort()
+    hists = _histograms([calls[name, k] for *_, name, k in order])
+    merged_calls = {(name, k): _call(calls[name, k], i, hist) for i, ((*_, name, k), hist) in
+                    enumerate(zip(order, hists))}
+    modules = {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
+               for name, held in reports.items()}
     first = captures[0]
     losses = [c.loss for c in captures if c.loss is not None]
     failed = next(((r, c.error) for r, c in enumerate(captures) if c.error is not None), None)
@@ -284,39 +275,43 @@ def merge(captures: Sequence[Capture]) -> Capture:
         meta=any(c.meta for c in captures),
         summary_text=first.summary_text,
         rank=None,
-        world_size=world,
+        world_size=len(captures),
     )
     from .findings import find
 
     return dataclasses.replace(cap, findings=tuple(find(cap)))
 
 
+def _first(values: Sequence):
+    return next(v for v in values if v is not None)
+
+
 def _present(values: Sequence) -> list[tuple[int, object]]:
     return [(r, v) for r, v in enumerate(values) if v is not None]
 
 
-def _module(reports: list[ModuleReport | None], world: int, order: list) -> ModuleReport:
-    held = _present(reports)
-    low, first = held[0]
-    calls = []
-    for k in range(max(len(m.calls) for _, m in held)):
-        per_rank = [m.calls[k] if m is not None and k < len(m.calls) else None for m in reports]
-        holder, call = _present(per_rank)[0]
-        order.append(((call.index, holder), first.name, k))
-        calls.append(_call(per_rank))
-    params = {local_name: _param([None if m is None else m.params.get(local_name) for m in reports])
-              for local_name in dict.fromkeys(k for _, m in held for k in m.params)}
-    return dataclasses.replace(
-        first,
-        devices=_union(m.devices for _, m in held),
-        dtypes=_union(m.dtypes for _, m in held),
-        calls=tuple(calls),
-        params=MappingProxyType(params),
-        traits=frozenset.intersection(*(m.traits for _, m in held)),
+def _calls_of(held: list[ModuleReport | None]) -> int:
+    return max(len(m.calls) for m in held if m is not None)
+
+
+def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleReport:
+    present = [m for m in held if m is not None]
+    first = present[0]
+    params = {key: _param([None if m is None else m.params.get(key) for m in held])
+              for key in dict.fromkeys(k for m in present for k in m.params)}
+    return ModuleReport(
+        name=first.name, type_name=first.type_name, depth=first.depth, children=first.children,
+        num_params=first.num_params, num_own_params=first.num_own_params, num_trainable=first.num_trainable,
+        devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
+        calls=tuple(calls), params=MappingProxyType(params), training=first.training,
+        traits=frozenset.intersection(*(m.traits for m in present)), bounds=first.bounds,
     )
 
 
-def _union(groups) -> tuple[str, ...]:
+def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
+    first = groups[0]
+    if all(g == first for g in groups[1:]):
+        return first
     return tuple(sorted({item for group in groups for item in group}))
 
 
@@ -330,9 +325,60 @@ def _merge_stats(stats: Sequence[TensorStats | None]) -> TensorStats | None:
     return merged
 
 
+def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
+    """Each call's histogram of all ranks' outputs: summed where the ranks binned on the same edges, else every
+    rank's counts spread onto equal bins over the union of their ranges (``Histogram.rebin``: approximate). Calls
+    whose every rank has a histogram with equal bins are done together in a few array operations."""
+    out: list[Histogram | None] = [None] * len(calls)
+    batch: dict[int, list[int]] = {}  # bins -> calls done together
+    for i, per_rank in enumerate(calls):
+        hists = [None if c is None else c.histogram for c in per_rank]
+        if None not in hists and len({len(h.counts) for h in hists}) == 1:
+            batch.setdefault(len(hists[0].counts), []).append(i)
+        else:
+            out[i] = _histogram([h for h in hists if h is not None])
+    for bins, rows in batch.items():
+        hists = [[c.histogram for c in calls[i]] for i in rows]  # [calls][ranks]
+        edges = np.array([[h.edges for h in row] for row in hists])  # [calls, ranks, bins + 1]
+        counts = np.array([[h.counts for h in row] for row in hists])  # [calls, ranks, bins]
+        shared = (edges == edges[:, :1]).all(axis=(1, 2))
+        lo, hi = edges[..., 0], edges[..., -1]
+        width = (hi - lo) / bins
+        steps = np.diff(edges, axis=2)
+        even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2))
+        new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
+        at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
+        total = counts.sum(axis=2)
+        for j, i in enumerate(rows):
+            row = hists[j]
+            sampled, numel = sum(h.sampled for h in row), sum(h.numel for h in row)
+            under, over = sum(h.under for h in row), sum(h.over for h in row)
+            if shared[j]:
+                out[i] = Histogram(counts=counts[j].sum(axis=0), edges=row[0].edges, sampled=sampled, numel=numel,
+                                   under=under, over=over, rebinned=any(h.rebinned for h in row))
+            elif even[j]:
+                a = at[j]
+                out[i] = Histogram(counts=np.diff(a, axis=1).sum(axis=0).astype(np.int64), edges=new[j],
+                                   sampled=sampled, numel=numel, under=under + int(a[:, 0].sum()),
+                                   over=over + int((total[j] - a[:, -1]).sum()), rebinned=True)
+            else:
+                out[i] = _histogram(row)
+    return out
+
+
+def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """How many of each row's values lie below each new edge, in whole numbers, for equal-width bins starting at
+    ``lo``: the cumulative counts interpolated linearly within a bin (np.interp, for all rows at once)."""
+    bins = counts.shape[-1]
+    position = (new[:, None, :] - lo[..., None]) / width[..., None]  # [calls, ranks, bins + 1], in bins
+    k = np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
+    frac = np.clip(position - k, 0, 1)
+    below = np.concatenate([np.zeros(counts.shape[:-1] + (1,), np.int64), np.cumsum(counts, axis=-1)], axis=-1)
+    return np.round(np.take_along_axis(below, k, -1) + frac * np.take_along_axis(counts, k, -1))
+
+
 def _histogram(hists: list[Histogram]) -> Histogram | None:
-    """Exact when the ranks share edges; otherwise every rank's counts spread onto equal bins over the union of
-    their ranges (approximate, marked ``rebinned``)."""
+    """One call's histograms merged, one by one (see _histograms)."""
     if not hists:
         return None
     first = hists[0]
@@ -346,57 +392,64 @@ def _histogram(hists: list[Histogram]) -> Histogram | None:
     return first
 
 
-def _call(per_rank: list[CallRecord | None]) -> CallRecord:
-    held = _present(per_rank)
-    _, first = held[0]
-    calls = [c for _, c in held]
+def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | None) -> CallRecord:
+    calls = [c for c in per_rank if c is not None]
+    first = calls[0]
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
-    return dataclasses.replace(
-        first,
-        input_dtypes=_union(c.input_dtypes for c in calls),
-        output_dtypes=_union(c.output_dtypes for c in calls),
-        input_devices=_union(c.input_devices for c in calls),
-        output_devices=_union(c.output_devices for c in calls),
+    return CallRecord(
+        index=index,
+        input_shapes=first.input_shapes,
+        output_shapes=first.output_shapes,
+        input_dtypes=_union([c.input_dtypes for c in calls]),
+        output_dtypes=_union([c.output_dtypes for c in calls]),
+        input_devices=_union([c.input_devices for c in calls]),
+        output_devices=_union([c.output_devices for c in calls]),
         stats=_merge_stats([c.stats for c in calls]),
-        histogram=_histogram([c.histogram for c in calls if c.histogram is not None]),
+        histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together
         # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
         dead_units=None if None in dead else 0 if min(dead) == 0 else first.units if min(dead) == first.units
         else None,
+        units=first.units,
+        feature_maps=first.feature_maps,
         input_finite=False if False in finite else None if None in finite else True,
-        per_rank=tuple(None if c is None else c.stats for c in per_rank),
+        output_id=first.output_id,
+        per_rank=tuple([None if c is None else c.stats for c in per_rank]),
     )
 
 
 def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
-    held = [p for _, p in _present(per_rank)]
+    held = [p for p in per_rank if p is not None]
     first = held[0]
-    return dataclasses.replace(first, norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None,
-                               checksum=None, per_rank=tuple(per_rank))
+    return ParamRecord(shape=first.shape, dtype=first.dtype, device=first.device, trainable=first.trainable,
+                       norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), placements=first.placements,
+                       per_rank=tuple(per_rank))
 
 
 def _global(held: list[ParamRecord], attr: str) -> float | None:
     """The norm of the whole parameter from the ranks' norms: sqrt of the sum of squares over its distinct pieces
     (replicas count once, from the lowest rank); None when a piece is missing or the pieces are partial sums."""
+    first = held[0]
+    if first.shard is None:  # a plain tensor: a replica on every rank
+        return getattr(first, attr)
     pieces: dict[int, float] = {}
     for p in held:
         value = getattr(p, attr)
         if value is None:
             return None
         pieces.setdefault(p.shard[0] if p.shard else 0, value)
-    count = held[0].shard[1] if held[0].shard else 1
-    if len(pieces) < count or any(pl.startswith("Partial") for pl in held[0].placements):
+    if len(pieces) < first.shard[1] or any(pl.startswith("Partial") for pl in first.placements):
         return None
-    return math.sqrt(sum(v * v for v in pieces.values())) if count > 1 else pieces[0]
+    return math.sqrt(sum(v * v for v in pieces.values()))
 
 
 def _inputs(captures: list[Capture]) -> list[InputRecord]:
     out = []
     for i in range(max(len(c.inputs) for c in captures)):
         per_rank = [c.inputs[i] if i < len(c.inputs) else None for c in captures]
-        first = _present(per_rank)[0][1]
+        first = _first(per_rank)
         stats = [None if r is None else r.stats for r in per_rank]
         out.append(dataclasses.replace(first, stats=_merge_stats(stats), per_rank=tuple(stats)))
     return out
