@@ -6,8 +6,9 @@
 Two CPU processes on gloo, one thread each, DDP on bench_capture's stack (500 x Linear(512)/ReLU/LayerNorm/Dropout,
 131M parameters), batch 8 per rank. Times, on rank 0 (dst) from a barrier: one DDP training step (forward,
 backward with DDP's all-reduce, SGD step), the same step without DDP (one rank's compute), and ``gather(cap)``;
-also its parts: serialising a capture (what every other rank does) and merging two captures (what dst does).
-Prints medians and the ratios (the machine is noisy: compare, don't quote absolute times).
+also its parts: encoding a capture (what every other rank does) and merging two captures (what dst does, after
+decoding). Prints medians of wall and CPU time and the ratios (the machine is noisy: compare, don't quote absolute
+times; gather's CPU time on rank 0 leaves out the other rank's encoding, which its wall time waits for).
 """
 
 from __future__ import annotations
@@ -32,11 +33,20 @@ BATCH = 8
 WORLD = 2
 
 
-def _timed(fn) -> float:
+def _paused(fn, *args):
+    """As gather runs it: with the cyclic garbage collector paused."""
+    from layerscope.core.capture import _gc_paused
+
+    with _gc_paused():
+        return fn(*args)
+
+
+def _timed(fn) -> tuple[float, float]:
+    """Wall time and this process's CPU time (all its threads) of one run, from a barrier."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _rank(rank: int, init: str, repeats: int) -> None:
@@ -59,22 +69,24 @@ def _rank(rank: int, init: str, repeats: int) -> None:
 
     cap = layerscope.capture(model, x, loss_fn=lambda out, _: F.mse_loss(out, y))
     fns = {"DDP training step": lambda: step(model), "local training step": lambda: step(plain),
-           "gather": lambda: layerscope.gather(cap), "serialise one capture": lambda: wire.encode(cap),
+           "gather": lambda: layerscope.gather(cap), "encode one capture": lambda: _paused(wire.encode, cap),
            "merge two captures": lambda: distributed.merge([dataclasses.replace(cap, rank=r) for r in range(WORLD)])}
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         _timed(fn)
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every method alike
         for name, fn in fns.items():
             times[name].append(_timed(fn))
     if rank == 0:
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        wall = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
+        cpu = {name: statistics.median(c for _, c in ts) for name, ts in times.items()}
         print(f"stack2001: {len(cap.modules)} modules, {len(cap.calls)} calls, {cap.total_params / 1e6:.0f}M "
-              f"parameters, {len(wire.encode(cap)) / 1e6:.1f} MB sent per rank (median of {repeats})")
-        for name, t in med.items():
-            print(f"  {name:<28} {t * 1e3:9.0f} ms")
-        print(f"  {'gather / DDP training step':<28} {med['gather'] / med['DDP training step']:9.1%}")
-        print(f"  {'gather / local training step':<28} {med['gather'] / med['local training step']:9.1%}")
+              f"parameters, {len(wire.encode(cap)) / 1e6:.1f} MB sent per rank (median of {repeats}, rank 0)")
+        print(f"  {'':<30} {'wall ms':>9} {'CPU ms':>9}")
+        for name in fns:
+            print(f"  {name:<30} {wall[name] * 1e3:9.0f} {cpu[name] * 1e3:9.0f}")
+        for step in ("DDP training step", "local training step"):
+            print(f"  {'gather / ' + step:<30} {wall['gather'] / wall[step]:9.1%} {cpu['gather'] / cpu[step]:9.1%}")
     dist.destroy_process_group()
 
 

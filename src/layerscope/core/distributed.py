@@ -180,10 +180,17 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
     dist = _dist()
     if dist is None:
         return cap
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
         raise ValueError(f"dst must be a rank of the job, 0 to {world - 1}, got {dst!r}")
-    failure = None
+    from .capture import _gc_paused  # thousands of small records: full collections would cost more than the work
+
+    with _gc_paused():
+        return _gather(dist, cap, dst)
+
+
+def _gather(dist, cap: Capture, dst: int) -> Capture | None:
+    rank, failure = dist.get_rank(), None
     if rank == dst:
         payload = b"C"  # dst merges its own capture as it is
     else:
@@ -196,15 +203,12 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
         raise failure
     if parts is None:
         return None
-    from .capture import _gc_paused
-
-    with _gc_paused():
-        captures = []
-        for r, part in enumerate(parts):
-            if part[:1] == b"E":
-                raise RuntimeError(f"gather(): rank {r} could not send its capture ({part[1:].decode()})")
-            captures.append(cap if r == dst else wire.decode(part[1:]))
-        return merge(captures)
+    captures = []
+    for r, part in enumerate(parts):
+        if part[:1] == b"E":
+            raise RuntimeError(f"gather(): rank {r} could not send its capture ({part[1:].decode()})")
+        captures.append(cap if r == dst else wire.decode(part[1:]))
+    return merge(captures)
 
 
 def _exchange(dist, payload: bytes, dst: int) -> list[bytes] | None:
@@ -242,6 +246,13 @@ def merge(captures: Sequence[Capture]) -> Capture:
         if c.merged or c.rank not in (None, r):
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
+    from .capture import _gc_paused
+
+    with _gc_paused():
+        return _merge(captures)
+
+
+def _merge(captures: list[Capture]) -> Capture:
     names = list(dict.fromkeys(name for c in captures for name in c.modules))
     reports = {name: [c.modules.get(name) for c in captures] for name in names}
     calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
@@ -252,8 +263,8 @@ def merge(captures: Sequence[Capture]) -> Capture:
             calls[name, k] = per_rank
             order.append((per_rank[low].index, low, name, k))
     order.sort()
-    hists = _histograms([calls[name, k] for *_, name, k in order])
-    merged_calls = {(name, k): _call(calls[name, k], i, hist) for i, ((*_, name, k), hist) in
+    hists = _histograms([calls[name, k] for _, _, name, k in order])
+    merged_calls = {(name, k): _call(calls[name, k], i, hist) for i, ((_, _, name, k), hist) in
                     enumerate(zip(order, hists))}
     modules = {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
                for name, held in reports.items()}
@@ -310,7 +321,7 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
     first = groups[0]
-    if all(g == first for g in groups[1:]):
+    if groups.count(first) == len(groups):
         return first
     return tuple(sorted({item for group in groups for item in group}))
 
@@ -330,15 +341,17 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
     rank's counts spread onto equal bins over the union of their ranges (``Histogram.rebin``: approximate). Calls
     whose every rank has a histogram with equal bins are done together in a few array operations."""
     out: list[Histogram | None] = [None] * len(calls)
-    batch: dict[int, list[int]] = {}  # bins -> calls done together
+    batch: dict[int, tuple[list[int], list[list[Histogram]]]] = {}  # bins -> the calls done together, their histograms
     for i, per_rank in enumerate(calls):
         hists = [None if c is None else c.histogram for c in per_rank]
-        if None not in hists and len({len(h.counts) for h in hists}) == 1:
-            batch.setdefault(len(hists[0].counts), []).append(i)
+        sizes = [0 if h is None else h.counts.size for h in hists]
+        if sizes[0] and sizes.count(sizes[0]) == len(sizes):
+            rows, row_hists = batch.setdefault(sizes[0], ([], []))
+            rows.append(i)
+            row_hists.append(hists)
         else:
             out[i] = _histogram([h for h in hists if h is not None])
-    for bins, rows in batch.items():
-        hists = [[c.histogram for c in calls[i]] for i in rows]  # [calls][ranks]
+    for bins, (rows, hists) in batch.items():  # hists: [calls][ranks]
         edges = np.array([[h.edges for h in row] for row in hists])  # [calls, ranks, bins + 1]
         counts = np.array([[h.counts for h in row] for row in hists])  # [calls, ranks, bins]
         shared = (edges == edges[:, :1]).all(axis=(1, 2))
@@ -348,19 +361,20 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
         even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2))
         new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
         at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
-        total = counts.sum(axis=2)
+        summed = counts.sum(axis=1)
+        spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
+        below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
+        above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
+        sums = np.array([[[h.sampled, h.numel, h.under, h.over] for h in row] for row in hists]).sum(axis=1).tolist()
         for j, i in enumerate(rows):
             row = hists[j]
-            sampled, numel = sum(h.sampled for h in row), sum(h.numel for h in row)
-            under, over = sum(h.under for h in row), sum(h.over for h in row)
+            sampled, numel, under, over = sums[j]
             if shared[j]:
-                out[i] = Histogram(counts=counts[j].sum(axis=0), edges=row[0].edges, sampled=sampled, numel=numel,
-                                   under=under, over=over, rebinned=any(h.rebinned for h in row))
+                out[i] = Histogram(counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel, under=under,
+                                   over=over, rebinned=any(h.rebinned for h in row))
             elif even[j]:
-                a = at[j]
-                out[i] = Histogram(counts=np.diff(a, axis=1).sum(axis=0).astype(np.int64), edges=new[j],
-                                   sampled=sampled, numel=numel, under=under + int(a[:, 0].sum()),
-                                   over=over + int((total[j] - a[:, -1]).sum()), rebinned=True)
+                out[i] = Histogram(counts=spread[j], edges=new[j], sampled=sampled, numel=numel, under=under + below[j],
+                                   over=over + above[j], rebinned=True)
             else:
                 out[i] = _histogram(row)
     return out
@@ -398,14 +412,17 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
+    where = [(c.input_dtypes, c.output_dtypes, c.input_devices, c.output_devices) for c in calls]
+    if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
+        where[0] = tuple(_union(list(group)) for group in zip(*where))
     return CallRecord(
         index=index,
         input_shapes=first.input_shapes,
         output_shapes=first.output_shapes,
-        input_dtypes=_union([c.input_dtypes for c in calls]),
-        output_dtypes=_union([c.output_dtypes for c in calls]),
-        input_devices=_union([c.input_devices for c in calls]),
-        output_devices=_union([c.output_devices for c in calls]),
+        input_dtypes=where[0][0],
+        output_dtypes=where[0][1],
+        input_devices=where[0][2],
+        output_devices=where[0][3],
         stats=_merge_stats([c.stats for c in calls]),
         histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together

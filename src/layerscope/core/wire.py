@@ -24,17 +24,23 @@ from .stats import Histogram, TensorStats
 from .store import _plain
 
 
-def _names(kind, *special: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(kind) if f.name not in special]
+def _names(kind, *special: str) -> list[str | None]:
+    """The record's fields in their order; None for those written apart (their place is kept, as null)."""
+    return [None if f.name in special else f.name for f in dataclasses.fields(kind)]
 
 
-_STATS = _names(TensorStats)
+def _values(obj, names: list[str | None]) -> list:
+    return [None if n is None else getattr(obj, n) for n in names]
+
+
+_STATS = [f.name for f in dataclasses.fields(TensorStats)]
 _STATS_INT = [n not in ("mean", "m2", "min", "max") for n in _STATS]  # counts, held exactly by float64 rows
 _CALL = _names(CallRecord, "stats", "histogram", "feature_maps", "per_rank")
 _PARAM = _names(ParamRecord, "per_rank")
 _MODULE = _names(ModuleReport, "calls", "params", "traits")
 _INPUT = _names(InputRecord, "stats", "per_rank")
-_HEAD = _names(Capture, "modules", "findings", "inputs", "error", "output", "model", "batch")
+_HEAD = [f.name for f in dataclasses.fields(Capture)
+         if f.name not in ("modules", "findings", "inputs", "error", "output", "model", "batch")]
 _ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16}
 
 
@@ -59,11 +65,11 @@ class _Writer:
             bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
             self.parts["maps"].append(bits.reshape(-1))
             maps = list(bits.shape)
-        return [[getattr(c, n) for n in _CALL], self.stat(c.stats), h, maps]
+        return [_values(c, _CALL), self.stat(c.stats), h, maps]
 
     def module(self, m: ModuleReport) -> list:
-        return [[getattr(m, n) for n in _MODULE], sorted(m.traits), [self.call(c) for c in m.calls],
-                [[k, [getattr(p, n) for n in _PARAM]] for k, p in m.params.items()]]
+        return [_values(m, _MODULE), sorted(m.traits), [self.call(c) for c in m.calls],
+                [[k, _values(p, _PARAM)] for k, p in m.params.items()]]
 
 
 def encode(cap: Capture) -> bytes:
@@ -76,7 +82,7 @@ def encode(cap: Capture) -> bytes:
         "head": {n: getattr(cap, n) for n in _HEAD},
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
-        "inputs": [[[getattr(i, n) for n in _INPUT], w.stat(i.stats)] for i in cap.inputs],
+        "inputs": [[_values(i, _INPUT), w.stat(i.stats)] for i in cap.inputs],
         "modules": modules,
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
@@ -96,25 +102,31 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-_NESTED = ("tuple", "Any", "Mapping")  # annotations of fields that JSON turns into lists (or dicts of them)
+def _plan(kind) -> tuple[list[int], list[int], dict[str, int]]:
+    """Where a record's JSON list holds flat tuples (of plain values), nested ones (shape trees, Any), and the
+    fields written apart."""
+    fields = dataclasses.fields(kind)
+    kinds = [str(f.type) for f in fields]
+    flat = [i for i, k in enumerate(kinds) if k.startswith("tuple[") and k.count("tuple") == 1]
+    nested = [i for i, k in enumerate(kinds) if i not in flat and any(w in k for w in ("tuple", "Any", "Mapping"))]
+    return flat, nested, {f.name: i for i, f in enumerate(fields)}
 
 
-def _listy(kind, names: list[str]) -> list[str]:
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(kind)}
-    return [n for n in names if any(word in annotations[n] for word in _NESTED)]
+_PLANS = {kind: _plan(kind) for kind in (CallRecord, ParamRecord, ModuleReport, InputRecord)}
 
 
-_LISTY = {kind: _listy(kind, names) for kind, names in
-          ((CallRecord, _CALL), (ParamRecord, _PARAM), (ModuleReport, _MODULE), (InputRecord, _INPUT))}
-
-
-def _record(kind, names: list[str], values: list, **extra):
-    fields = dict(zip(names, values), **extra)
-    for n in _LISTY[kind]:
-        v = fields[n]
-        if type(v) in (list, dict):
-            fields[n] = _tuples(v)
-    return kind(**fields)
+def _record(kind, values: list, **apart):
+    """The record from its JSON list (changed in place) and the fields written apart."""
+    flat, nested, index = _PLANS[kind]
+    for name, value in apart.items():
+        values[index[name]] = value
+    for i in flat:
+        if values[i] is not None:
+            values[i] = tuple(values[i])
+    for i in nested:
+        if type(values[i]) in (list, dict):
+            values[i] = _tuples(values[i])
+    return kind(*values)
 
 
 def decode(data: bytes) -> Capture:
@@ -142,13 +154,13 @@ def decode(data: bytes) -> Capture:
                              numel=numel, under=under, over=over, rebinned=rebinned)
         if maps is not None:
             maps = torch.from_numpy(take("maps", int(np.prod(maps))).reshape(maps).copy()).view(torch.bfloat16)
-        return _record(CallRecord, _CALL, values, stats=None if stat < 0 else stats[stat], histogram=hist,
+        return _record(CallRecord, values, stats=None if stat < 0 else stats[stat], histogram=hist,
                        feature_maps=maps)
 
     modules = {}
     for values, traits, calls, params in doc["modules"]:
-        m = _record(ModuleReport, _MODULE, values, traits=frozenset(traits), calls=tuple(call(*c) for c in calls),
-                    params=MappingProxyType({k: _record(ParamRecord, _PARAM, p) for k, p in params}))
+        m = _record(ModuleReport, values, traits=frozenset(traits), calls=tuple(call(*c) for c in calls),
+                    params=MappingProxyType({k: _record(ParamRecord, p) for k, p in params}))
         modules[m.name] = m
     error = doc["error"]
     return Capture(
@@ -156,6 +168,6 @@ def decode(data: bytes) -> Capture:
         **doc["head"],
         error=None if error is None else CaptureError(**error),
         findings=tuple(Finding(**f) for f in doc["findings"]),
-        inputs=tuple(_record(InputRecord, _INPUT, values, stats=None if s < 0 else stats[s])
+        inputs=tuple(_record(InputRecord, values, stats=None if s < 0 else stats[s])
                      for values, s in doc["inputs"]),
     )
