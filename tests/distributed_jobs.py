@@ -123,6 +123,28 @@ def _tensor_parallel(rank, out):
     _capture_and_gather(rank, out, model, x, y)
 
 
+def _dtensor_activations(rank, out):
+    """Tensor parallel that keeps the activations as DTensors between the layers: statistics of the local shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    plan = {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel(input_layouts=Shard(-1))}
+    model = parallelize_module(make_model(), mesh, plan)
+    x, y = make_batch(0)
+    seen = {}
+    handle = model[1].register_forward_hook(lambda m, a, o: seen.setdefault("relu", o.to_local().detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    cap = _capture_and_gather(rank, out, model, x, y)
+    assert cap.error is None, cap.error
+    got, want = cap["1"].calls[0].stats, layerscope.TensorStats.of(seen["relu"])
+    assert got.numel == want.numel == 48 and abs(got.mean - want.mean) < 1e-6 and got.max == want.max
+    assert cap["1"].calls[0].output_shapes == (6, 16)  # a DTensor's global shape; its statistics are the shard's
+
+
 def _nan_on_rank_1(rank, out):
     model = nn.parallel.DistributedDataParallel(nn.Sequential(Normalize(), make_model()))
     x, y = make_batch(rank)
@@ -152,5 +174,6 @@ def _device_mismatch_on_rank_1(rank, out):
     _capture_and_gather(rank, out, model, *make_batch(rank))
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "nan": _nan_on_rank_1,
+SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
+             "nan": _nan_on_rank_1,
              "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1}

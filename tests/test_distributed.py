@@ -170,6 +170,17 @@ def test_tensor_parallel_dtensor_linear(jobs, tmp_path):
     assert not [f for f in merged.findings if f.kind == "rank_desync"]  # the replicated bias agrees
 
 
+def test_dtensor_activations_are_summarised_on_their_local_shards(jobs):
+    merged = load(jobs / "dtensor" / "merged.lsc")
+    assert merged.error is None and merged.total_params == 212
+    relu = merged["1"].calls[0]
+    assert relu.stats.numel == 6 * 16 and [s.numel for s in relu.per_rank] == [48, 48]  # two shards of (6, 16)
+    full = outputs(make_model(), make_batch(0)[0])
+    assert_stats(relu.stats, TensorStats.of(full["1"]))
+    assert merged["2"].params["weight"].grad_norm == pytest.approx(reference_grads([make_batch(0)])[2]["2.weight"],
+                                                                   rel=1e-5)
+
+
 def test_a_nan_on_rank_1_only_is_found_at_its_module_and_rank(jobs):
     folder = jobs / "nan"
     merged = load(folder / "merged.lsc")
