@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose, traits
+from . import diagnose, kinds, traits
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
 from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
 from .stats import StatsBatch, norm
-from .tree import module_tree
+from .tree import initialised, module_tree, uninitialised
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
@@ -71,11 +71,6 @@ def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
         return 64, fixed.get
     edges = _edges(bins, "bins")
     return len(edges) - 1, lambda name: edges
-
-
-def _on_meta(model: nn.Module) -> bool:
-    tensors = [*model.parameters(), *model.buffers()]
-    return bool(tensors) and all(t.is_meta for t in tensors)
 
 
 class _Recorder:
@@ -260,7 +255,10 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
         return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
-    parts = [t.float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
+    own = kinds.model_loss(output)
+    if own is not None and own.requires_grad:
+        return own, "model_loss"
+    parts = [t.float().sum() for t in kinds.result_tensors(output) if t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
 
@@ -331,9 +329,10 @@ def capture(
 
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
-    tree = module_tree(model)
+    model, compiled = kinds.unwrap(model)
     names = {id(m): n for n, m in model.named_modules()}
-    meta = _on_meta(model)
+    elsewhere = kinds.offloaded(model)
+    meta = kinds.on_meta(model, elsewhere)
     if meta:
         batch_run = map_tensors(batch, lambda t: t.to("meta"))
         backward = False
@@ -345,6 +344,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     with HookSession(model) as session:
+        if meta:
+            kinds.buffers_to_meta(model)
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
         for name, module in model.named_modules():
@@ -356,11 +357,10 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    params = [p for p in model.parameters() if p.requires_grad]
+                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in elsewhere]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
-                        got = torch.autograd.grad(loss, params, allow_unused=True)
-                        grads = {id(p): g for p, g in zip(params, got)}
+                        grads = kinds.param_grads(loss, params)
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -373,9 +373,11 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         finally:
             session.remove()
     records, summaries = recorder.records()
+    tree = module_tree(model)  # after the pass: lazy modules have their parameters now
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in model.parameters()})
+        param_norms = _norms({id(p): p for p in initialised(model)})
+        param_norms.update(_norms({k: w for k, w in elsewhere.items() if w is not None}))
     constant_sum = traits.sums_to_constant(model)
     modules = {}
     for (name, module), info in zip(model.named_modules(), tree.values()):
@@ -383,25 +385,26 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         found = traits.class_traits(module)
         if name in constant_sum:
             found = found | {"sums_to_constant"}
+        if uninitialised(module):
+            found = found | {"uninitialised"}
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
                 local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
                                    trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)))
+                                   grad_norm=grad_norms.get(id(p)), offloaded=id(p) in elsewhere)
                 for local, p in own
             }),
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
         )
-    unique = list(model.parameters())
-    out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
+    out_floats = [t for t in kinds.result_tensors(output) if not t.is_meta]
     cap = Capture(
         modules=MappingProxyType(modules),
-        total_params=sum(p.numel() for p in unique),
-        trainable_params=sum(p.numel() for p in unique if p.requires_grad),
+        total_params=tree[""]["num_params"],
+        trainable_params=tree[""]["num_trainable"],
         loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
@@ -413,6 +416,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         ),
         output_numel=sum(t.numel() for t in out_floats),
         meta=meta,
+        compiled=compiled,
         output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,

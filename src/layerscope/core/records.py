@@ -27,6 +27,7 @@ TRAITS = (
     "param_container",  # nn.ParameterList / ParameterDict
     "train_dependent",  # dropout or batch norm: behaves differently in training mode
     "sums_to_constant",  # softmax, or a layer/group norm whose scale is one number: its outputs add up to a constant
+    "uninitialised",  # a lazy module (nn.LazyLinear, ...) not called yet: its parameters have no size, counted as 0
 )
 
 
@@ -77,6 +78,7 @@ class ParamRecord:
     trainable: bool  # requires_grad
     norm: float | None  # L2 norm; None on the meta device
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    offloaded: bool = False  # accelerate keeps its values elsewhere (CPU/disk offload): norm of those, no gradient
 
     @property
     def numel(self) -> int:
@@ -178,13 +180,14 @@ class Capture:
     total_params: int
     trainable_params: int
     loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "model_loss" | "sum"; None when no loss was computed
     backward: bool  # True when gradients were computed
     error: CaptureError | None
     findings: tuple[Finding, ...] = ()
     inputs: tuple[InputRecord, ...] = ()
-    output_numel: int = 0  # floating-point values in the model's output (the "sum" loss adds them up)
-    meta: bool = False  # the model was on the meta device: shapes and counts only
+    output_numel: int = 0  # floating-point values in the model's output, caches left out (the "sum" loss adds them up)
+    meta: bool = False  # the model's parameters were on the meta device: shapes and counts only
+    compiled: bool = False  # a torch.compile wrapper: its original module was recorded, run eagerly
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
     output: Any = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
