@@ -374,6 +374,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             session.remove()
     records, summaries = recorder.records()
     tree = module_tree(model)  # after the pass: lazy modules have their parameters now
+    elsewhere = kinds.offloaded(model)  # again: accelerate's hooks put new meta tensors in after each call
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
         param_norms = _norms({id(p): p for p in initialised(model)})

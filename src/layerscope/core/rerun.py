@@ -13,6 +13,7 @@ from . import cam
 from .attention import attention_maps
 from .capture import FEATURE_CHANNELS, pool_maps
 from .hooks import HookSession
+from .kinds import unwrap
 from .nested import call_model, first_float_tensor
 from .records import CallRecord, call_key
 
@@ -23,7 +24,9 @@ class _Got(Exception):
 
 def module_output(model: nn.Module, batch: Any, name: str, call: int = 0) -> torch.Tensor | None:
     """The first floating-point output tensor of call number ``call`` of module ``name``, detached, on
-    the CPU (None if it has none). The model is left as it was, buffers such as running means included."""
+    the CPU (None if it has none). The model is left as it was, buffers such as running means included.
+    A ``torch.compile`` wrapper is run through its original module, as ``capture`` records it."""
+    model, _ = unwrap(model)
     module = model.get_submodule(name)
     got: list[torch.Tensor | None] = []
     calls = 0

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets as widgets
@@ -61,19 +62,23 @@ class ModelInspector(widgets.VBox):
     that records can draw; Grad-CAM, attention and feature-map pages past the stored sample need the
     model, and say so when the capture has none.
 
-    ``target`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label predictions,
-    ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps.
+    ``target``, ``loss_fn`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label
+    predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps;
+    or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens`` or ``decode``)
+    labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those tokens.
     """
 
     selected = traitlets.Unicode("")
 
-    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, class_names=None,
-                 mean=None, std=None, tokens=None, backward: bool = True):
+    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, loss_fn=None,
+                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True):
         self._given = model if isinstance(model, Capture) else None
         if self._given is not None:
             model, batch = self._given.model, self._given.batch
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
+        self._loss_fn = loss_fn
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
+        self.tokenizer = tokenizer
         self._quiet = False  # True while panels set their own controls: their events are not user input
         self._displayed = False  # panels are drawn once a tree view says it is on a page
         self._drawn: dict[int, tuple] = {}
@@ -172,7 +177,8 @@ class ModelInspector(widgets.VBox):
 
         handle = nn.modules.module.register_module_forward_hook(tick)
         try:
-            self._cap = run_capture(self._model, self._batch, target=self._target, backward=self._backward)
+            self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
+                                    backward=self._backward)
         finally:
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
@@ -329,7 +335,7 @@ class ModelInspector(widgets.VBox):
         if kind == "attention":
             call, item, head = key
             weights = self._attention_for(name, call)
-            return plots.attention_heatmap(weights[item], tokens=self._tokens(item), head=head)
+            return plots.attention_heatmap(weights[item], tokens=self._tokens(item, weights.shape[-2:]), head=head)
         raise ValueError(f"unknown figure kind {kind!r}")
 
     def _show(self, image: widgets.Image, *key) -> None:
@@ -475,10 +481,11 @@ class ModelInspector(widgets.VBox):
         out = first_float_tensor(self._cap.output)
         return out.detach().cpu() if out is not None and out.dim() == 2 else None
 
-    def _tokens(self, item: int) -> list[str] | None:
+    def _tokens(self, item: int, positions: tuple[int, int]) -> list[str] | None:
         tokens = self.tokens
         if tokens is None:
-            return None
+            decoded = decoded_tokens(self.tokenizer, self._batch, item) if self.tokenizer is not None else None
+            return decoded if decoded is not None and (len(decoded), len(decoded)) == tuple(positions) else None
         if len(tokens) and not isinstance(tokens[0], str):
             tokens = tokens[item]  # one list of tokens per item
         return [str(t) for t in tokens]
@@ -489,6 +496,27 @@ class ModelInspector(widgets.VBox):
             dropdown.options = list(range(n))
         _shown(dropdown, n > 1)
         return dropdown.value or 0
+
+
+def input_ids(batch: Any) -> torch.Tensor | None:
+    """The token ids of a text batch [N, L]: its "input_ids" entry, or its first integer tensor."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"]
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    ids = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool), None)
+    return ids if ids is not None and ids.dim() == 2 else None
+
+
+def decoded_tokens(tokenizer: Any, batch: Any, item: int) -> list[str] | None:
+    """Item ``item``'s tokens of the batch's ``input_ids``, one string per id, decoded by ``tokenizer``."""
+    ids = input_ids(batch)
+    if ids is None or item >= len(ids):
+        return None
+    row = ids[item].tolist()
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [str(t) for t in tokenizer.convert_ids_to_tokens(row)]
+    return [str(tokenizer.decode([i])) for i in row]
 
 
 def _progress(total: int):
