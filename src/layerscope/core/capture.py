@@ -312,11 +312,14 @@ def capture(
     ``batch`` is passed as ``model(batch)`` (a Tensor), ``model(*batch)`` (a tuple/list) or
     ``model(**batch)`` (a dict). With ``backward`` (the default), a loss is formed from
     ``loss_fn(output, batch)``, else the cross-entropy of the logits with ``target`` (class indices),
-    else the sum of all floating-point outputs, and the gradients are computed without touching any
-    ``.grad`` of the model. A failure in any phase does not raise: it lands in ``Capture.error``.
-    The model is left exactly as it was: hooks removed, training flags, ``requires_grad`` and ``.grad``
-    restored, nothing moved. A model whose tensors are all on the meta device gets its batch's tensors
-    mirrored on the meta device (shapes, no values, no memory) and no backward.
+    else the loss the model returned (a Hugging Face output's ``.loss``), else the sum of the
+    floating-point outputs (caches left out), and the gradients are computed without touching any
+    ``.grad`` of the model (also through reentrant activation checkpointing). A failure in any phase does
+    not raise: it lands in ``Capture.error``. The model is left exactly as it was: hooks removed, training
+    flags, ``requires_grad``, ``.grad`` and buffers restored, nothing moved (lazy modules called for the
+    first time keep the parameters they get). A model whose parameters are all on the meta device gets
+    its batch's tensors mirrored on the meta device (shapes, no values, no memory) and no backward. A
+    ``torch.compile`` wrapper is recorded through its original module, run eagerly.
 
     ``bins`` sets the histograms: a number of equal bins over each output's own range (64), a sequence
     of edges used for every module, or a mapping {module name: edges} (64 equal bins for the others).

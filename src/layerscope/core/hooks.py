@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 class HookSession:
@@ -13,7 +14,8 @@ class HookSession:
     ``training`` flag, each parameter's ``requires_grad`` and each existing ``.grad`` are restored, and
     so are the buffers: each module attribute gets back the very tensor it held (a forward may assign a
     new one, ``self.running = self.running * 0.9 + ...``), and, when any module is in training mode (a
-    training-mode pass updates batch-norm running statistics), that tensor gets back its values.
+    training-mode pass updates batch-norm running statistics), that tensor gets back its values (not a
+    lazy module's buffer, which has none before its first call).
 
     Removing twice is harmless. Exceptions are never swallowed.
     """
@@ -32,7 +34,7 @@ class HookSession:
         self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
         self._buffers = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items()]
         training = any(flag for _, flag in self._training)
-        self._values = [(b, b.clone()) for b in self.model.buffers()] if training else []
+        self._values = [(b, b.clone()) for b in self.model.buffers() if not is_lazy(b)] if training else []
         return self
 
     def __exit__(self, *exc_info) -> None:
