@@ -674,10 +674,13 @@ def test_accelerate_dispatch_hooks_are_kept_and_capture_works_through_them(tmp_p
         assert cap.error is None and not cap.meta, how
         assert torch.equal(cap.output, expected), how
         assert cap.total_params == numel(plain)
+        assert cap.backward == (how == "device_map")  # there, the first and last layers stay in place
         for name, module in plain.named_modules():
             for local, p in module.named_parameters(recurse=False):
                 record = cap[name].params[local]
-                assert record.norm == pytest.approx(float(p.detach().double().norm()), rel=1e-6), (how, name)
+                assert record.offloaded == (how != "device_map" or name == "2"), (how, name)
+                if cap.backward:  # norms are taken for a backward: offloaded ones from the values kept
+                    assert record.norm == pytest.approx(float(p.detach().double().norm()), rel=1e-6), (how, name)
         kinds = [f.kind for f in cap.findings]
         assert "offloaded" in kinds and "no_grad" not in kinds, (how, kinds)
         assert {name: m._hf_hook for name, m in model.named_modules() if hasattr(m, "_hf_hook")} == hooked

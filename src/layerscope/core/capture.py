@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -333,7 +334,8 @@ def capture(
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
     model, compiled = kinds.unwrap(model)
-    names = {id(m): n for n, m in model.named_modules()}
+    entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
+    names = {id(m): n for n, m in entries}
     elsewhere = kinds.offloaded(model)
     meta = kinds.on_meta(model, elsewhere)
     if meta:
@@ -351,7 +353,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             kinds.buffers_to_meta(model)
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
-        for name, module in model.named_modules():
+        for name, module in entries:
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
             with torch.enable_grad() if backward else torch.no_grad():
@@ -376,15 +378,19 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         finally:
             session.remove()
     records, summaries = recorder.records()
-    tree = module_tree(model)  # after the pass: lazy modules have their parameters now
+    tree = module_tree(entries)  # after the pass: lazy modules have their parameters now
     elsewhere = kinds.offloaded(model)  # again: accelerate's hooks put new meta tensors in after each call
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
-    with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in initialised(model)})
-        param_norms.update(_norms({k: w for k, w in elsewhere.items() if w is not None}))
-    constant_sum = traits.sums_to_constant(model)
+    # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
+    # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
+    nonfinite = any(s is not None and not s[0].finite for s in summaries)
+    held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
+    with torch.no_grad():
+        param_norms = _norms(held if grads or nonfinite else {})
+    finite = {key: math.isfinite(value) for key, value in param_norms.items()}
+    constant_sum = traits.sums_to_constant(entries)
     modules = {}
-    for (name, module), info in zip(model.named_modules(), tree.values()):
+    for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
         found = traits.class_traits(module)
         if name in constant_sum:
@@ -396,8 +402,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
                 local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
-                                   trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)), offloaded=id(p) in elsewhere)
+                                   trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
+                                   grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
+                                   offloaded=id(p) in elsewhere)
                 for local, p in own
             }),
             training=module.training,

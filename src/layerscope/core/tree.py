@@ -21,7 +21,7 @@ def uninitialised(module: nn.Module) -> bool:
     return any(t is not None and is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values()))
 
 
-def module_tree(model: nn.Module) -> dict[str, dict]:
+def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
     """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport, plus
     ``own``: its own parameters as (local name, parameter) pairs.
 
@@ -29,7 +29,6 @@ def module_tree(model: nn.Module) -> dict[str, dict]:
     children's, so a tensor shared or tied at several places is counted once. Lazy parameters not yet
     initialised are left out (they have no size yet: see ``uninitialised``).
     """
-    entries = list(model.named_modules())
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
