@@ -362,7 +362,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in elsewhere]
+                    moved = kinds.offloaded(model)  # accelerate's hooks put new meta tensors in after each call
+                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in moved]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
                         grads = kinds.param_grads(loss, params)
@@ -379,7 +380,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             session.remove()
     records, summaries = recorder.records()
     tree = module_tree(entries)  # after the pass: lazy modules have their parameters now
-    elsewhere = kinds.offloaded(model)  # again: accelerate's hooks put new meta tensors in after each call
+    elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
