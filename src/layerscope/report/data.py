@@ -44,7 +44,7 @@ class _Maps:
     def add(self, call: CallRecord) -> dict | None:
         if not call.has_maps:
             return None
-        maps = call.feature_maps.detach().cpu().float().numpy()
+        maps = call.feature_maps.detach().cpu().double().numpy()
         finite = maps[np.isfinite(maps)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         if lo < 0 < hi:
