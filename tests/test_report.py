@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models import squeezenet1_1
 
 import layerscope
+from layerscope.core import gradflow
 from layerscope.report import cli, html, static_html
 from layerscope.widget import ModelInspector, rows, text
 from layerscope.widget.inspector import EXPLAIN
@@ -79,7 +80,14 @@ def test_the_document_holds_every_record_the_page_shows(squeezenet_report):
     assert grads == {k: f"{v:.4g}" for k, v in report.param_grad_norms.items()}
     assert m["calls"][0]["grad"] == f"{call.grad_output_norm:.4g}"
     assert doc["summary"] == cap.summary() and "1,235,496" in doc["summary"]
-    assert doc["gradient_flow"].startswith("data:image/png;base64,")
+    flow = doc["gradient_flow"]
+    assert flow["title"] == "Gradient flow (loss: sum)"
+    assert [layer[0] for layer in flow["layers"]] == [n for n, _, _ in gradflow.layer_gradients(cap)]
+    own = {n: m for n, m in cap.modules.items() if m.num_own_params}
+    assert len(flow["layers"]) == len(own) == 26
+    for name, norm, why, kind in flow["layers"]:  # the norm over the layer's own parameters, against numpy
+        grads = np.array([p.grad_norm for p in own[name].params.values()], dtype=np.float64)
+        assert norm == pytest.approx(np.sqrt(np.sum(grads**2)), rel=1e-12) and why is None and kind is None
     assert doc["error"] is None and doc["findings"] == [] and doc["explain"] == []
 
 
@@ -349,3 +357,15 @@ def test_the_table_shortens_long_names_in_the_middle():
 def test_the_console_script_is_declared():
     project = (ROOT / "pyproject.toml").read_text()
     assert '[project.scripts]\nlayerscope = "layerscope.report.cli:main"\n' in project  # tomllib needs 3.11
+
+
+def test_gradient_flow_data_marks_layers_without_a_norm():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    cap = layerscope.capture(model, torch.randn(3, 4))
+    flow = html.data.gradient_flow(cap)
+    assert [(name, why) for name, _, why, _ in flow["layers"]] == [("0", "frozen"), ("2", None), ("3", None)]
+    assert flow["layers"][0][1] is None and flow["layers"][1][1] == pytest.approx(
+        np.sqrt(sum(p.grad_norm ** 2 for p in cap["2"].params.values())), rel=1e-12)
+    assert html.data.gradient_flow(layerscope.capture(model, torch.randn(3, 4), backward=False)) == {
+        "title": "Gradient flow", "layers": [], "why": "no gradients were computed"}

@@ -149,9 +149,21 @@ def test_squeezenet_report_works_like_the_inspector(browser, squeezenet):
     view.tab("Gradients").click()
     grads = cap["features.3.expand3x3"].param_grad_norms
     expect(page.locator(".ls-grads")).to_contain_text(f"{grads['weight']:.4g}")
-    image = page.locator("img.ls-gradient-flow")
-    expect(image).to_be_visible()
-    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    dots = page.locator("svg.ls-gradient-flow circle.ls-dot")
+    expect(dots).to_have_count(len(doc["gradient_flow"]["layers"]))
+    drawn = dots.evaluate_all("dots => dots.map((d) => [d.dataset.name, Number(d.dataset.norm), d.cy.baseVal.value])")
+    assert [name for name, _, _ in drawn] == [layer[0] for layer in doc["gradient_flow"]["layers"]]
+    slope, offset = np.polyfit([np.log10(n) for _, n, _ in drawn], [y for _, _, y in drawn], 1)
+    assert slope < 0  # a log axis, larger norms higher up
+    for _, norm, y in drawn:
+        assert y == pytest.approx(slope * np.log10(norm) + offset, abs=1e-3)
+    band = page.locator("svg.ls-gradient-flow rect.ls-highlight")  # the selected layer is shaded
+    expect(band).to_have_count(1)
+    here = next(d for d in drawn if d[0] == "features.3.expand3x3")
+    left, width = band.evaluate("r => [r.x.baseVal.value, r.width.baseVal.value]")
+    cx = dots.nth([d[0] for d in drawn].index("features.3.expand3x3")).evaluate("d => d.cx.baseVal.value")
+    assert left < cx < left + width and width < 640 / len(drawn) + 1e-6 and here[1] > 0
+    page.screenshot(path=ARTIFACTS / "report-gradients.png")
 
     view.tab("Explain").click()
     cam = page.locator("img.ls-explain")

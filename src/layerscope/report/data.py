@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core import CallRecord, Capture, ModuleReport
+from ..core import CallRecord, Capture, ModuleReport, gradflow
 from ..widget import rows, text
 
 MAP_COLUMNS = 8  # feature-map tiles per row, as plots.feature_maps lays them out
@@ -106,6 +106,22 @@ def _module(report: ModuleReport, maps: _Maps) -> dict:
     }
 
 
+def gradient_flow(cap: Capture) -> dict:
+    """The gradient-flow chart's data: per layer with parameters, in execution order, [name, gradient norm or
+    None, why it has none (gradflow.missing) or None, the vanishing/exploding finding naming it or None]."""
+    layers = gradflow.layer_gradients(cap) if cap.backward else []
+    kinds = gradflow.flagged(cap, [name for name, _, _ in layers])
+    rows_ = []
+    for name, norm, frozen in layers:
+        why = gradflow.missing(norm, frozen)
+        rows_.append([name, None if why is not None else norm, why, kinds.get(name)])
+    why = "" if layers else "no layer with parameters was called" if cap.backward else "no gradients were computed"
+    if why and cap.error is not None:
+        why += f": {cap.error.message}"
+    return {"title": "Gradient flow" + (f" (loss: {cap.loss_kind})" if cap.loss_kind else ""), "layers": rows_,
+            "why": why}
+
+
 def colormaps() -> dict[str, str]:
     """The colour maps the feature maps use, 256 RGB colours each, base64."""
     from matplotlib import colormaps as registry
@@ -117,10 +133,9 @@ def colormaps() -> dict[str, str]:
     return out
 
 
-def document(cap: Capture, *, explain: list[dict] | None = None, gradient_flow: str | None = None,
-             title: str | None = None) -> tuple[dict, bytes]:
+def document(cap: Capture, *, explain: list[dict] | None = None, title: str | None = None) -> tuple[dict, bytes]:
     """The report's document and its bytes (the feature maps). ``explain`` is Grad-CAM views (see
-    ``report.explain``), ``gradient_flow`` the gradient-flow picture as a data: URL."""
+    ``pictures.explain``)."""
     maps = _Maps()
     modules = [_module(m, maps) for m in cap.modules.values()]
     selected, expanded = rows.start(cap)
@@ -139,7 +154,7 @@ def document(cap: Capture, *, explain: list[dict] | None = None, gradient_flow: 
         "findings": [{"severity": f.severity, "module": f.module, "kind": f.kind, "message": f.message,
                       "label": text.finding_label(f)} for f in cap.findings],
         "summary": cap.summary(),
-        "gradient_flow": gradient_flow,
+        "gradient_flow": gradient_flow(cap),
         "explain": explain or [],
         "colormaps": colormaps() if maps.size else {},
     }

@@ -24,7 +24,7 @@ import zlib
 
 from ..core import Capture
 from ..widget.rows import TREE_CSS, TREE_JS
-from . import data, pictures
+from . import data
 
 _HERE = pathlib.Path(__file__).parent
 REPORT_JS, REPORT_CSS = _HERE / "report.js", _HERE / "report.css"
@@ -85,7 +85,7 @@ def page(doc: dict, blob: bytes) -> str:
 def save_html(cap: Capture, path: str | os.PathLike, *, explain: list[dict] | None = None,
               title: str | None = None) -> None:
     """Write the report of ``cap`` to ``path``: one HTML file that works offline, with no kernel."""
-    doc, blob = data.document(cap, explain=explain, gradient_flow=pictures.gradient_flow(cap), title=title)
+    doc, blob = data.document(cap, explain=explain, title=title)
     pathlib.Path(path).write_text(page(doc, blob), encoding="utf-8")
 
 

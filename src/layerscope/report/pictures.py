@@ -1,5 +1,6 @@
-"""The report's pre-rendered pictures (PNG, as data: URLs): the gradient flow, and Grad-CAM views that were
-computed while the model was at hand. Drawn by ``layerscope.plots``, rendered as the inspector renders them."""
+"""The report's pre-rendered pictures (PNG, as data: URLs): Grad-CAM views, computed while the model was at
+hand, drawn by ``layerscope.plots`` and rendered as the inspector renders them. (Everything else in the report
+is drawn in the page from the records.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..core import CAMResult, Capture
+from ..core import CAMResult
 from ..widget import text
 
 CAM_ITEMS = 4  # items of the batch shown per Grad-CAM
@@ -17,15 +18,6 @@ TOP = 5  # predictions listed per item
 
 def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def gradient_flow(cap: Capture) -> str | None:
-    """The gradient-flow picture of the whole model, or None without gradients."""
-    if not cap.backward:
-        return None
-    from .. import plots
-
-    return data_url(text.png(plots.gradient_flow(cap)))
 
 
 def explain(cams: Mapping[int, CAMResult], image: torch.Tensor | None, logits: torch.Tensor | None, *,

@@ -127,6 +127,72 @@ function histogram(h) {
   return svg;
 }
 
+const FLOW_LABELS = { vanishing_grad: "vanishing", exploding_grad: "exploding", zero: "zero gradient",
+  nonfinite: "NaN/Inf gradient", none: "no gradient", frozen: "frozen" };
+
+function owns(module, name) { // as core/gradflow.py: the layer is the module or inside it
+  return name === module || (module !== "" && name.startsWith(`${module}.`));
+}
+
+// Per-layer gradient norms on a log axis in execution order, as plots.gradient_flow draws them: layers named
+// by vanishing/exploding findings coloured, layers without a norm marked at the bottom, ``selected`` shaded.
+function gradientFlow(g, selected) {
+  const W = 640, H = 250, left = 64, right = 14, top = 30, bottom = 34;
+  const svg = shape("svg", { class: "ls-gradient-flow", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" });
+  svg.setAttribute("aria-label", g.title);
+  svg.append(shape("text", { x: left, y: 16, class: "ls-svg-title" }, g.title));
+  const n = g.layers.length;
+  if (!n) {
+    svg.append(shape("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "ls-tick" }, g.why));
+    return svg;
+  }
+  const x = (i) => left + ((i + 0.5) / n) * (W - left - right);
+  const norms = g.layers.map((l) => l[1]).filter((v) => v !== null);
+  const lo = norms.length ? Math.log10(Math.min(...norms) / 3) : -8;
+  const hi = norms.length ? Math.log10(Math.max(...norms) * 3) : 0;
+  const y = (v) => top + (1 - (Math.log10(v) - lo) / (hi - lo)) * (H - top - bottom);
+  const inside = g.layers.map((l, i) => (owns(selected, l[0]) ? i : -1)).filter((i) => i >= 0);
+  if (inside.length) {
+    const half = (W - left - right) / n / 2;
+    svg.append(shape("rect", { x: x(inside[0]) - half, y: top, width: x(inside[inside.length - 1]) - x(inside[0]) +
+      2 * half, height: H - top - bottom, class: "ls-highlight" }));
+  }
+  for (let k = Math.ceil(lo); k <= Math.floor(hi); k++) {
+    svg.append(shape("line", { x1: left, x2: W - right, y1: y(10 ** k), y2: y(10 ** k), class: "ls-grid" }));
+    svg.append(shape("text", { x: left - 6, y: y(10 ** k) + 4, "text-anchor": "end", class: "ls-tick" }, `1e${k}`));
+  }
+  const points = g.layers.map((l, i) => [l[1], i]).filter(([v]) => v !== null);
+  svg.append(shape("polyline", { points: points.map(([v, i]) => `${x(i)},${y(v)}`).join(" "), class: "ls-line" }));
+  const seen = new Set();
+  g.layers.forEach(([name, norm, why, kind], i) => {
+    const label = name || "(model)";
+    let mark;
+    if (norm !== null) {
+      mark = shape("circle", { cx: x(i), cy: y(norm), r: 3, class: `ls-dot ls-dot-${kind || "normal"}` });
+      mark.dataset.norm = String(norm);
+      mark.append(shape("title", {}, `${label}: ${fmt(norm)}`));
+      if (kind) seen.add(kind);
+    } else {
+      mark = shape("text", { x: x(i), y: H - bottom + 4, "text-anchor": "middle", class: `ls-miss ls-miss-${why}` },
+        "×");
+      mark.append(shape("title", {}, `${label}: ${FLOW_LABELS[why]}`));
+      seen.add(why);
+    }
+    mark.dataset.name = name;
+    svg.append(mark);
+  });
+  svg.append(shape("line", { x1: left, x2: left, y1: top, y2: H - bottom, class: "ls-axis" }));
+  svg.append(shape("text", { x: (left + W - right) / 2, y: H - 6, "text-anchor": "middle", class: "ls-tick" },
+    `${n} layers with parameters, in execution order`));
+  let at = W - right;
+  for (const key of [...seen].reverse()) {
+    const t = shape("text", { x: at, y: 16, "text-anchor": "end", class: `ls-tick ls-key-${key}` }, FLOW_LABELS[key]);
+    svg.append(t);
+    at -= FLOW_LABELS[key].length * 6.5 + 12;
+  }
+  return svg;
+}
+
 function colours(lut) {
   return base64Bytes(lut);
 }
@@ -284,12 +350,7 @@ async function main() {
     const out = [m.grads.length ? table(m.grads, "ls-grads", ["parameter", "grad norm", "norm"])
       : note("This module has no parameters of its own.")];
     out.push(table([["output grad norm", c ? c.grad : "-"]], "ls-out-grad"));
-    if (doc.gradient_flow) {
-      const img = make("img", "ls-gradient-flow");
-      img.alt = "Gradient norms of every layer with parameters, in execution order";
-      img.src = doc.gradient_flow;
-      out.push(img);
-    }
+    out.push(gradientFlow(doc.gradient_flow, model.get("selected")));
     return out;
   }
 
