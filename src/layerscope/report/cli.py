@@ -146,12 +146,6 @@ def _fit(value: float | None, width: int, percent: bool = False) -> str:
     return "#" * width
 
 
-def _dims(shape) -> str:
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
-        return "x".join(map(str, shape)) or "scalar"
-    return "-" if shape is None else str(shape).replace(" ", "")
-
-
 # (title, the widest it gets, right-aligned); the module column takes what is left of WIDTH
 COLUMNS = (("module", None, False), ("type", 14, False), ("calls", 5, True), ("output", 18, False),
            ("mean", 9, True), ("std", 8, True), ("zeros", 6, True), ("grad", 8, True), ("params", 7, True))
@@ -160,6 +154,7 @@ COLUMNS = (("module", None, False), ("type", 14, False), ("calls", 5, True), ("o
 def table(cap) -> list[str]:
     """One line per module, at most WIDTH columns: names and shapes too long are shortened in the middle."""
     from ..core.records import human
+    from ..widget import text
 
     cells = []
     for name, report in cap.modules.items():
@@ -167,7 +162,7 @@ def table(cap) -> list[str]:
         s = call.stats if call is not None else None
         cells.append([
             name or "(model)", report.type_name, str(len(report.calls)),
-            _dims(call.output_shapes) if call is not None else "not called",
+            text.dims(call.output_shapes, sep="x") if call is not None else "not called",
             _fit(s.mean, 9) if s else "", _fit(s.std, 8) if s else "",
             _fit(s.zero_fraction, 6, percent=True) if s else "",
             _fit(call.grad_output_norm, 8) if call is not None else "", human(report.num_params),

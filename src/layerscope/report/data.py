@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any
 
 import numpy as np
 
 from ..core import CallRecord, Capture, ModuleReport, gradflow
 from ..widget import rows, text
 
-MAP_COLUMNS = 8  # feature-map tiles per row, as plots.feature_maps lays them out
 COLORMAPS = ("RdBu_r", "viridis")
 
 
@@ -26,12 +24,6 @@ def _number(value: float) -> float | None:
     """JSON has no NaN or Inf: those become null (the texts beside them say what they were)."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _dims(shape: Any) -> str:
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
-        return " x ".join(map(str, shape)) or "scalar"
-    return ""
 
 
 class _Maps:
@@ -69,14 +61,15 @@ def _histogram(call: CallRecord) -> dict | None:
         return None
     edges = np.asarray(h.edges, dtype=np.float64)
     step = (edges[-1] - edges[0]) / (len(edges) - 1)
-    uniform = bool(np.allclose(np.diff(edges), step, rtol=1e-6, atol=0))
+    uniform = bool(np.abs(np.diff(edges) - step).max() <= 1e-6 * abs(step))
     notes = []
     if h.sampled < s.numel - s.nan_count - s.inf_count:
         notes.append(f"sampled {h.sampled:,} of {s.numel:,} values")
     if h.under or h.over:
         notes.append(f"{h.under:,} below and {h.over:,} above the fixed edges")
     bad = [f"{n:,} {kind}" for n, kind in ((s.nan_count, "NaN"), (s.inf_count, "Inf")) if n]
-    dims = _dims(call.output_shapes)
+    shape = call.output_shapes
+    dims = text.dims(shape) if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) else ""
     return {
         "counts": np.asarray(h.counts).tolist(),
         "edges": [_number(edges[0]), _number(edges[-1])] if uniform else [_number(e) for e in edges],
@@ -111,14 +104,14 @@ def gradient_flow(cap: Capture) -> dict:
     None, why it has none (gradflow.missing) or None, the vanishing/exploding finding naming it or None]."""
     layers = gradflow.layer_gradients(cap) if cap.backward else []
     kinds = gradflow.flagged(cap, [name for name, _, _ in layers])
-    rows_ = []
+    drawn = []
     for name, norm, frozen in layers:
         why = gradflow.missing(norm, frozen)
-        rows_.append([name, None if why is not None else norm, why, kinds.get(name)])
+        drawn.append([name, None if why is not None else norm, why, kinds.get(name)])
     why = "" if layers else "no layer with parameters was called" if cap.backward else "no gradients were computed"
     if why and cap.error is not None:
         why += f": {cap.error.message}"
-    return {"title": "Gradient flow" + (f" (loss: {cap.loss_kind})" if cap.loss_kind else ""), "layers": rows_,
+    return {"title": "Gradient flow" + (f" (loss: {cap.loss_kind})" if cap.loss_kind else ""), "layers": drawn,
             "why": why}
 
 

@@ -157,7 +157,8 @@ function gradientFlow(g, selected) {
     svg.append(shape("rect", { x: x(inside[0]) - half, y: top, width: x(inside[inside.length - 1]) - x(inside[0]) +
       2 * half, height: H - top - bottom, class: "ls-highlight" }));
   }
-  for (let k = Math.ceil(lo); k <= Math.floor(hi); k++) {
+  const step = Math.max(1, Math.ceil((hi - lo) / 6)); // decades between labelled grid lines
+  for (let k = Math.ceil(lo / step) * step; k <= Math.floor(hi); k += step) {
     svg.append(shape("line", { x1: left, x2: W - right, y1: y(10 ** k), y2: y(10 ** k), class: "ls-grid" }));
     svg.append(shape("text", { x: left - 6, y: y(10 ** k) + 4, "text-anchor": "end", class: "ls-tick" }, `1e${k}`));
   }

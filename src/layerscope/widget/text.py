@@ -22,6 +22,14 @@ def shape(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def dims(value: Any, sep: str = " x ") -> str:
+    """A plain shape as its sizes: (1, 64, 55, 55) -> '1 x 64 x 55 x 55' ('1x64x55x55' with sep='x'); () ->
+    'scalar'; a nested shape tree as it prints, without spaces; no tensor -> '-'."""
+    if isinstance(value, tuple) and all(isinstance(d, int) for d in value):
+        return sep.join(map(str, value)) or "scalar"
+    return "-" if value is None else str(value).replace(" ", "")
+
+
 def display_name(name: str) -> str:
     return name or ROOT_LABEL
 
