@@ -1,5 +1,6 @@
 """The capture engine: torch and numpy only (no widgets, no plotting)."""
 
+from . import versions  # noqa: F401 - first: says clearly when torch is too old
 from .attention import attention_maps, attention_rollout
 from .cam import CAMResult, grad_cam
 from .capture import capture

@@ -25,6 +25,7 @@ from .tree import module_tree
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
+FEATURE_DTYPE = torch.bfloat16  # feature maps are pictures: 3 significant digits, float32's range, half the bytes
 
 
 def pool_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ class _Recorder:
                     grad_output_norm=None if c["grad"] is None else float(c["grad"]),
                     dead_units=None if c["dead"] is None else int(c["dead"]),
                     units=c.get("units"),
-                    feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
+                    feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
                     input_finite=finite(c["inputs"]),
                     output_id=None if stats is None else c["slot"],
                 )

@@ -62,7 +62,7 @@ class CallRecord:
     grad_output_norm: float | None = None
     dead_units: int | None = None  # ReLU/ReLU6 only: channels (dim 1) that are zero for every item
     units: int | None = None  # how many channels dead_units is out of
-    feature_maps: Any = field(default=None, repr=False)  # torch.Tensor [C<=16, H<=64, W<=64] on the CPU
+    feature_maps: Any = field(default=None, repr=False)  # bfloat16 tensor [C<=16, H<=64, W<=64] on the CPU
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
 

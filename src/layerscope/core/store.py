@@ -7,8 +7,9 @@ The format (version 1) is a zip archive with exactly these members:
   its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields. A call's histogram and feature
   maps are not inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
   ``shape``).
-- ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (float32): the histograms' counts and
-  edges and the feature-map samples of all calls, one after another, as flat numpy arrays.
+- ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (int16: the bits of bfloat16 values,
+  which numpy has no type for): the histograms' counts and edges and the feature-map samples of all calls,
+  one after another, as flat numpy arrays.
 
 Loading reads JSON and raw numpy arrays only (``allow_pickle=False``): a member that holds a pickle, an
 array of Python objects, or any member not listed above is refused with a ``FormatError``, before anything
@@ -34,7 +35,7 @@ from .stats import Histogram, TensorStats
 
 FORMAT, VERSION = "layerscope.capture", 1
 _JSON = "layerscope.json"
-_ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.float32}
+_ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.int16}
 _MEMBERS = {_JSON, *(f"{name}.npy" for name in _ARRAYS)}
 _PICKLE_MAGIC = (b"\x80", b"(", b"c")  # protocol 2+ opcode PROTO, and the first opcodes of protocols 0 and 1
 
@@ -68,7 +69,7 @@ class _Writer:
                                   edges=self.put("edges", h.edges), sampled=h.sampled, numel=h.numel,
                                   under=h.under, over=h.over)
         if c.feature_maps is not None:
-            maps = c.feature_maps.detach().cpu().float().numpy()
+            maps = c.feature_maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
             d["feature_maps"] = dict(shape=list(maps.shape), offset=self.put("feature_maps", maps))
         return d
 
@@ -190,7 +191,8 @@ def _call(d: dict, arrays: dict) -> CallRecord:
     if fm is not None:
         shape = tuple(int(n) for n in fm["shape"])
         size = int(np.prod(shape))
-        d["feature_maps"] = torch.from_numpy(_slice(arrays, "feature_maps", fm["offset"], size).reshape(shape))
+        bits = torch.from_numpy(_slice(arrays, "feature_maps", fm["offset"], size).reshape(shape))
+        d["feature_maps"] = bits.view(torch.bfloat16)
     return CallRecord(**d)
 
 
