@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models import squeezenet1_1
 
 import layerscope
+import models
 from layerscope.core import gradflow
 from layerscope.report import cli, html, static_html
 from layerscope.widget import ModelInspector, rows, text
@@ -369,3 +370,36 @@ def test_gradient_flow_data_marks_layers_without_a_norm():
         np.sqrt(sum(p.grad_norm ** 2 for p in cap["2"].params.values())), rel=1e-12)
     assert html.data.gradient_flow(layerscope.capture(model, torch.randn(3, 4), backward=False)) == {
         "title": "Gradient flow", "layers": [], "why": "no gradients were computed"}
+
+
+@pytest.mark.parametrize("name, make", [
+    ("dict in and out", lambda: (models.DictModel(), {"image": torch.randn(2, 3, 8, 8), "scale": torch.tensor(2.0)})),
+    ("reused ReLU", lambda: (models.ReusedReLU(), torch.randn(3, 6))),
+    ("tied LSTM", lambda: (models.TiedLM(), torch.randint(0, 50, (2, 5)))),
+    ("containers", lambda: (models.Containers(), torch.randn(2, 4))),
+    ("namedtuple out", lambda: (models.NamedTupleOut(), torch.randn(2, 5))),
+    ("raises inside", lambda: (models.RaisesInside(), torch.randn(2, 4))),
+    ("raises in backward", lambda: (models.RaisesInBackward(), torch.randn(2, 4))),
+])
+def test_odd_models_make_reports(tmp_path, name, make):
+    model, batch = make()
+    cap = layerscope.capture(model, batch)
+    cap.save_html(tmp_path / "r.html")
+    doc, _ = html.read((tmp_path / "r.html").read_text())
+    assert [r[0] for r in doc["tree"]["rows"]] == list(cap.modules)
+    for module, report in zip(doc["modules"], cap.modules.values()):
+        assert len(module["calls"]) == len(report.calls)
+    assert (doc["error"] is None) == (cap.error is None)
+
+
+def test_a_meta_model_makes_a_report(tmp_path):
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
+    cap = layerscope.capture(model, torch.randn(2, 1024))
+    cap.save_html(tmp_path / "meta.html")
+    doc, _ = html.read((tmp_path / "meta.html").read_text())
+    assert "meta device: shapes and counts only" in doc["subtitle"]
+    m = doc["modules"][1]
+    assert dict(m["calls"][0]["header"])["Shapes"] == "(2, 1024) → (2, 1024)"
+    assert m["calls"][0]["stats"] is None and m["calls"][0]["hist"] is None
+    assert doc["gradient_flow"]["why"] == "no gradients were computed"
