@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -331,8 +332,9 @@ def capture(
 
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
-    tree = module_tree(model)
-    names = {id(m): n for n, m in model.named_modules()}
+    entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
+    tree = module_tree(entries)
+    names = {id(m): n for n, m in entries}
     meta = _on_meta(model)
     if meta:
         batch_run = map_tensors(batch, lambda t: t.to("meta"))
@@ -347,7 +349,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     with HookSession(model) as session:
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
-        for name, module in model.named_modules():
+        for name, module in entries:
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
             with torch.enable_grad() if backward else torch.no_grad():
@@ -374,11 +376,15 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             session.remove()
     records, summaries = recorder.records()
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
-    with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in model.parameters()})
-    constant_sum = traits.sums_to_constant(model)
+    # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
+    # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
+    nonfinite = any(s is not None and not s[0].finite for s in summaries)
+    with torch.no_grad():
+        param_norms = _norms({id(p): p for p in model.parameters()} if grads or nonfinite else {})
+    finite = {key: math.isfinite(value) for key, value in param_norms.items()}
+    constant_sum = traits.sums_to_constant(entries)
     modules = {}
-    for (name, module), info in zip(model.named_modules(), tree.values()):
+    for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
         found = traits.class_traits(module)
         if name in constant_sum:
@@ -388,8 +394,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
                 local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
-                                   trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)))
+                                   trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
+                                   grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)))
                 for local, p in own
             }),
             training=module.training,

@@ -82,17 +82,14 @@ class ParamRecord:
     dtype: str
     device: str
     trainable: bool  # requires_grad
-    norm: float | None  # L2 norm; None on the meta device
+    norm: float | None  # L2 norm, taken when a backward ran (for gradient-to-weight ratios); else None
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    finite: bool | None = None  # every value finite; None when not looked at (meta, or nothing in the pass was
+    # NaN/Inf in a forward-only capture)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def finite(self) -> bool | None:
-        """Whether every value is finite (None on the meta device)."""
-        return None if self.norm is None else math.isfinite(self.norm)
 
 
 @dataclass(frozen=True, eq=False)

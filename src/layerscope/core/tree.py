@@ -9,14 +9,13 @@ def _dtype(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def module_tree(model: nn.Module) -> dict[str, dict]:
+def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
     """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport, plus
     ``own``: its own parameters as (local name, parameter) pairs.
 
     One bottom-up pass: each module's parameter, device and dtype sets are its own joined with its
     children's, so a tensor shared or tied at several places is counted once.
     """
-    entries = list(model.named_modules())
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
