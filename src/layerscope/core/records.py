@@ -67,6 +67,13 @@ class CallRecord:
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
 
+    @property
+    def has_maps(self) -> bool:
+        """The stored sample holds feature maps of an (N, C, H, W) output with more than one position."""
+        s = self.output_shapes
+        return self.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
+            all(isinstance(d, int) for d in s) and s[2] * s[3] > 1
+
 
 @dataclass(frozen=True)
 class ParamRecord:
@@ -219,6 +226,15 @@ class Capture:
         from .store import save
 
         save(self, path)
+
+    def save_html(self, path) -> None:
+        """Write the report of this capture to one self-contained HTML file that works like the inspector
+        with no kernel and no network: the module tree with its search and badges, and per module the
+        header, histogram and statistics, the stored feature maps, gradient norms, the findings and the
+        torchinfo summary. (The report is ``layerscope.report``; core only hands it the records.)"""
+        from ..report import save_html
+
+        save_html(self, path)
 
     def to_pandas(self):
         """One row per call: module, type, call number, shapes, dtype, device, the statistics, the

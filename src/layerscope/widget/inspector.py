@@ -26,19 +26,12 @@ from ..core import capture as run_capture
 from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
 from ..core.rerun import Rerun, cam_layer, input_size
-from . import text
-from .tree import TreeWidget, tree_rows
+from . import rows, text
+from .tree import TreeWidget
 
 TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Findings", "Summary")
 ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, FINDINGS, SUMMARY = range(len(TABS))
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
-
-
-def _has_maps(call) -> bool:
-    """A call whose stored sample holds feature maps (an (N, C, H, W) output) with more than one position."""
-    s = call.output_shapes if call is not None else None
-    return call is not None and call.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
-        s[2] * s[3] > 1
 
 
 def _image(cls: str) -> widgets.Image:
@@ -126,6 +119,26 @@ class ModelInspector(widgets.VBox):
         self._run()
         self._select_initial(keep=self.selected)
 
+    def save_html(self, path) -> None:
+        """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
+        network (see ``Capture.save_html``), with the Grad-CAMs it computed at the automatically chosen layer."""
+        from ..report import pictures, save_html
+
+        cams = {target: result for (layer, target), result in self._rerun.computed_cams().items()
+                if layer is None} if self._rerun is not None else {}
+        explain = pictures.explain(cams, self._image_input(), self._logits(), mean=self.mean, std=self.std,
+                                   class_names=self.class_names) if cams else None
+        save_html(self._cap, path, explain=explain)
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget, and for viewers that cannot run widgets (a saved notebook on GitHub or nbviewer) the tree
+        and the findings as static HTML."""
+        from ..report import static_html
+
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = static_html(self._cap)
+        return bundle
+
     def close(self) -> None:
         """Close every widget of the inspector (layouts included) and drop the cached pictures."""
         self._forget()
@@ -161,7 +174,7 @@ class ModelInspector(widgets.VBox):
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
         _shown(self._banner, cap.error is not None)
         self.tree.marked = cap.error.module if cap.error is not None else None
-        self.tree.rows = tree_rows(cap)
+        self.tree.rows = rows.tree_rows(cap)
         self._list_findings()
         with self._quietly():
             self._ex_class.options = []
@@ -185,18 +198,7 @@ class ModelInspector(widgets.VBox):
             progress.close()
 
     def _select_initial(self, keep: str | None = None) -> None:
-        cap = self._cap
-        if keep is not None and keep in cap.modules:
-            name = keep
-        elif cap.error is not None and cap.error.module in cap.modules:
-            name = cap.error.module
-        else:
-            name = ""
-        ancestors, up = [], cap[name].parent
-        while up is not None:
-            ancestors.append(up)
-            up = cap[up].parent
-        self.tree.expanded = ancestors[::-1] or [""]  # the root is always open
+        name, self.tree.expanded = rows.start(self._cap, keep)  # the ancestors are open; the root always is
         if self.selected == name:
             self._on_selected()
         else:
@@ -353,7 +355,7 @@ class ModelInspector(widgets.VBox):
 
     def _feature_maps(self) -> None:
         report, call = self._report_call()
-        spatial = _has_maps(call)
+        spatial = call is not None and call.has_maps
         for control in (self._fm_item, self._fm_prev, self._fm_next):
             _shown(control, spatial)
         _shown(self._fm_image, spatial)
