@@ -14,6 +14,16 @@ def test_core_imports_no_widget_or_plotting_library():
     assert out == ""
 
 
+def test_report_and_command_line_import_no_widget_library():
+    code = (
+        "import sys, layerscope.report, layerscope.report.cli, layerscope.widget.rows, layerscope.widget.text\n"
+        "bad = [m for m in ('ipywidgets', 'anywidget', 'matplotlib', 'seaborn') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
 def test_too_old_a_torch_says_which_release_is_needed():
     from layerscope.core.versions import TORCH_FLOOR, require, torch_version
 

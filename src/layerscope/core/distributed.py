@@ -310,13 +310,15 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
     first = present[0]
     params = {key: _param([None if m is None else m.params.get(key) for m in held])
               for key in dict.fromkeys(k for m in present for k in m.params)}
-    return ModuleReport(
-        name=first.name, type_name=first.type_name, depth=first.depth, children=first.children,
-        num_params=first.num_params, num_own_params=first.num_own_params, num_trainable=first.num_trainable,
-        devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
-        calls=tuple(calls), params=MappingProxyType(params), training=first.training,
-        traits=frozenset.intersection(*(m.traits for m in present)), bounds=first.bounds,
-    )
+    return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
+                 calls=tuple(calls), params=MappingProxyType(params),
+                 traits=frozenset.intersection(*(m.traits for m in present)))
+
+
+def _like(record, **changes):
+    """A copy of a frozen record with some fields changed (dataclasses.replace, without its per-call cost); every
+    other field, also one added later, as the record has it."""
+    return type(record)(**{**record.__dict__, **changes})
 
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -415,10 +417,9 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
     where = [(c.input_dtypes, c.output_dtypes, c.input_devices, c.output_devices) for c in calls]
     if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
         where[0] = tuple(_union(list(group)) for group in zip(*where))
-    return CallRecord(
+    return _like(
+        first,
         index=index,
-        input_shapes=first.input_shapes,
-        output_shapes=first.output_shapes,
         input_dtypes=where[0][0],
         output_dtypes=where[0][1],
         input_devices=where[0][2],
@@ -429,20 +430,16 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
         # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
         dead_units=None if None in dead else 0 if min(dead) == 0 else first.units if min(dead) == first.units
         else None,
-        units=first.units,
-        feature_maps=first.feature_maps,
         input_finite=False if False in finite else None if None in finite else True,
-        output_id=first.output_id,
         per_rank=tuple([None if c is None else c.stats for c in per_rank]),
     )
 
 
 def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
     held = [p for p in per_rank if p is not None]
-    first = held[0]
-    return ParamRecord(shape=first.shape, dtype=first.dtype, device=first.device, trainable=first.trainable,
-                       norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), placements=first.placements,
-                       per_rank=tuple(per_rank))
+    finite = [p.finite for p in held]
+    return _like(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None, checksum=None,
+                 finite=False if False in finite else None if None in finite else True, per_rank=tuple(per_rank))
 
 
 def _global(held: list[ParamRecord], attr: str) -> float | None:

@@ -29,6 +29,7 @@ TRAITS = (
     "param_container",  # nn.ParameterList / ParameterDict
     "train_dependent",  # dropout or batch norm: behaves differently in training mode
     "sums_to_constant",  # softmax, or a layer/group norm whose scale is one number: its outputs add up to a constant
+    "uninitialised",  # a lazy module (nn.LazyLinear, ...) not called yet: its parameters have no size, counted as 0
 )
 
 
@@ -69,6 +70,13 @@ class CallRecord:
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
     per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats (None: not on that rank)
 
+    @property
+    def has_maps(self) -> bool:
+        """The stored sample holds feature maps of an (N, C, H, W) output with more than one position."""
+        s = self.output_shapes
+        return self.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
+            all(isinstance(d, int) for d in s) and s[2] * s[3] > 1
+
 
 @dataclass(frozen=True)
 class ParamRecord:
@@ -83,8 +91,11 @@ class ParamRecord:
     dtype: str
     device: str
     trainable: bool  # requires_grad
-    norm: float | None  # L2 norm; None on the meta device
+    norm: float | None  # L2 norm, taken when a backward ran (for gradient-to-weight ratios); else None
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    finite: bool | None = None  # every value finite; None when not looked at (meta, or nothing in the pass was
+    # NaN/Inf in a forward-only capture)
+    offloaded: bool = False  # accelerate keeps its values elsewhere (CPU/disk offload): norm of those, no gradient
     placements: tuple[str, ...] = ()  # a DTensor's placements ("Shard(0)", "Replicate()", ...); () for a tensor
     shard: tuple[int, int] | None = None  # a DTensor's piece on this rank: (index, number of pieces)
     checksum: int | None = None  # distributed capture: its bits summed as integers, equal on identical replicas
@@ -93,11 +104,6 @@ class ParamRecord:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def finite(self) -> bool | None:
-        """Whether every value is finite (None on the meta device)."""
-        return None if self.norm is None else math.isfinite(self.norm)
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,13 +202,14 @@ class Capture:
     total_params: int
     trainable_params: int
     loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "model_loss" | "sum"; None when no loss was computed
     backward: bool  # True when gradients were computed
     error: CaptureError | None
     findings: tuple[Finding, ...] = ()
     inputs: tuple[InputRecord, ...] = ()
-    output_numel: int = 0  # floating-point values in the model's output (the "sum" loss adds them up)
-    meta: bool = False  # the model was on the meta device: shapes and counts only
+    output_numel: int = 0  # floating-point values in the model's output, caches left out (the "sum" loss adds them up)
+    meta: bool = False  # the model's parameters were on the meta device: shapes and counts only
+    compiled: bool = False  # a torch.compile wrapper: its original module was recorded, run eagerly
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
     rank: int | None = None  # the rank that recorded it; None outside a job and on a merged capture
     world_size: int = 1  # ranks in the job
@@ -244,6 +251,15 @@ class Capture:
         from .store import save
 
         save(self, path)
+
+    def save_html(self, path) -> None:
+        """Write the report of this capture to one self-contained HTML file that works like the inspector
+        with no kernel and no network: the module tree with its search and badges, and per module the
+        header, histogram and statistics, the stored feature maps, gradient norms, the findings and the
+        torchinfo summary. (The report is ``layerscope.report``; core only hands it the records.)"""
+        from ..report import save_html
+
+        save_html(self, path)
 
     def to_pandas(self):
         """One row per call: module, type, call number, shapes, dtype, device, the statistics, the

@@ -57,11 +57,11 @@ def bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def sums_to_constant(model: nn.Module) -> set[str]:
+def sums_to_constant(entries: list[tuple[str, nn.Module]]) -> set[str]:
     """The modules whose outputs always add up to the same total: softmaxes, and layer/group norms whose scale
     is one number for all channels (as at initialisation). One copy to the CPU for all of them."""
     found, checks = set(), {}
-    for name, module in model.named_modules():
+    for name, module in entries:
         if isinstance(module, nn.Softmax):
             found.add(name)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):

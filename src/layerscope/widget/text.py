@@ -23,6 +23,14 @@ def shape(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def dims(value: Any, sep: str = " x ") -> str:
+    """A plain shape as its sizes: (1, 64, 55, 55) -> '1 x 64 x 55 x 55' ('1x64x55x55' with sep='x'); () ->
+    'scalar'; a nested shape tree as it prints, without spaces; no tensor -> '-'."""
+    if isinstance(value, tuple) and all(isinstance(d, int) for d in value):
+        return sep.join(map(str, value)) or "scalar"
+    return "-" if value is None else str(value).replace(" ", "")
+
+
 def display_name(name: str) -> str:
     return name or ROOT_LABEL
 
@@ -49,23 +57,31 @@ def note(text: str, cls: str = "ls-note") -> str:
     return f'<div class="{cls}">{html.escape(text)}</div>'
 
 
-def header(report: ModuleReport, call: CallRecord | None) -> str:
+def header_rows(report: ModuleReport, call: CallRecord | None) -> list[tuple[str, str]]:
+    """The header's rows (label, value) for one call of a module (``call`` None: never called)."""
     devices = sorted({*report.devices, *(call.output_devices if call else ())})
     dtypes = sorted({*report.dtypes, *(call.output_dtypes if call else ())})
     shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}" if call else "never called"
     params = f"own {count(report.num_own_params)} · total {count(report.num_params)} · " \
              f"trainable {count(report.num_trainable)}"
-    title = (
-        f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
-        f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
-    )
-    return title + table([
+    return [
         ("Parameters", params),
         ("Device", ", ".join(devices) or "-"),
         ("Dtype", ", ".join(dtypes) or "-"),
         ("Shapes", shapes),
         ("Calls", str(len(report.calls))),
-    ], "ls-header-table")
+    ]
+
+
+def header(report: ModuleReport, call: CallRecord | None) -> str:
+    title = (
+        f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
+        f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
+    )
+    return title + table(header_rows(report, call), "ls-header-table")
+
+
+NO_FLOAT_OUTPUT = "This call has no floating-point output."
 
 
 def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
@@ -81,14 +97,22 @@ def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
     ]
 
 
-def stats(call: CallRecord) -> str:
-    """The call's output statistics; on a merged capture, with a column per rank when the ranks differ."""
+def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
+    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output."""
     s = call.stats
     if s is None:
-        return note("This call has no floating-point output.")
+        return None
     pairs = _stat_rows(s)
     if call.dead_units is not None:
         pairs.append(("dead channels", f"{call.dead_units} of {call.units}"))
+    return pairs
+
+
+def stats(call: CallRecord) -> str:
+    """The call's output statistics; on a merged capture, with a column per rank when the ranks differ."""
+    pairs = stats_rows(call)
+    if pairs is None:
+        return note(NO_FLOAT_OUTPUT)
     ranks = call.per_rank
     if ranks and len({r for r in ranks if r is not None}) > 1:
         return _by_rank(pairs, ranks)
@@ -105,30 +129,40 @@ def _by_rank(pairs: list[tuple[str, str]], ranks) -> str:
     return f'<table class="ls-table ls-stats ls-ranks">{head}{rows}</table>{more}'
 
 
-def _norm(value: float | None) -> str:
+NO_BACKWARD = "No gradients: the capture ran without a backward pass, or the pass failed before it."
+NO_OWN_PARAMS = "This module has no parameters of its own."
+
+
+def norm(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def gradient_rows(report: ModuleReport) -> list[tuple[str, str, str]]:
+    """(parameter, gradient norm, norm) for each parameter the module holds itself."""
+    return [(local, norm(p.grad_norm), norm(p.norm)) for local, p in report.params.items()]
 
 
 def gradients(report: ModuleReport, call: CallRecord | None, backward: bool) -> str:
     if not backward:
-        return note("No gradients: the capture ran without a backward pass, or the pass failed before it.")
-    rows = "".join(
-        f"<tr><td>{html.escape(local)}</td><td>{_norm(report.param_grad_norms.get(local))}</td>"
-        f"<td>{_norm(report.param_norms.get(local))}</td></tr>"
-        for local in report.param_grad_norms
-    )
+        return note(NO_BACKWARD)
+    rows = "".join(f"<tr>{''.join(f'<td>{html.escape(v)}</td>' for v in row)}</tr>" for row in gradient_rows(report))
     params = (
         f'<table class="ls-table ls-grads"><tr><th>parameter</th><th>grad norm</th><th>norm</th></tr>{rows}</table>'
-        if rows else note("This module has no parameters of its own.")
+        if rows else note(NO_OWN_PARAMS)
     )
-    out = _norm(call.grad_output_norm) if call else "-"
+    out = norm(call.grad_output_norm) if call else "-"
     return params + table([("output grad norm", out)], "ls-out-grad")
+
+
+def failed(err) -> str:
+    """The banner's lead: 'Forward failed:', 'Backward failed:', ..."""
+    return f"{err.phase.capitalize()} failed:"
 
 
 def error(err) -> str:
     """The banner over a failed capture; the message names the module and what went wrong."""
-    return (f'<div class="ls-error-banner"><b>{html.escape(err.phase.capitalize())} failed:</b> '
-            f'{html.escape(err.message)}</div>')
+    return f'<div class="ls-error-banner"><b>{html.escape(failed(err))}</b> {html.escape(err.message)}</div>'
+
 
 
 def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
