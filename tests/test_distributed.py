@@ -234,7 +234,7 @@ def test_gather_outside_a_job_and_bad_arguments():
         distributed.merge([merged])
 
 
-def test_the_inspector_shows_per_rank_values_and_ranks_of_findings(jobs):
+def test_the_inspector_and_the_report_show_per_rank_values_and_ranks_of_findings(jobs, tmp_path):
     from layerscope import plots
     from layerscope.widget import ModelInspector, text
 
@@ -254,6 +254,14 @@ def test_the_inspector_shows_per_rank_values_and_ranks_of_findings(jobs):
     assert len(set(same_on_both.per_rank)) == 1 and "rank 0" not in text.stats(same_on_both)
     nan = next(f for f in load(jobs / "nan" / "merged.lsc").findings if f.kind == "nan")
     assert " · rank 1 · " in text.finding_label(nan) and "(rank 1)" in text.finding(nan)
+    rows = dict(text.stats_rows(call))  # what the HTML report shows
+    assert rows["mean by rank"] == " · ".join(f"{s.mean:.6g}" for s in call.per_rank)
+    from layerscope.report.data import document
+
+    doc, _ = document(load(jobs / "nan" / "merged.lsc"))
+    assert any(" · rank 1 · " in f["label"] for f in doc["findings"])
+    merged.save_html(tmp_path / "job.html")
+    assert (tmp_path / "job.html").stat().st_size > 0
 
 
 def test_histograms_of_all_calls_at_once_equal_merging_them_one_by_one():

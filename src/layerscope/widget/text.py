@@ -97,26 +97,39 @@ def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
     ]
 
 
-def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
-    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output."""
-    s = call.stats
-    if s is None:
-        return None
-    pairs = _stat_rows(s)
+def _rank_stats(call: CallRecord) -> tuple | None:
+    """A merged capture's per-rank statistics of the call, when the ranks differ."""
+    ranks = call.per_rank
+    return ranks if ranks and len({r for r in ranks if r is not None}) > 1 else None
+
+
+def _pairs(call: CallRecord) -> list[tuple[str, str]]:
+    pairs = _stat_rows(call.stats)
     if call.dead_units is not None:
         pairs.append(("dead channels", f"{call.dead_units} of {call.units}"))
     return pairs
 
 
+def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
+    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output.
+    On a merged capture whose ranks differ, also the mean and std of each rank (the first RANK_COLUMNS)."""
+    if call.stats is None:
+        return None
+    pairs = _pairs(call)
+    ranks = _rank_stats(call)
+    if ranks:
+        for label in ("mean", "std"):
+            values = [dict(_stat_rows(r))[label] if r is not None else "-" for r in ranks[:RANK_COLUMNS]]
+            pairs.append((f"{label} by rank", " · ".join(values)))
+    return pairs
+
+
 def stats(call: CallRecord) -> str:
     """The call's output statistics; on a merged capture, with a column per rank when the ranks differ."""
-    pairs = stats_rows(call)
-    if pairs is None:
+    if call.stats is None:
         return note(NO_FLOAT_OUTPUT)
-    ranks = call.per_rank
-    if ranks and len({r for r in ranks if r is not None}) > 1:
-        return _by_rank(pairs, ranks)
-    return table(pairs, "ls-stats")
+    ranks = _rank_stats(call)
+    return _by_rank(_pairs(call), ranks) if ranks else table(_pairs(call), "ls-stats")
 
 
 def _by_rank(pairs: list[tuple[str, str]], ranks) -> str:
