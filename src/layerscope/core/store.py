@@ -95,9 +95,9 @@ def _per_rank(values: tuple | None, fields) -> list | None:
     return None if values is None else [fields(v) for v in values]
 
 
-def save(cap: Capture, path, compress: bool = True) -> None:
+def save(cap: Capture, path) -> None:
     """Write ``cap`` to ``path`` (conventionally ``.lsc``; or a binary file object): JSON records and flat numpy
-    arrays in one zip, deflated unless ``compress`` is False."""
+    arrays in one zip."""
     writer = _Writer()
     modules = [writer.module(m) for m in cap.modules.values()]
     live = ("modules", "output", "model", "batch", "summary_text")
@@ -109,8 +109,7 @@ def save(cap: Capture, path, compress: bool = True) -> None:
     head["inputs"] = [dict(_fields(i), stats=_stats_fields(i.stats), per_rank=_per_rank(i.per_rank, _stats_fields))
                       for i in cap.inputs]
     doc = {"format": FORMAT, "version": VERSION, "capture": head, "modules": modules}
-    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(path, "w", compression=method, compresslevel=1 if compress else None) as zf:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr(_JSON, json.dumps(doc, default=_plain, separators=(",", ":")))
         for name, parts in writer.parts.items():
             values = np.concatenate(parts) if parts else np.zeros(0, dtype=_ARRAYS[name])
