@@ -696,3 +696,28 @@ def test_new_record_fields_survive_save_and_load(tmp_path):
     for cap in (capture(models["cpu_offload"], torch.randn(3, 4)), capture(_LazyNet(), torch.randn(3, 5)),
                 capture(torch.compile(_NoLen(), backend="eager"), torch.randn(3, 4))):
         same(cap, round_trip(cap, tmp_path))
+
+
+class _Refuses:
+    """An output object that cannot be copied."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("no copies")
+
+
+class _OddOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x), _Refuses(self.fc(x))
+
+
+def test_an_output_object_that_refuses_copies_is_passed_on_and_capture_does_not_raise():
+    cap = capture(_OddOutput(), torch.randn(2, 3))
+    assert cap.error is None and not cap.output[0].requires_grad
+    assert isinstance(cap.output[1], _Refuses)
