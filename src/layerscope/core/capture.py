@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose, kinds, traits
+from . import diagnose, distributed, kinds, traits
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
 from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, norm
+from .stats import StatsBatch, local, norm
 from .tree import initialised, module_tree, uninitialised
 
 FEATURE_CHANNELS = 16
@@ -116,12 +116,13 @@ class _Recorder:
         if t is None:
             return
         call["slot"] = self._slot(t, edges)
-        if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
-            dims = [d for d in range(t.dim()) if d != 1]
-            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = t.shape[1]
+        x = local(t)  # a DTensor's own shard: what this rank holds
+        if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
+            call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
+        if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
+            dims = [d for d in range(x.dim()) if d != 1]
+            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
+            call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call):
                 call["grad"] = norm(g)
@@ -150,7 +151,7 @@ class _Recorder:
                 return None  # changed in place by the module: what it received is gone
             else:
                 known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(t.detach()).all())
+                self.checks.append(torch.isfinite(local(t).detach()).all())
         return known
 
     def _slot(self, t: torch.Tensor, edges=None) -> int:
@@ -253,13 +254,14 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         return loss.reshape(()), "loss_fn"
     if target is not None:
         logits = first_float_tensor(output)
+        logits = None if logits is None else local(logits)
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
         return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
     own = kinds.model_loss(output)
     if own is not None and own.requires_grad:
         return own, "model_loss"
-    parts = [t.float().sum() for t in kinds.result_tensors(output) if t.requires_grad]
+    parts = [local(t).float().sum() for t in kinds.result_tensors(output) if t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
 
@@ -348,7 +350,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     error: CaptureError | None = None
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
-    with HookSession(model) as session:
+    with distributed.resharded(model), HookSession(model) as session:  # FSDP2: the sharded parameters throughout
+        before = [p for p in initialised(model) if p.requires_grad]
         if meta:
             kinds.buffers_to_meta(model)
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
@@ -366,7 +369,10 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                     params = [p for p in initialised(model) if p.requires_grad and id(p) not in moved]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
-                        grads = kinds.param_grads(loss, params)
+                        if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
+                            grads = distributed.backward(loss, before, batch)
+                        else:
+                            grads = kinds.param_grads(loss, params)
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -386,8 +392,10 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
     nonfinite = any(s is not None and not s[0].finite for s in summaries)
     held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
+    rank, world = distributed.process()
     with torch.no_grad():
         param_norms = _norms(held if grads or nonfinite else {})
+        checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
     finite = {key: math.isfinite(value) for key, value in param_norms.items()}
     constant_sum = traits.sums_to_constant(entries)
     modules = {}
@@ -402,22 +410,23 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
-                                   trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
-                                   grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
-                                   offloaded=id(p) in elsewhere)
-                for local, p in own
+                key: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                                 trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
+                                 grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
+                                 offloaded=id(p) in elsewhere, checksum=checksums.get(id(p)),
+                                 **distributed.layout(p))
+                for key, p in own
             }),
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
         )
-    out_floats = [t for t in kinds.result_tensors(output) if not t.is_meta]
+    out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]
     cap = Capture(
         modules=MappingProxyType(modules),
         total_params=tree[""]["num_params"],
         trainable_params=tree[""]["num_trainable"],
-        loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
+        loss=None if loss is None or error is not None and error.phase == "loss" else float(local(loss).detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
         error=error,
@@ -429,6 +438,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         output_numel=sum(t.numel() for t in out_floats),
         meta=meta,
         compiled=compiled,
+        rank=rank,
+        world_size=world,
         output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,

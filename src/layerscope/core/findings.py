@@ -57,7 +57,15 @@ def find(
     histogram: for a sigmoid, below 0.02 or above 0.98, where its slope is under 8% of its peak. A float
     input whose largest absolute value exceeds ``input_limit`` looks unnormalised (standardised data
     rarely goes past 5).
+
+    A capture merged from the ranks of a distributed job (``layerscope.gather``) keeps the findings each rank
+    made about its own pass (with the rank); the gradient rules run again on its global norms, the frozen,
+    unused and training-mode rules on its merged records, and ``rank_desync`` compares the ranks.
     """
+    if cap.merged:
+        from .distributed import merged_findings
+
+        return merged_findings(cap, vanishing_ratio, exploding_ratio)
     look = _Look(cap)
     batch = look.batch(input_limit)
     bad_batch = any(f.kind == "input_nonfinite" for f in batch)

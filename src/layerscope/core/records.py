@@ -1,7 +1,9 @@
 """The records a pass leaves behind: plain, frozen data keyed by ``named_modules()`` names.
 
 Producers (``capture``) build them; every consumer (findings, plots, the inspector, ``save``/``load``)
-reads them and never the live model. Everything here survives ``Capture.save`` and ``layerscope.load``
+reads them and never the live model. In a ``torch.distributed`` job each rank's capture is that rank's own view;
+``layerscope.gather`` merges them into one capture of the whole job, whose records keep the ranks' values in
+their ``per_rank`` fields. Everything here survives ``Capture.save`` and ``layerscope.load``
 except the three live-only fields of a Capture (``output``, ``model``, ``batch``) and the live
 exception of a CaptureError, which are None on a loaded capture.
 """
@@ -66,6 +68,7 @@ class CallRecord:
     feature_maps: Any = field(default=None, repr=False)  # bfloat16 tensor [C<=16, H<=64, W<=64] on the CPU
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats (None: not on that rank)
 
     @property
     def has_maps(self) -> bool:
@@ -77,7 +80,12 @@ class CallRecord:
 
 @dataclass(frozen=True)
 class ParamRecord:
-    """One parameter a module holds itself (not through a submodule)."""
+    """One parameter a module holds itself (not through a submodule).
+
+    A DTensor parameter (FSDP2, tensor parallel) has its global ``shape``, and on a rank's capture the norms of
+    the rank's own shard; ``placements`` says how it is laid out on its device mesh and ``shard`` which piece
+    this rank holds: (index, number of distinct pieces), replicas holding the same index. On a merged capture
+    the norms are those of the whole parameter and ``per_rank`` keeps the ranks' own records."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -88,6 +96,10 @@ class ParamRecord:
     finite: bool | None = None  # every value finite; None when not looked at (meta, or nothing in the pass was
     # NaN/Inf in a forward-only capture)
     offloaded: bool = False  # accelerate keeps its values elsewhere (CPU/disk offload): norm of those, no gradient
+    placements: tuple[str, ...] = ()  # a DTensor's placements ("Shard(0)", "Replicate()", ...); () for a tensor
+    shard: tuple[int, int] | None = None  # a DTensor's piece on this rank: (index, number of pieces)
+    checksum: int | None = None  # distributed capture: its bits summed as integers, equal on identical replicas
+    per_rank: tuple[ParamRecord | None, ...] | None = None  # merged capture: each rank's own record
 
     @property
     def numel(self) -> int:
@@ -138,6 +150,7 @@ class InputRecord:
     dtype: str
     device: str
     stats: TensorStats | None  # None on the meta device
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,14 +176,16 @@ class CaptureError:
 @dataclass(frozen=True)
 class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
-    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
-    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch; ``rank``, the
+    rank it was found on in a merged capture of a distributed job, None for the whole job or a single process),
+    one plain sentence with the numbers that prove it, and those numbers in ``details``."""
 
     kind: str
     severity: str
     module: str
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
+    rank: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,7 +193,10 @@ class Capture:
     """Everything one pass recorded, keyed by ``named_modules()`` names (the root is "").
 
     ``output``, ``model`` and ``batch`` are the live objects of the pass; they are None on a capture
-    read back with ``layerscope.load``, where everything else is as it was saved."""
+    read back with ``layerscope.load``, where everything else is as it was saved.
+
+    In a ``torch.distributed`` job, ``rank`` and ``world_size`` say whose view this is; a capture merged by
+    ``layerscope.gather`` has ``rank`` None and ``world_size`` the number of ranks (``merged`` is True)."""
 
     modules: Mapping[str, ModuleReport]
     total_params: int
@@ -193,12 +211,19 @@ class Capture:
     meta: bool = False  # the model's parameters were on the meta device: shapes and counts only
     compiled: bool = False  # a torch.compile wrapper: its original module was recorded, run eagerly
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
+    rank: int | None = None  # the rank that recorded it; None outside a job and on a merged capture
+    world_size: int = 1  # ranks in the job
     output: Any = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
     batch: Any = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> ModuleReport:
         return self.modules[name]
+
+    @property
+    def merged(self) -> bool:
+        """True for the capture of a whole distributed job, merged from its ranks' captures."""
+        return self.rank is None and self.world_size > 1
 
     @functools.cached_property
     def calls(self) -> list[tuple[str, CallRecord]]:

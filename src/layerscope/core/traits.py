@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .stats import local
+
 # Built-in layers that cannot turn finite inputs into NaN/Inf: when they output NaN/Inf, it came in with their input.
 _PASS_ON = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -63,8 +65,8 @@ def sums_to_constant(entries: list[tuple[str, nn.Module]]) -> set[str]:
         if isinstance(module, nn.Softmax):
             found.add(name)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            weight = module.weight
-            if weight is None or weight.is_meta:
+            weight = None if module.weight is None else local(module.weight)  # a DTensor: this rank's shard
+            if weight is None or weight.is_meta or not weight.numel():
                 found.add(name)
             else:
                 checks.setdefault(weight.device, {})[name] = (weight == weight.reshape(-1)[0]).all()

@@ -7,9 +7,10 @@ import io
 from collections.abc import Iterable
 from typing import Any
 
-from ..core import CallRecord, Capture, ModuleReport
+from ..core import CallRecord, Capture, ModuleReport, TensorStats
 
 ROOT_LABEL = "(model)"
+RANK_COLUMNS = 8  # a merged capture's stats table shows at most this many ranks side by side
 
 
 def count(n: int) -> str:
@@ -83,12 +84,8 @@ def header(report: ModuleReport, call: CallRecord | None) -> str:
 NO_FLOAT_OUTPUT = "This call has no floating-point output."
 
 
-def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
-    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output."""
-    s = call.stats
-    if s is None:
-        return None
-    pairs = [
+def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
+    return [
         ("elements", count(s.numel)),
         ("mean", f"{s.mean:.6g}"),
         ("std", f"{s.std:.6g}"),
@@ -98,14 +95,38 @@ def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
         ("NaN", count(s.nan_count)),
         ("Inf", count(s.inf_count)),
     ]
+
+
+def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
+    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output."""
+    s = call.stats
+    if s is None:
+        return None
+    pairs = _stat_rows(s)
     if call.dead_units is not None:
         pairs.append(("dead channels", f"{call.dead_units} of {call.units}"))
     return pairs
 
 
 def stats(call: CallRecord) -> str:
+    """The call's output statistics; on a merged capture, with a column per rank when the ranks differ."""
     pairs = stats_rows(call)
-    return note(NO_FLOAT_OUTPUT) if pairs is None else table(pairs, "ls-stats")
+    if pairs is None:
+        return note(NO_FLOAT_OUTPUT)
+    ranks = call.per_rank
+    if ranks and len({r for r in ranks if r is not None}) > 1:
+        return _by_rank(pairs, ranks)
+    return table(pairs, "ls-stats")
+
+
+def _by_rank(pairs: list[tuple[str, str]], ranks) -> str:
+    shown = ranks[:RANK_COLUMNS]
+    columns = [dict(_stat_rows(r)) if r is not None else {} for r in shown]
+    head = "<tr><th></th><th>all ranks</th>" + "".join(f"<th>rank {i}</th>" for i in range(len(shown))) + "</tr>"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td>"
+                   + "".join(f"<td>{html.escape(c.get(k, '-'))}</td>" for c in columns) + "</tr>" for k, v in pairs)
+    more = note(f"First {RANK_COLUMNS} of {len(ranks)} ranks.") if len(ranks) > RANK_COLUMNS else ""
+    return f'<table class="ls-table ls-stats ls-ranks">{head}{rows}</table>{more}'
 
 
 NO_BACKWARD = "No gradients: the capture ran without a backward pass, or the pass failed before it."
@@ -156,15 +177,21 @@ def class_label(index: int, class_names) -> str:
     return str(index)
 
 
+def _rank(f) -> str:
+    return "" if getattr(f, "rank", None) is None else f"rank {f.rank}"
+
+
 def finding_label(f) -> str:
     """One line of plain text for the findings list (a <select> shows it as text)."""
-    return f"{f.severity} · {display_name(f.module)} · {f.message}"
+    where = " · ".join(filter(None, [display_name(f.module), _rank(f)]))
+    return f"{f.severity} · {where} · {f.message}"
 
 
 def finding(f) -> str:
     severity = str(f.severity)
+    rank = f' <span class="ls-rank">({html.escape(_rank(f))})</span>' if _rank(f) else ""
     return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
-            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>: {html.escape(str(f.message))}')
+            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}: {html.escape(str(f.message))}')
 
 
 def summary(cap: Capture) -> str:
