@@ -116,11 +116,15 @@ def _same(new, old) -> bool:
 
 
 def _copy_with(value: Any, items: dict, mapping=None) -> Any:
-    """A shallow copy of ``value`` with ``items`` set as its entries (a mapping) or attributes."""
-    new = copy.copy(value)
-    for key, item in items.items():
-        if mapping is not None:
-            new[key] = item
-        else:
-            object.__setattr__(new, key, item)
+    """A shallow copy of ``value`` with ``items`` set as its entries (a mapping) or attributes; ``value``
+    itself when it cannot be copied that way (an object that refuses)."""
+    try:
+        new = copy.copy(value)
+        for key, item in items.items():
+            if mapping is not None:
+                new[key] = item
+            else:
+                object.__setattr__(new, key, item)
+    except Exception:  # noqa: BLE001 - an odd object is passed on as it is rather than failing the caller
+        return value
     return new
