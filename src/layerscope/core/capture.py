@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -14,15 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose, traits
+from . import diagnose, distributed, kinds, traits
 from .findings import find
 from .hooks import HookSession
 from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
 from .recorder import Recorder, dtype_name, norms
 from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch
-from .tree import module_tree
-
+from .stats import StatsBatch, local
+from .tree import initialised, module_tree, uninitialised
 
 def _check_arguments(model: Any, batch: Any) -> None:
     if not isinstance(model, nn.Module):
@@ -61,11 +61,6 @@ def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
     return len(edges) - 1, lambda name: edges
 
 
-def _on_meta(model: nn.Module) -> bool:
-    tensors = [*model.parameters(), *model.buffers()]
-    return bool(tensors) and all(t.is_meta for t in tensors)
-
-
 def float_inputs(batch: Any) -> list[tuple[str, torch.Tensor]]:
     """The batch's floating-point tensors, each with where it sits ("" for a lone tensor, "[0]", "['image']")."""
     if isinstance(batch, torch.Tensor):
@@ -102,10 +97,14 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         return loss.reshape(()), "loss_fn"
     if target is not None:
         logits = first_float_tensor(output)
+        logits = None if logits is None else local(logits)
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
         return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
-    parts = [t.float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
+    own = kinds.model_loss(output)
+    if own is not None and own.requires_grad:
+        return own, "model_loss"
+    parts = [local(t).float().sum() for t in kinds.result_tensors(output) if t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
 
@@ -147,11 +146,14 @@ def capture(
     ``batch`` is passed as ``model(batch)`` (a Tensor), ``model(*batch)`` (a tuple/list) or
     ``model(**batch)`` (a dict). With ``backward`` (the default), a loss is formed from
     ``loss_fn(output, batch)``, else the cross-entropy of the logits with ``target`` (class indices),
-    else the sum of all floating-point outputs, and the gradients are computed without touching any
-    ``.grad`` of the model. A failure in any phase does not raise: it lands in ``Capture.error``.
-    The model is left exactly as it was: hooks removed, training flags, ``requires_grad`` and ``.grad``
-    restored, nothing moved. A model whose tensors are all on the meta device gets its batch's tensors
-    mirrored on the meta device (shapes, no values, no memory) and no backward.
+    else the loss the model returned (a Hugging Face output's ``.loss``), else the sum of the
+    floating-point outputs (caches left out), and the gradients are computed without touching any
+    ``.grad`` of the model (also through reentrant activation checkpointing). A failure in any phase does
+    not raise: it lands in ``Capture.error``. The model is left exactly as it was: hooks removed, training
+    flags, ``requires_grad``, ``.grad`` and buffers restored, nothing moved (lazy modules called for the
+    first time keep the parameters they get). A model whose parameters are all on the meta device gets
+    its batch's tensors mirrored on the meta device (shapes, no values, no memory) and no backward. A
+    ``torch.compile`` wrapper is recorded through its original module, run eagerly.
 
     ``bins`` sets the histograms: a number of equal bins over each output's own range (64), a sequence
     of edges used for every module, or a mapping {module name: edges} (64 equal bins for the others).
@@ -164,9 +166,11 @@ def capture(
 
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
-    tree = module_tree(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    meta = _on_meta(model)
+    model, compiled = kinds.unwrap(model)
+    entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
+    names = {id(m): n for n, m in entries}
+    elsewhere = kinds.offloaded(model)
+    meta = kinds.on_meta(model, elsewhere)
     if meta:
         batch_run = map_tensors(batch, lambda t: t.to("meta"))
         backward = False
@@ -177,11 +181,14 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     error: CaptureError | None = None
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
-    with HookSession(model) as session:
+    with distributed.resharded(model), HookSession(model) as session:  # FSDP2: the sharded parameters throughout
+        before = [p for p in initialised(model) if p.requires_grad]
+        if meta:
+            kinds.buffers_to_meta(model)
         recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
                             feature_maps=feature_maps, edges=lambda name, t: edges(name))
         inputs = [(where, t, recorder.summarise(t)) for where, t in float_inputs(batch_run)]
-        for name, module in model.named_modules():
+        for name, module in entries:
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
             with torch.enable_grad() if backward else torch.no_grad():
@@ -190,11 +197,14 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    params = [p for p in model.parameters() if p.requires_grad]
+                    moved = kinds.offloaded(model)  # accelerate's hooks put new meta tensors in after each call
+                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in moved]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
-                        got = torch.autograd.grad(loss, params, allow_unused=True)
-                        grads = {id(p): g for p, g in zip(params, got)}
+                        if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
+                            grads = distributed.backward(loss, before, batch)
+                        else:
+                            grads = kinds.param_grads(loss, params)
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -207,36 +217,48 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         finally:
             session.remove()
     records, summaries = recorder.records()
+    tree = module_tree(entries)  # after the pass: lazy modules have their parameters now
+    elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
     grad_norms = norms({k: g for k, g in grads.items() if g is not None})
-    with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = norms({id(p): p for p in model.parameters()})
-    constant_sum = traits.sums_to_constant(model)
+    # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
+    # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
+    nonfinite = any(s is not None and not s[0].finite for s in summaries)
+    held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
+    rank, world = distributed.process()
+    with torch.no_grad():
+        param_norms = norms(held if grads or nonfinite else {})
+        checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
+    finite = {key: math.isfinite(value) for key, value in param_norms.items()}
+    constant_sum = traits.sums_to_constant(entries)
     modules = {}
-    for (name, module), info in zip(model.named_modules(), tree.values()):
+    for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
         found = traits.class_traits(module)
         if name in constant_sum:
             found = found | {"sums_to_constant"}
+        if uninitialised(module):
+            found = found | {"uninitialised"}
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                local: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
-                                   trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)))
-                for local, p in own
+                key: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
+                                 trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
+                                 grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
+                                 offloaded=id(p) in elsewhere, checksum=checksums.get(id(p)),
+                                 **distributed.layout(p))
+                for key, p in own
             }),
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
         )
-    unique = list(model.parameters())
-    out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
+    out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]
     cap = Capture(
         modules=MappingProxyType(modules),
-        total_params=sum(p.numel() for p in unique),
-        trainable_params=sum(p.numel() for p in unique if p.requires_grad),
-        loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
+        total_params=tree[""]["num_params"],
+        trainable_params=tree[""]["num_trainable"],
+        loss=None if loss is None or error is not None and error.phase == "loss" else float(local(loss).detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
         error=error,
@@ -247,6 +269,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         ),
         output_numel=sum(t.numel() for t in out_floats),
         meta=meta,
+        compiled=compiled,
+        rank=rank,
+        world_size=world,
         output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,

@@ -19,10 +19,11 @@ from . import traits
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors, shape_tree
 from .records import CallRecord
-from .stats import StatsBatch, norm
+from .stats import StatsBatch, local, norm
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
+FEATURE_DTYPE = torch.bfloat16  # feature maps are pictures: 3 significant digits, float32's range, half the bytes
 
 
 def pool_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -81,12 +82,13 @@ class Recorder:
         if t is None:
             return
         call["slot"] = self.summarise(t, self.edges(name, t))
-        if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
-            dims = [d for d in range(t.dim()) if d != 1]
-            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = t.shape[1]
+        x = local(t)  # a DTensor's own shard: what this rank holds
+        if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
+            call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
+        if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
+            dims = [d for d in range(x.dim()) if d != 1]
+            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
+            call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call):
                 call["grad"] = norm(g)
@@ -115,7 +117,7 @@ class Recorder:
                 return None  # changed in place by the module: what it received is gone
             else:
                 known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(t.detach()).all())
+                self.checks.append(torch.isfinite(local(t).detach()).all())
         return known
 
     def summarise(self, t: torch.Tensor, edges=None) -> int:
@@ -167,7 +169,7 @@ class Recorder:
                     grad_output_norm=None if c["grad"] is None else float(c["grad"]),
                     dead_units=None if c["dead"] is None else int(c["dead"]),
                     units=c.get("units"),
-                    feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
+                    feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
                     input_finite=input_finite,
                     output_id=None if stats is None else c["slot"],
                 )

@@ -99,7 +99,7 @@ class _Trends:
         elif self.records and not math.isfinite(value):
             message += " No sampled step shows NaN/Inf in the model: sample more often (every=1) to see where."
         message += " Lower the learning rate, clip the gradients, or look for a log/division of values near 0."
-        return [Finding("loss_diverged", "error", module, message, details, step)]
+        return [Finding("loss_diverged", "error", module, message, details, step=step)]
 
     def _first_nonfinite(self) -> tuple[str, int] | None:
         """The module the one-pass rules name for the first NaN/Inf of the sampled steps, and that step."""
@@ -124,7 +124,7 @@ class _Trends:
                    f"the first {window} steps. The model is not learning: a learning rate far too low or too high, "
                    f"dead units, or gradients that do not reach the weights.")
         return [Finding("loss_flat", "warning", "", message,
-                        {"first_mean": before, "last_mean": now, "window": window, "tolerance": tolerance}, a)]
+                        {"first_mean": before, "last_mean": now, "window": window, "tolerance": tolerance}, step=a)]
 
     # -- gradients and the optimizer ------------------------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class _Trends:
                        f"({_plural(count, 'parameter')}, norm {total:.3g}): .grad was not cleared since the previous "
                        f"step, so gradients add up from step to step. Call optimizer.zero_grad() once per step.")
             return [Finding("grad_accumulating", "error", where, message,
-                            {"parameters": count, "stale_grad_norm": total, "modules": names}, record.step)]
+                            {"parameters": count, "stale_grad_norm": total, "modules": names}, step=record.step)]
         return []
 
     def not_in_optimizer(self) -> list[Finding]:
@@ -172,7 +172,7 @@ class _Trends:
                            f"{'it' if len(params) == 1 else 'them'}. Create the optimizer after adding the layer, "
                            f"or add it with optimizer.add_param_group().")
                 found.append(Finding("param_not_in_optimizer", "error", name, message, {"parameters": params},
-                                     record.step))
+                                     step=record.step))
             return found
         return []
 
@@ -210,7 +210,7 @@ class _Trends:
                 message = (f"Each optimizer step changes the weights of {where} by {typical:.3g} of their size "
                            f"(median over the sampled steps, {word} {limit:g}), {advice}.")
                 found.append(Finding(kind, "warning", name, message,
-                                     {"update_ratio": typical, "limit": limit, "layers": len(layers)}, step))
+                                     {"update_ratio": typical, "limit": limit, "layers": len(layers)}, step=step))
         return found
 
     def _lrs(self, layers: list[str]) -> str:
@@ -246,7 +246,7 @@ class _Trends:
                            f"normalises with its running statistics, which stop updating. Call model.train() before "
                            f"the training steps (and model.eval() only to evaluate).")
                 found.append(Finding("eval_mode_training", "warning", name, message, {"layers": len(layers)},
-                                     record.step))
+                                     step=record.step))
             if found:
                 return found
         return []
@@ -279,5 +279,5 @@ class _Trends:
                        f"at step {first} to {end:.0%} at step {last}: units die as training goes on and never come "
                        f"back, typically because the learning rate is too high.")
             found.append(Finding("dead_units_growing", "warning", name, message,
-                                 {"start": start, "now": end, "layers": len(layers)}, step))
+                                 {"start": start, "now": end, "layers": len(layers)}, step=step))
         return found

@@ -93,7 +93,8 @@ def watch(
 def _structure(model: nn.Module):
     """The module tree as records without calls (parameter norms unknown until a step is sampled)."""
     modules = {}
-    for (name, module), info in zip(model.named_modules(), module_tree(model).values()):
+    entries = list(model.named_modules())
+    for (name, module), info in zip(entries, module_tree(entries).values()):
         own = info.pop("own")
         modules[name] = ModuleReport(
             **info,
@@ -101,8 +102,8 @@ def _structure(model: nn.Module):
                                                         trainable=p.requires_grad, norm=None) for local, p in own}),
             training=module.training, traits=traits.class_traits(module), bounds=traits.bounds(module),
         )
-    unique = list(model.parameters())
-    return structure_of(modules, sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad))
+    root = modules[""]
+    return structure_of(modules, root.num_params, root.num_trainable)
 
 
 def pick_edges(t: torch.Tensor, bins: int, bounds: tuple[float, float] | None = None) -> np.ndarray | None:
