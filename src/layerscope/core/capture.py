@@ -24,6 +24,7 @@ from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamReco
 from .stats import StatsBatch, local
 from .tree import initialised, module_tree, uninitialised
 
+
 def _check_arguments(model: Any, batch: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs a torch.nn.Module as model, got {type(model).__name__}")
