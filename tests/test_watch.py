@@ -443,6 +443,22 @@ def test_nan_in_training_names_the_step_and_the_first_module(digits):
     assert nan.step in run._pinned and nan.details["sampled_steps"] >= 1
 
 
+def test_a_sampled_step_says_which_parameters_hold_nan():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with watch(model, every=1) as run:
+        for step in range(2):
+            if step == 1:
+                with torch.no_grad():
+                    model[2].weight[0, 1] = float("nan")
+            model(torch.randn(5, 4)).sum().backward()
+            run.step()
+    finite = [{f"{m}.{k}".lstrip("."): p.finite for m, r in run.at(s).modules.items() for k, p in r.params.items()}
+              for s in (0, 1)]
+    assert all(finite[0].values())
+    assert finite[1] == {name: bool(torch.isfinite(p).all()) for name, p in model.named_parameters()}
+    assert finite[1]["2.weight"] is False
+
+
 def test_a_learning_rate_far_too_low_is_too_small_and_flat(digits):
     x, y = digits
     model = cnn().eval()

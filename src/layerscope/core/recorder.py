@@ -219,6 +219,7 @@ def fast_norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:
     groups: dict[tuple, dict[int, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not t.is_meta:
+            t = local(t)  # a DTensor's own shard (see stats.norm)
             groups.setdefault((t.device, t.dtype), {})[key] = t.detach()
     values = {}
     for group in groups.values():

@@ -454,6 +454,7 @@ class Run:
                 norm, grad, update, trainable, _, _ = next(rows)
                 own[local] = dataclasses.replace(
                     p, trainable=bool(trainable), norm=_number(norm), grad_norm=_number(grad),
+                    finite=math.isfinite(norm) if norm == norm or p.device != "meta" else None,
                     update_ratio=update / norm if update == update and norm == norm and norm > 0 else None)
             modules[name] = dataclasses.replace(report, calls=tuple(calls[index]), params=MappingProxyType(own),
                                                 training=bool(record.training[index]))
