@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import traits
+from . import distributed, traits
 from .capture import _bin_plan, float_inputs
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors
@@ -99,7 +99,8 @@ def _structure(model: nn.Module):
         modules[name] = ModuleReport(
             **info,
             params=MappingProxyType({local: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
-                                                        trainable=p.requires_grad, norm=None) for local, p in own}),
+                                                        trainable=p.requires_grad, norm=None, **distributed.layout(p))
+                                      for local, p in own}),
             training=module.training, traits=traits.class_traits(module), bounds=traits.bounds(module),
         )
     root = modules[""]
