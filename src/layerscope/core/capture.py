@@ -418,9 +418,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     output_bytes: dict[str, int] = {}
     for c in recorder.calls:
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
-    cost = counter.results(bool(grads), saving) if counter is not None else {}
-    idle = {} if counter is None else dict(flops=0, own_flops=0, backward_flops=0 if grads else None,
-                                          activation_bytes=0 if saving else None)
+    cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
@@ -447,7 +445,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             bounds=traits.bounds(module),
             grad_bytes=sum(grad_sizes.get(i, 0) for i in param_ids) if grads else None,
             output_bytes=output_bytes.get(name, 0),
-            **cost.get(name, idle),
+            **cost.get(name, {}),
         )
     unique = list(model.parameters())
     out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]

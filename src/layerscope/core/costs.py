@@ -310,29 +310,47 @@ class Costs:
 
     # -- results ------------------------------------------------------------------------------------
 
-    def results(self, backward: bool, saving: bool) -> dict[str, dict]:
-        """The cost fields of ModuleReport for each module that ran, by name."""
+    def results(self, names: list[str], backward: bool, saving: bool) -> dict[str, dict]:
+        """The cost fields of ModuleReport for every module, by name (``names`` in ``named_modules()`` order).
+
+        A module that never ran itself but holds submodules that did (an nn.ModuleList whose layers its parent
+        calls) gets their costs: the sum of their FLOPs, the union of their saved storages and unsupported ops."""
+        ran = set(self.open)
+
+        def holders(found: set[str]) -> set[str]:  # and the modules around them in the tree that never ran
+            for name in list(found):
+                while name and (name := name.rpartition(".")[0]) not in ran and name not in found:
+                    found.add(name)
+            return found
+
         activation: dict[str, int] = defaultdict(int)
         for size, calls in self.saved.values():
             seen: set[int] = set()
-            for name in set().union(*(self._around(c, seen) for c in calls)):
+            for name in holders(set().union(*(self._around(c, seen) for c in calls))):
                 activation[name] += size
         ops: dict[str, set[str]] = defaultdict(set)
-        for call, names in self.ops.items():
-            for name in self._around(call):
-                ops[name] |= names
-        peaks: dict[str, int] = {}
+        for call, found in self.ops.items():
+            for name in holders(self._around(call)):
+                ops[name] |= found
+        peaks: dict[str, int] = defaultdict(int)
         for call, (start, peak) in self.peaks.items():
             name = self.calls[call][0]
-            peaks[name] = max(peaks.get(name, 0), peak - start)
+            peaks[name] = max(peaks[name], peak - start)
+        flops, bwd = defaultdict(int, self.flops), defaultdict(int, self.backward)
+        for name in reversed(names):  # children before their parents
+            parent = name.rpartition(".")[0] if name else None
+            if parent is not None and parent not in ran:
+                flops[parent] += flops[name]
+                bwd[parent] += bwd[name]
+                peaks[parent] = max(peaks[parent], peaks[name])
         return {name: dict(
-            flops=self.flops.get(name, 0),
+            flops=flops.get(name, 0),
             own_flops=self.own.get(name, 0),
-            backward_flops=self.backward.get(name, 0) if backward else None,
+            backward_flops=bwd.get(name, 0) if backward else None,
             unsupported_ops=tuple(sorted(ops.get(name, ()))),
             activation_bytes=activation.get(name, 0) if saving else None,
             peak_bytes=peaks.get(name, 0) if self.cuda is not None else None,
-        ) for name in self.open}
+        ) for name in names}
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from . import cost_findings
 from .diagnose import label
 from .records import CallRecord, Capture, Finding
 
@@ -32,6 +33,7 @@ def find(
     saturated_fraction: float = 0.5,
     saturated_margin: float = 0.02,
     input_limit: float = 20.0,
+    activation_share: float = 0.5,
 ) -> list[Finding]:
     """The findings for one capture, sorted by severity (error, warning, info), then by the order the
     modules first ran (modules that never ran last).
@@ -57,6 +59,10 @@ def find(
     histogram: for a sigmoid, below 0.02 or above 0.98, where its slope is under 8% of its peak. A float
     input whose largest absolute value exceeds ``input_limit`` looks unnormalised (standardised data
     rarely goes past 5).
+
+    With costs counted (``capture(..., costs=True)``): the innermost module holding more than
+    ``activation_share`` (half) of the bytes saved for the backward is a checkpointing candidate, and every
+    aten op that ran with no FLOP formula is named where it ran (the FLOPs around it are a lower bound).
     """
     look = _Look(cap)
     batch = look.batch(input_limit)
@@ -69,6 +75,7 @@ def find(
             found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.dead(dead_fraction), *look.saturated(saturated_fraction, saturated_margin)]
     found += [*look.frozen(), *look.unused(), *look.train_mode()]
+    found += [*cost_findings.activation_memory(cap, activation_share), *cost_findings.unsupported_ops(cap)]
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module)))
 
 
