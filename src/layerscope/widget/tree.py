@@ -8,13 +8,16 @@ import anywidget
 import traitlets
 
 from ..core import Capture
-from ..core.records import human
+from ..core.records import human, human_bytes
 from .text import ROOT_LABEL
 
 _HERE = pathlib.Path(__file__).parent
 
-# the fields of one row of TreeWidget.rows, in order
-FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warnings")
+# the fields of one row of TreeWidget.rows, in order: the number column shows one of params, flops and memory
+# (as text, with the value beside it for the bar and the sort; null when it was not counted)
+FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warnings", "params_value", "flops",
+          "flops_value", "memory", "memory_value")
+COLUMNS = ("params", "flops", "memory")  # parameters, forward FLOPs, activation memory (bytes saved for backward)
 
 
 def tree_rows(cap: Capture) -> list[list]:
@@ -41,8 +44,10 @@ def tree_rows(cap: Capture) -> list[list]:
     rows = []
     for i, (name, report) in enumerate(cap.modules.items()):
         label = name.rpartition(".")[2] if name else ROOT_LABEL
+        flops, memory = report.flops, report.activation_bytes
         rows.append([name, label, report.type_name, human(report.num_params), parents[i], report.called,
-                     errors[i], warnings[i]])
+                     errors[i], warnings[i], report.num_params, None if flops is None else human(flops), flops,
+                     None if memory is None else human_bytes(memory), memory])
     return rows
 
 
@@ -54,6 +59,8 @@ class TreeWidget(anywidget.AnyWidget):
     selected = traitlets.Unicode("").tag(sync=True)
     marked = traitlets.Unicode(None, allow_none=True).tag(sync=True)  # the module the capture error is in
     expanded = traitlets.List().tag(sync=True)  # names open when the rows arrive
+    column = traitlets.Enum(COLUMNS, "params").tag(sync=True)  # what the number column and its bars show
+    sorted = traitlets.Bool(False).tag(sync=True)  # rows ordered by that number within their parent
 
     def __repr__(self) -> str:
-        return f"TreeWidget({len(self.rows)} modules, selected={self.selected!r})"
+        return f"TreeWidget({len(self.rows)} modules, selected={self.selected!r}, column={self.column!r})"
