@@ -9,6 +9,7 @@ Prints ratios (the machine is noisy: compare, don't quote absolute times). Batch
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import subprocess
@@ -19,11 +20,13 @@ import tracemalloc
 import torch
 import torchinfo
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models as tvm
 
 import layerscope
 
 BATCH = 8
+COSTS = "costs" in inspect.signature(layerscope.capture).parameters  # False for revisions before costs existed
 
 
 def stack(blocks: int = 500, width: int = 512) -> nn.Module:
@@ -73,11 +76,21 @@ def methods(model: nn.Module):
         clones.clear()
         _hooked(model, lambda out: clones.append(out.detach().clone()) if isinstance(out, torch.Tensor) else None)(x)
 
+    def flop_counter(x):
+        with FlopCounterMode(display=False):
+            forward_backward(x)
+
+    costs = {
+        "capture, forward only, costs": lambda x: layerscope.capture(model, x, backward=False, costs=True),
+        "capture, forward+backward, costs": lambda x: layerscope.capture(model, x, costs=True),
+    } if COSTS else {}
     return {
         "plain forward (no_grad)": forward,
         "capture, forward only": lambda x: layerscope.capture(model, x, backward=False),
         "plain forward+backward": forward_backward,
         "capture, forward+backward": lambda x: layerscope.capture(model, x),
+        **costs,
+        "FlopCounterMode forward+backward": flop_counter,
         "torchinfo.summary": lambda x: torchinfo.summary(model, input_data=x, verbose=0, mode="eval"),
         "naive stats hooks": _hooked(model, naive_stats),
         "clone every output": clone_all,
@@ -185,6 +198,14 @@ def main() -> None:
         row = {
             "capture fwd / plain fwd": times["capture, forward only"] / fwd,
             "capture fwd+bwd / plain fwd+bwd": times["capture, forward+backward"] / fwdbwd,
+            **({
+                "capture+costs fwd / plain fwd": times["capture, forward only, costs"] / fwd,
+                "capture+costs fwd+bwd / plain fwd+bwd": times["capture, forward+backward, costs"] / fwdbwd,
+                "costs on / off, capture fwd": times["capture, forward only, costs"] / times["capture, forward only"],
+                "costs on / off, capture fwd+bwd":
+                    times["capture, forward+backward, costs"] / times["capture, forward+backward"],
+            } if COSTS else {}),
+            "FlopCounterMode fwd+bwd / plain fwd+bwd": times["FlopCounterMode forward+backward"] / fwdbwd,
             "torchinfo / plain fwd": times["torchinfo.summary"] / fwd,
             "naive stats hooks / plain fwd": times["naive stats hooks"] / fwd,
             "clone all outputs / plain fwd": times["clone every output"] / fwd,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-KEYS = ("capture fwd / plain fwd", "capture fwd+bwd / plain fwd+bwd", "capture memory kept / clone-all memory")
+KEYS = ("capture fwd / plain fwd", "capture fwd+bwd / plain fwd+bwd", "capture memory kept / clone-all memory",
+        "capture+costs fwd / plain fwd", "capture+costs fwd+bwd / plain fwd+bwd")
 
 
 def run(src: Path, models: list[str], out: Path) -> dict:
@@ -50,9 +51,10 @@ def main() -> None:
     print(f"{'model':<15}{'ratio':<42}{'before':>9}{'after':>9}")
     for model in args.models:
         for key in KEYS:
-            before = statistics.median(r[model][key] for r in results["before"])
+            before = [r[model][key] for r in results["before"] if key in r[model]]
             after = statistics.median(r[model][key] for r in results["after"])
-            print(f"{model:<15}{key:<42}{before:>9.3f}{after:>9.3f}")
+            shown = f"{statistics.median(before):>9.3f}" if before else f"{'-':>9}"  # a ratio REV cannot measure
+            print(f"{model:<15}{key:<42}{shown}{after:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,40 @@ def test_costs_survive_save_and_load_and_an_older_file_still_loads(tmp_path):
     older = load(old)
     assert older.flops is None and older[""].flops is None and older[""].unsupported_ops == ()
     assert older[""].num_params == cap[""].num_params
+
+
+def test_cost_breakdown_bars_are_each_parts_flops_and_saved_bytes():
+    from matplotlib.colors import to_hex
+
+    from layerscope import plots
+    from layerscope.plots.cost import HIGHLIGHT
+
+    torch.manual_seed(0)
+    model, x = tvm.resnet18(weights=None).eval(), torch.randn(1, 3, 32, 32)
+    cap = capture(model, x, costs=True)
+    flops_ax, memory_ax = plots.cost_breakdown(cap).axes
+    labels = [t.get_text() for t in flops_ax.get_yticklabels()]
+    assert sorted(labels) == sorted(c for c in cap[""].children if cap[c].flops or cap[c].activation_bytes)
+    widths = [b.get_width() for b in flops_ax.patches]
+    assert widths == [cap[n].flops for n in labels] == sorted(widths, reverse=True)
+    assert [b.get_width() for b in memory_ax.patches] == [cap[n].activation_bytes for n in labels]
+    assert f"{cap['layer1'].flops / cap.flops:.0%}" in flops_ax.texts[labels.index("layer1")].get_text()
+    fig = plots.cost_breakdown(cap, "layer1.0.conv1")  # no submodules: its block's parts, itself highlighted
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    colours = [to_hex(b.get_facecolor()) for b in fig.axes[0].patches]
+    assert "conv1" in labels and colours[labels.index("conv1")] == HIGHLIGHT.lower()
+    assert colours.count(HIGHLIGHT.lower()) == 1 and "layer1.0" in fig.get_suptitle()
+    with pytest.raises(ValueError, match="costs=True"):
+        plots.cost_breakdown(capture(model, x, backward=False))
+
+
+def test_a_module_holding_most_activation_memory_is_a_checkpointing_candidate():
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU())
+    model = nn.Sequential(nn.Linear(16, 8), wide, nn.Linear(512, 2))
+    cap = capture(model, torch.randn(32, 16), costs=True)
+    finding = next(f for f in cap.findings if f.kind == "activation_memory")
+    assert finding.severity == "info" and finding.module == "1"
+    assert finding.details["share"] == cap["1"].activation_bytes / cap.activation_bytes > 0.5
+    assert "torch.utils.checkpoint" in finding.message and "each of its" in finding.message
+    assert not [f for f in capture(model, torch.randn(32, 16)).findings if f.kind == "activation_memory"]
