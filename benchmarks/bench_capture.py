@@ -97,15 +97,15 @@ def methods(model: nn.Module):
     }, clones
 
 
-def time_side_by_side(fns: dict, x, repeats: int) -> dict[str, float]:
+def time_side_by_side(fns: dict, x, repeats: int, clock=time.perf_counter) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn(x)
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every method alike
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn(x)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time by this process's CPU time (less swayed by other work on a shared machine)")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(2)
@@ -191,7 +193,7 @@ def main() -> None:
         model, x = MODELS[name]()
         model.eval()
         fns, clones = methods(model)
-        times = time_side_by_side(fns, x, repeats)
+        times = time_side_by_side(fns, x, repeats, time.process_time if args.cpu else time.perf_counter)
         fns["clone every output"](x)
         kept, cloned = memory_kept(model, x, clones)
         fwd, fwdbwd = times["plain forward (no_grad)"], times["plain forward+backward"]
@@ -217,7 +219,8 @@ def main() -> None:
                            "capture, forward+backward", "clone every output"):
                 row[f"peak RSS rise, MB: {method}"] = peak_rss(name, method)
         results[name] = row
-        print(f"\n== {name} (batch {BATCH}, 2 threads, median of {repeats}; plain fwd {fwd * 1e3:.0f} ms) ==")
+        clock = "CPU time" if args.cpu else "wall time"
+        print(f"\n== {name} (batch {BATCH}, 2 threads, median of {repeats}, {clock}; plain fwd {fwd * 1e3:.0f} ms) ==")
         for key, value in row.items():
             shown = "n/a" if value is None else f"{value:.3f}" if "memory kept" in key else f"{value:.2f}"
             print(f"  {key:<58} {shown}")

@@ -314,7 +314,10 @@ class Costs:
         """The cost fields of ModuleReport for every module, by name (``names`` in ``named_modules()`` order).
 
         A module that never ran itself but holds submodules that did (an nn.ModuleList whose layers its parent
-        calls) gets their costs: the sum of their FLOPs, the union of their saved storages and unsupported ops."""
+        calls) gets their costs: the sum of their FLOPs, the union of their saved storages and unsupported ops.
+        Calls still open (the forward raised inside them) count what ran until then."""
+        if self.stack:
+            self.leave(self.calls[self.stack[0]][0])
         ran = set(self.open)
 
         def holders(found: set[str]) -> set[str]:  # and the modules around them in the tree that never ran

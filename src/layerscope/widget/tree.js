@@ -82,8 +82,8 @@ function render({ model, el }) {
 
   function arrange() { // the display order: children by size (largest first) when sorted, else as defined
     const value = shownColumn()[1];
-    const sorted = model.get("sorted");
-    column.value = model.get("column");
+    const sorted = Boolean(model.get("sorted"));
+    column.value = COLUMNS[model.get("column")] ? model.get("column") : "params";
     sortButton.setAttribute("aria-pressed", String(sorted));
     sortButton.classList.toggle("ls-pressed", sorted);
     for (const list of kids) {
