@@ -13,14 +13,17 @@ JUPYTER_ARGS ?=
 DEMO_FLAGS := $(strip $(if $(filter 0,$(shell id -u)),--allow-root) \
   $(if $(filter Linux,$(shell uname -s)),$(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser)))
 
-.PHONY: demo test lint bench chromium
+FLOOR_VENV ?= .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.layerscope-installed
 
-# $(call install,EXTRA): the venv (made again if it has no pip, e.g. after a failed first try without
-# python3-venv) with layerscope and the given extra, pinned by constraints.txt.
+.PHONY: demo test test-floor lint bench chromium
+
+# $(call install,EXTRA[,VENV,CONSTRAINTS]): the venv (made again if it has no pip, e.g. after a failed first
+# try without python3-venv) with layerscope and the given extra, pinned by constraints.txt.
 define install
-test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
-$(PY) -m pip install -q --upgrade pip
-$(PY) -m pip install -q -c constraints.txt -e ".[$(1)]"
+test -x $(or $(2),$(VENV))/bin/pip || $(PYTHON) -m venv $(or $(2),$(VENV))
+$(or $(2),$(VENV))/bin/python -m pip install -q --upgrade pip
+$(or $(2),$(VENV))/bin/python -m pip install -q -c $(or $(3),constraints.txt) -e ".[$(1)]"
 endef
 
 # Everything: the bench extra includes test, which includes demo.
@@ -48,6 +51,16 @@ chromium:
 
 test: $(STAMP) lint chromium
 	$(PY) -m pytest -q
+
+# The oldest supported torch (constraints-floor.txt) in a second environment: every test but the browser,
+# notebook and Binder ones, which stay on the pinned torch. CI runs it after `make test`.
+$(FLOOR_STAMP): pyproject.toml constraints-floor.txt
+	$(call install,test,$(FLOOR_VENV),constraints-floor.txt)
+	touch $@
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not browser" --ignore=tests/test_notebooks.py --ignore=tests/test_binder.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py

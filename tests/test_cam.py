@@ -268,7 +268,7 @@ def test_clear_errors():
         grad_cam(model, x, target=[1, 2])
     assert no_hooks_left(model)
     side_branch = _SideBranch()
-    with pytest.raises(ValueError, match="do not depend on the output of layer 'unused'"):
+    with pytest.raises(ValueError, match="scores do not depend on the output of layer 'unused'"):
         grad_cam(side_branch, torch.randn(2, 3, 8, 8), layer="unused")
     assert grad_cam(side_branch, torch.randn(2, 3, 8, 8)).layer == "used"
 

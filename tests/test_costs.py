@@ -315,3 +315,18 @@ def test_a_module_holding_most_activation_memory_is_a_checkpointing_candidate():
     assert finding.details["share"] == cap["1"].activation_bytes / cap.activation_bytes > 0.5
     assert "torch.utils.checkpoint" in finding.message and "each of its" in finding.message
     assert not [f for f in capture(model, torch.randn(32, 16)).findings if f.kind == "activation_memory"]
+
+
+def test_a_merged_capture_holds_the_jobs_flops_and_the_largest_ranks_memory():
+    from layerscope.core import distributed
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(10, 6)
+    ranks = [capture(model, x[:4], costs=True), capture(model, x[4:], costs=True)]  # two ranks' batches
+    whole, merged = capture(model, x, costs=True), distributed.merge(ranks)
+    for name, r in whole.modules.items():
+        m = merged[name]
+        assert (m.flops, m.own_flops, m.backward_flops, m.output_bytes) == \
+            (r.flops, r.own_flops, r.backward_flops, r.output_bytes), name
+        assert m.activation_bytes == max(c[name].activation_bytes for c in ranks) <= r.activation_bytes
+    assert merged.flops == whole.flops and merged.activation_bytes == ranks[1].activation_bytes

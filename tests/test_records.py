@@ -109,7 +109,7 @@ def test_round_trip_on_torchvision_models_keeps_stats_histograms_and_feature_map
     same(cap, loaded)
     assert loaded.summary() == cap.summary() and "Total params" in loaded.summary()
     conv = next(c for _, c in loaded.calls if c.feature_maps is not None)
-    assert conv.feature_maps.dtype == torch.float32 and conv.histogram.counts.dtype == np.int64
+    assert conv.feature_maps.dtype == torch.bfloat16 and conv.histogram.counts.dtype == np.int64
     assert loaded["layer1.0.conv1" if factory is torchvision.models.resnet18 else "features.0"].param_grad_norms[
         "weight"] > 0
 

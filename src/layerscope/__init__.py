@@ -15,6 +15,7 @@ from .core import (
     attention_maps,
     attention_rollout,
     capture,
+    gather,
     grad_cam,
     load,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "attention_rollout",
     "capture",
     "findings",
+    "gather",
     "grad_cam",
     "load",
     "ModelInspector",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -15,17 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diagnose, traits
+from . import diagnose, distributed, kinds, traits
 from .costs import Costs
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
 from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, norm
-from .tree import module_tree
+from .stats import StatsBatch, local, norm
+from .tree import initialised, module_tree, uninitialised
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
+FEATURE_DTYPE = torch.bfloat16  # feature maps are pictures: 3 significant digits, float32's range, half the bytes
 
 
 def pool_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -71,11 +73,6 @@ def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
         return 64, fixed.get
     edges = _edges(bins, "bins")
     return len(edges) - 1, lambda name: edges
-
-
-def _on_meta(model: nn.Module) -> bool:
-    tensors = [*model.parameters(), *model.buffers()]
-    return bool(tensors) and all(t.is_meta for t in tensors)
 
 
 class _Recorder:
@@ -134,12 +131,13 @@ class _Recorder:
         if t is None:
             return
         call["slot"] = self._slot(t, edges)
-        if self.feature_maps and t.dim() == 4 and not t.is_meta and t.numel():
-            call["fmap"] = pool_maps(t.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and t.dim() >= 2 and not t.is_meta and t.numel():
-            dims = [d for d in range(t.dim()) if d != 1]
-            call["dead"] = (t.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = t.shape[1]
+        x = local(t)  # a DTensor's own shard: what this rank holds
+        if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
+            call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
+        if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
+            dims = [d for d in range(x.dim()) if d != 1]
+            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
+            call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call, costs=self.costs):
                 if costs is not None:
@@ -174,7 +172,7 @@ class _Recorder:
                 return None  # changed in place by the module: what it received is gone
             else:
                 known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(t.detach()).all())
+                self.checks.append(torch.isfinite(local(t).detach()).all())
         return known
 
     def _slot(self, t: torch.Tensor, edges=None) -> int:
@@ -220,7 +218,7 @@ class _Recorder:
                     grad_output_norm=None if c["grad"] is None else float(c["grad"]),
                     dead_units=None if c["dead"] is None else int(c["dead"]),
                     units=c.get("units"),
-                    feature_maps=None if c["fmap"] is None else c["fmap"].cpu(),
+                    feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
                     input_finite=finite(c["inputs"]),
                     output_id=None if stats is None else c["slot"],
                 )
@@ -277,10 +275,14 @@ def _loss(output: Any, batch: Any, target: Any, loss_fn: Callable | None) -> tup
         return loss.reshape(()), "loss_fn"
     if target is not None:
         logits = first_float_tensor(output)
+        logits = None if logits is None else local(logits)
         if logits is None or logits.dim() < 2:
             raise ValueError(f"a target needs logits of shape (N, classes), but the output is {_describe(logits)}")
         return F.cross_entropy(logits, class_indices(target, logits)), "cross_entropy"
-    parts = [t.float().sum() for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
+    own = kinds.model_loss(output)
+    if own is not None and own.requires_grad:
+        return own, "model_loss"
+    parts = [local(t).float().sum() for t in kinds.result_tensors(output) if t.requires_grad]
     return (torch.stack(parts).sum() if parts else None), "sum"
 
 
@@ -335,11 +337,14 @@ def capture(
     ``batch`` is passed as ``model(batch)`` (a Tensor), ``model(*batch)`` (a tuple/list) or
     ``model(**batch)`` (a dict). With ``backward`` (the default), a loss is formed from
     ``loss_fn(output, batch)``, else the cross-entropy of the logits with ``target`` (class indices),
-    else the sum of all floating-point outputs, and the gradients are computed without touching any
-    ``.grad`` of the model. A failure in any phase does not raise: it lands in ``Capture.error``.
-    The model is left exactly as it was: hooks removed, training flags, ``requires_grad`` and ``.grad``
-    restored, nothing moved. A model whose tensors are all on the meta device gets its batch's tensors
-    mirrored on the meta device (shapes, no values, no memory) and no backward.
+    else the loss the model returned (a Hugging Face output's ``.loss``), else the sum of the
+    floating-point outputs (caches left out), and the gradients are computed without touching any
+    ``.grad`` of the model (also through reentrant activation checkpointing). A failure in any phase does
+    not raise: it lands in ``Capture.error``. The model is left exactly as it was: hooks removed, training
+    flags, ``requires_grad``, ``.grad`` and buffers restored, nothing moved (lazy modules called for the
+    first time keep the parameters they get). A model whose parameters are all on the meta device gets
+    its batch's tensors mirrored on the meta device (shapes, no values, no memory) and no backward. A
+    ``torch.compile`` wrapper is recorded through its original module, run eagerly.
 
     ``bins`` sets the histograms: a number of equal bins over each output's own range (64), a sequence
     of edges used for every module, or a mapping {module name: edges} (64 equal bins for the others).
@@ -359,13 +364,15 @@ def capture(
 
 
 def _cuda_device(model: nn.Module) -> torch.device | None:
-    return next((p.device for p in model.parameters() if p.is_cuda), None)
+    return next((p.device for p in initialised(model) if p.is_cuda), None)
 
 
 def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs) -> Capture:
-    tree = module_tree(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    meta = _on_meta(model)
+    model, compiled = kinds.unwrap(model)
+    entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
+    names = {id(m): n for n, m in entries}
+    elsewhere = kinds.offloaded(model)
+    meta = kinds.on_meta(model, elsewhere)
     if meta:
         batch_run = map_tensors(batch, lambda t: t.to("meta"))
         backward = False
@@ -378,14 +385,17 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     error: CaptureError | None = None
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
-    counter = None
-    if counting:
-        counter = Costs([*model.parameters(), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
-    with HookSession(model) as session:
+    counter: Costs | None = None
+    with distributed.resharded(model), HookSession(model) as session:  # FSDP2: the sharded parameters throughout
+        before = [p for p in initialised(model) if p.requires_grad]
+        if meta:
+            kinds.buffers_to_meta(model)
+        if counting:  # the tensors held anyway: their storages are not activation memory
+            counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges,
                              counter)
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
-        for name, module in model.named_modules():
+        for name, module in entries:
             if counter is not None:
                 session.add_forward_pre_hook(module, lambda module, args, kwargs, name=name: counter.enter(name))
             session.add_forward_hook(module, recorder.hook_for(name, module))
@@ -398,11 +408,14 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    params = [p for p in model.parameters() if p.requires_grad]
+                    moved = kinds.offloaded(model)  # accelerate's hooks put new meta tensors in after each call
+                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in moved]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
-                        got = torch.autograd.grad(loss, params, allow_unused=True)
-                        grads = {id(p): g for p, g in zip(params, got)}
+                        if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
+                            grads = distributed.backward(loss, before, batch)
+                        else:
+                            grads = kinds.param_grads(loss, params)
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -415,30 +428,43 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         finally:
             session.remove()
     records, summaries = recorder.records()
+    tree = module_tree(entries)  # after the pass: lazy modules have their parameters now
     output_bytes: dict[str, int] = {}
     for c in recorder.calls:
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
     cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
+    elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
-    with torch.no_grad():  # also without a backward: a parameter's norm says whether it holds NaN/Inf
-        param_norms = _norms({id(p): p for p in model.parameters()})
-    constant_sum = traits.sums_to_constant(model)
+    # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
+    # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
+    nonfinite = any(s is not None and not s[0].finite for s in summaries)
+    held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
+    rank, world = distributed.process()
+    with torch.no_grad():
+        param_norms = _norms(held if grads or nonfinite else {})
+        checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
+    finite = {key: math.isfinite(value) for key, value in param_norms.items()}
+    constant_sum = traits.sums_to_constant(entries)
     modules = {}
-    for (name, module), info in zip(model.named_modules(), tree.values()):
+    for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
         param_ids = info.pop("param_ids")
         found = traits.class_traits(module)
         if name in constant_sum:
             found = found | {"sums_to_constant"}
+        if uninitialised(module):
+            found = found | {"uninitialised"}
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                local: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
-                                   trainable=p.requires_grad, norm=param_norms.get(id(p)),
-                                   grad_norm=grad_norms.get(id(p)))
-                for local, p in own
+                key: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                                 trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
+                                 grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
+                                 offloaded=id(p) in elsewhere, checksum=checksums.get(id(p)),
+                                 **distributed.layout(p))
+                for key, p in own
             }),
             training=module.training,
             traits=found,
@@ -447,14 +473,13 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             output_bytes=output_bytes.get(name, 0),
             **cost.get(name, {}),
         )
-    unique = list(model.parameters())
-    out_floats = [t for t in iter_tensors(output) if t.is_floating_point() and not t.is_meta]
+    out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]
     root = modules[""]
     cap = Capture(
         modules=MappingProxyType(modules),
-        total_params=sum(p.numel() for p in unique),
-        trainable_params=sum(p.numel() for p in unique if p.requires_grad),
-        loss=None if loss is None or error is not None and error.phase == "loss" else float(loss.detach()),
+        total_params=tree[""]["num_params"],
+        trainable_params=tree[""]["num_trainable"],
+        loss=None if loss is None or error is not None and error.phase == "loss" else float(local(loss).detach()),
         loss_kind=loss_kind,
         backward=bool(grads),
         error=error,
@@ -468,6 +493,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         flops=root.flops,
         activation_bytes=root.activation_bytes,
         peak_bytes=root.peak_bytes,
+        compiled=compiled,
+        rank=rank,
+        world_size=world,
         output=None if output is None else map_tensors(output, lambda t: t.detach()),
         model=model,
         batch=batch,

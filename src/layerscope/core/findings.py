@@ -63,7 +63,15 @@ def find(
     With costs counted (``capture(..., costs=True)``): the innermost module holding more than
     ``activation_share`` (half) of the bytes saved for the backward is a checkpointing candidate, and every
     aten op that ran with no FLOP formula is named where it ran (the FLOPs around it are a lower bound).
+
+    A capture merged from the ranks of a distributed job (``layerscope.gather``) keeps the findings each rank
+    made about its own pass (with the rank); the gradient rules run again on its global norms, the frozen,
+    unused and training-mode rules on its merged records, and ``rank_desync`` compares the ranks.
     """
+    if cap.merged:
+        from .distributed import merged_findings
+
+        return merged_findings(cap, vanishing_ratio, exploding_ratio)
     look = _Look(cap)
     batch = look.batch(input_limit)
     bad_batch = any(f.kind == "input_nonfinite" for f in batch)
@@ -74,7 +82,7 @@ def find(
         if cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
             found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.dead(dead_fraction), *look.saturated(saturated_fraction, saturated_margin)]
-    found += [*look.frozen(), *look.unused(), *look.train_mode()]
+    found += [*look.frozen(), *look.unused(), *look.train_mode(), *look.model_kind()]
     found += [*cost_findings.activation_memory(cap, activation_share), *cost_findings.unsupported_ops(cap)]
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module)))
 
@@ -229,7 +237,7 @@ class _Look:
         if loss is None or _finite(loss):
             return []
         how = {"cross_entropy": "cross-entropy with the target", "loss_fn": "your loss_fn",
-               "sum": "sum of the outputs"}[self.cap.loss_kind]
+               "model_loss": "the loss the model returned", "sum": "sum of the outputs"}[self.cap.loss_kind]
         message = (f"The loss ({how}) is {loss} although every module's output is finite: the loss computation "
                    f"made it (log of 0 or of a negative number, division by zero, a target out of range).")
         return [Finding("nonfinite_loss", "error", "", message, {"loss": loss, "loss_kind": self.cap.loss_kind})]
@@ -306,7 +314,8 @@ class _Look:
         return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": largest, "output_grad": top})]
 
     def _no_grad(self, trainable: dict, grads: dict) -> list[Finding]:
-        missing = lambda n: any(grads[n].get(k) is None for k in trainable[n])
+        params = lambda n: self.cap[n].params
+        missing = lambda n: any(grads[n].get(k) is None and not params(n)[k].offloaded for k in trainable[n])
         relevant = lambda n: bool(trainable[n]) and self.cap[n].called
         found = []
         for name in self.highest(relevant, missing):
@@ -432,6 +441,27 @@ class _Look:
                        f"dropout zeroes random units and batch norm uses this batch's statistics, so outputs vary "
                        f"between runs. Call model.eval() to see inference behaviour.")
             found.append(Finding("train_mode", "info", name, message, {"layers": len(layers)}))
+        return found
+
+
+    def model_kind(self) -> list[Finding]:
+        """What the capture did differently because of what the model is: compiled, lazy, offloaded."""
+        found = []
+        if self.cap.compiled:
+            found.append(Finding("compiled", "info", "", (
+                "The model is compiled with torch.compile, whose code ignores hooks added after its first run: this "
+                "capture recorded its original module (model._orig_mod), run eagerly with the same weights."), {}))
+        for name in self.highest(lambda n: True, lambda n: self.has(n, "uninitialised")):
+            found.append(Finding("uninitialised", "info", name, (
+                f"{self.label(name)} is a lazy module that has not been called yet: its parameters have no size, "
+                f"so they count as 0 here. Run the model once to initialise them."), {}))
+        moved = [(n, k) for n, r in self.modules.items() for k, p in r.params.items() if p.offloaded]
+        if moved:
+            values = sum(self.cap[n].params[k].numel for n, k in moved)
+            found.append(Finding("offloaded", "info", "", (
+                f"{_plural(len(moved), 'parameter')} ({values} values) are offloaded by accelerate (the module holds "
+                f"a meta tensor, its dispatch hook swaps the real one in for each call): their norms are those of "
+                f"the values kept, but their gradients cannot be measured."), {"parameters": len(moved)}))
         return found
 
 

@@ -6,13 +6,16 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 class HookSession:
     """Context manager: hooks added through it are removed on exit (also on error), and each module's
     ``training`` flag, each parameter's ``requires_grad`` and each existing ``.grad`` are restored, and
-    so are the buffers when any module is in training mode (a training-mode pass updates batch-norm
-    running statistics).
+    so are the buffers: each module attribute gets back the very tensor it held (a forward may assign a
+    new one, ``self.running = self.running * 0.9 + ...``), and, when any module is in training mode (a
+    training-mode pass updates batch-norm running statistics), that tensor gets back its values (not a
+    lazy module's buffer, which has none before its first call).
 
     Removing twice is harmless. Exceptions are never swallowed.
     """
@@ -23,13 +26,15 @@ class HookSession:
         self._tensor: list = []
         self._training: list[tuple[nn.Module, bool]] = []
         self._params: list[tuple[nn.Parameter, bool, torch.Tensor | None]] = []
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[tuple[nn.Module, str, torch.Tensor | None]] = []
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> HookSession:
         self._training = [(m, m.training) for m in self.model.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self._buffers = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items()]
         training = any(flag for _, flag in self._training)
-        self._buffers = [(b, b.clone()) for b in self.model.buffers()] if training else []
+        self._values = [(b, b.clone()) for b in self.model.buffers() if not is_lazy(b)] if training else []
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -64,6 +69,9 @@ class HookSession:
                 param.requires_grad_(requires_grad)
             if param.grad is not grad:
                 param.grad = grad
+        for module, name, buffer in self._buffers:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
         with torch.no_grad():
-            for buffer, saved in self._buffers:
+            for buffer, saved in self._values:
                 buffer.copy_(saved)

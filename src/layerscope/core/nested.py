@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
 
-_MAX_DEPTH = 6
+_MAX_DEPTH = 8
 
 
 def _children(value: Any) -> Iterator[tuple[Any, Any]] | None:
@@ -83,14 +84,47 @@ def call_inputs(args: tuple, kwargs: dict) -> Any:
     return (*args, kwargs)
 
 
-def map_tensors(value: Any, fn) -> Any:
-    """A copy of tuples, lists and dicts in ``value`` with ``fn`` applied to each tensor."""
+def map_tensors(value: Any, fn, _depth: int = 0) -> Any:
+    """``value`` with ``fn`` applied to each tensor inside: tuples, lists, dicts, namedtuples, and objects
+    holding tensors as attributes or items (dataclasses, Hugging Face's ModelOutput and Cache objects) are
+    copied (shallow copies with the mapped entries put in), anything that holds no tensor is returned as it is."""
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, Mapping):
-        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    if _depth >= _MAX_DEPTH or isinstance(value, (str, bytes, type, torch.nn.Module)):
+        return value
+    deeper = lambda v: map_tensors(v, fn, _depth + 1)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(map_tensors(v, fn) for v in value))
+        items = [deeper(v) for v in value]
+        return value if _same(items, value) else type(value)(*items)
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
+        items = [deeper(v) for v in value]
+        return value if _same(items, value) else type(value)(items)
+    if isinstance(value, Mapping):
+        items = {k: deeper(v) for k, v in value.items()}
+        if _same(items.values(), value.values()):
+            return value
+        return _copy_with(value, items, MutableMapping) if isinstance(value, MutableMapping) else dict(items)
+    attrs = getattr(value, "__dict__", None)
+    if not attrs:
+        return value
+    items = {k: deeper(v) for k, v in attrs.items()}
+    return value if _same(items.values(), attrs.values()) else _copy_with(value, items)
+
+
+def _same(new, old) -> bool:
+    return all(a is b for a, b in zip(new, old))
+
+
+def _copy_with(value: Any, items: dict, mapping=None) -> Any:
+    """A shallow copy of ``value`` with ``items`` set as its entries (a mapping) or attributes; ``value``
+    itself when it cannot be copied that way (an object that refuses)."""
+    try:
+        new = copy.copy(value)
+        for key, item in items.items():
+            if mapping is not None:
+                new[key] = item
+            else:
+                object.__setattr__(new, key, item)
+    except Exception:  # noqa: BLE001 - an odd object is passed on as it is rather than failing the caller
+        return value
+    return new

@@ -1,7 +1,9 @@
 """The records a pass leaves behind: plain, frozen data keyed by ``named_modules()`` names.
 
 Producers (``capture``) build them; every consumer (findings, plots, the inspector, ``save``/``load``)
-reads them and never the live model. Everything here survives ``Capture.save`` and ``layerscope.load``
+reads them and never the live model. In a ``torch.distributed`` job each rank's capture is that rank's own view;
+``layerscope.gather`` merges them into one capture of the whole job, whose records keep the ranks' values in
+their ``per_rank`` fields. Everything here survives ``Capture.save`` and ``layerscope.load``
 except the three live-only fields of a Capture (``output``, ``model``, ``batch``) and the live
 exception of a CaptureError, which are None on a loaded capture.
 """
@@ -27,6 +29,7 @@ TRAITS = (
     "param_container",  # nn.ParameterList / ParameterDict
     "train_dependent",  # dropout or batch norm: behaves differently in training mode
     "sums_to_constant",  # softmax, or a layer/group norm whose scale is one number: its outputs add up to a constant
+    "uninitialised",  # a lazy module (nn.LazyLinear, ...) not called yet: its parameters have no size, counted as 0
 )
 
 
@@ -72,30 +75,45 @@ class CallRecord:
     grad_output_norm: float | None = None
     dead_units: int | None = None  # ReLU/ReLU6 only: channels (dim 1) that are zero for every item
     units: int | None = None  # how many channels dead_units is out of
-    feature_maps: Any = field(default=None, repr=False)  # torch.Tensor [C<=16, H<=64, W<=64] on the CPU
+    feature_maps: Any = field(default=None, repr=False)  # bfloat16 tensor [C<=16, H<=64, W<=64] on the CPU
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats (None: not on that rank)
+
+    @property
+    def has_maps(self) -> bool:
+        """The stored sample holds feature maps of an (N, C, H, W) output with more than one position."""
+        s = self.output_shapes
+        return self.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
+            all(isinstance(d, int) for d in s) and s[2] * s[3] > 1
 
 
 @dataclass(frozen=True)
 class ParamRecord:
-    """One parameter a module holds itself (not through a submodule)."""
+    """One parameter a module holds itself (not through a submodule).
+
+    A DTensor parameter (FSDP2, tensor parallel) has its global ``shape``, and on a rank's capture the norms of
+    the rank's own shard; ``placements`` says how it is laid out on its device mesh and ``shard`` which piece
+    this rank holds: (index, number of distinct pieces), replicas holding the same index. On a merged capture
+    the norms are those of the whole parameter and ``per_rank`` keeps the ranks' own records."""
 
     shape: tuple[int, ...]
     dtype: str
     device: str
     trainable: bool  # requires_grad
-    norm: float | None  # L2 norm; None on the meta device
+    norm: float | None  # L2 norm, taken when a backward ran (for gradient-to-weight ratios); else None
     grad_norm: float | None = None  # L2 norm of its gradient; None when it got none (or no backward ran)
+    finite: bool | None = None  # every value finite; None when not looked at (meta, or nothing in the pass was
+    # NaN/Inf in a forward-only capture)
+    offloaded: bool = False  # accelerate keeps its values elsewhere (CPU/disk offload): norm of those, no gradient
+    placements: tuple[str, ...] = ()  # a DTensor's placements ("Shard(0)", "Replicate()", ...); () for a tensor
+    shard: tuple[int, int] | None = None  # a DTensor's piece on this rank: (index, number of pieces)
+    checksum: int | None = None  # distributed capture: its bits summed as integers, equal on identical replicas
+    per_rank: tuple[ParamRecord | None, ...] | None = None  # merged capture: each rank's own record
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def finite(self) -> bool | None:
-        """Whether every value is finite (None on the meta device)."""
-        return None if self.norm is None else math.isfinite(self.norm)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +132,9 @@ class ModuleReport:
     training: bool = False
     traits: frozenset[str] = frozenset()  # see TRAITS
     bounds: tuple[float, float] | None = None  # the output range of a saturating activation (sigmoid, tanh, ...)
-    # Cost (see core/costs.py). FLOPs and activation bytes are None when they were not counted (costs=False).
+    # Cost (see core/costs.py). FLOPs and activation bytes are None when they were not counted (costs=False). On a
+    # merged capture, FLOPs and output bytes are the job's (summed over the ranks), activation and peak bytes
+    # the largest rank's.
     flops: int | None = None  # forward FLOPs of all its calls, submodules included
     own_flops: int | None = None  # forward FLOPs of the ops it ran itself, outside its submodules
     backward_flops: int | None = None  # FLOPs of its part of the backward pass; None when no backward ran
@@ -153,6 +173,7 @@ class InputRecord:
     dtype: str
     device: str
     stats: TensorStats | None  # None on the meta device
+    per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,14 +199,16 @@ class CaptureError:
 @dataclass(frozen=True)
 class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
-    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch), one
-    plain sentence with the numbers that prove it, and those numbers in ``details``."""
+    "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch; ``rank``, the
+    rank it was found on in a merged capture of a distributed job, None for the whole job or a single process),
+    one plain sentence with the numbers that prove it, and those numbers in ``details``."""
 
     kind: str
     severity: str
     module: str
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
+    rank: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,29 +216,40 @@ class Capture:
     """Everything one pass recorded, keyed by ``named_modules()`` names (the root is "").
 
     ``output``, ``model`` and ``batch`` are the live objects of the pass; they are None on a capture
-    read back with ``layerscope.load``, where everything else is as it was saved."""
+    read back with ``layerscope.load``, where everything else is as it was saved.
+
+    In a ``torch.distributed`` job, ``rank`` and ``world_size`` say whose view this is; a capture merged by
+    ``layerscope.gather`` has ``rank`` None and ``world_size`` the number of ranks (``merged`` is True)."""
 
     modules: Mapping[str, ModuleReport]
     total_params: int
     trainable_params: int
     loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "sum"; None when no loss was computed
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "model_loss" | "sum"; None when no loss was computed
     backward: bool  # True when gradients were computed
     error: CaptureError | None
     findings: tuple[Finding, ...] = ()
     inputs: tuple[InputRecord, ...] = ()
-    output_numel: int = 0  # floating-point values in the model's output (the "sum" loss adds them up)
-    meta: bool = False  # the model was on the meta device: shapes and counts only
+    output_numel: int = 0  # floating-point values in the model's output, caches left out (the "sum" loss adds them up)
+    meta: bool = False  # the model's parameters were on the meta device: shapes and counts only
+    compiled: bool = False  # a torch.compile wrapper: its original module was recorded, run eagerly
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
     flops: int | None = None  # forward FLOPs of the whole model (the root's flops); None when not counted
     activation_bytes: int | None = None  # bytes the forward saved for the backward (the root's)
     peak_bytes: int | None = None  # CUDA only: the allocator's peak during the forward, above its start
+    rank: int | None = None  # the rank that recorded it; None outside a job and on a merged capture
+    world_size: int = 1  # ranks in the job
     output: Any = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
     batch: Any = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> ModuleReport:
         return self.modules[name]
+
+    @property
+    def merged(self) -> bool:
+        """True for the capture of a whole distributed job, merged from its ranks' captures."""
+        return self.rank is None and self.world_size > 1
 
     @functools.cached_property
     def calls(self) -> list[tuple[str, CallRecord]]:
@@ -243,6 +277,15 @@ class Capture:
         from .store import save
 
         save(self, path)
+
+    def save_html(self, path) -> None:
+        """Write the report of this capture to one self-contained HTML file that works like the inspector
+        with no kernel and no network: the module tree with its search and badges, and per module the
+        header, histogram and statistics, the stored feature maps, gradient norms, the findings and the
+        torchinfo summary. (The report is ``layerscope.report``; core only hands it the records.)"""
+        from ..report import save_html
+
+        save_html(self, path)
 
     def to_pandas(self):
         """One row per call: module, type, call number, shapes, dtype, device, the statistics, the

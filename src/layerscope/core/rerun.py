@@ -13,6 +13,7 @@ from . import cam
 from .attention import attention_maps
 from .capture import FEATURE_CHANNELS, pool_maps
 from .hooks import HookSession
+from .kinds import unwrap
 from .nested import call_model, first_float_tensor
 from .records import CallRecord, call_key
 
@@ -23,7 +24,9 @@ class _Got(Exception):
 
 def module_output(model: nn.Module, batch: Any, name: str, call: int = 0) -> torch.Tensor | None:
     """The first floating-point output tensor of call number ``call`` of module ``name``, detached, on
-    the CPU (None if it has none). The model is left as it was, buffers such as running means included."""
+    the CPU (None if it has none). The model is left as it was, buffers such as running means included.
+    A ``torch.compile`` wrapper is run through its original module, as ``capture`` records it."""
+    model, _ = unwrap(model)
     module = model.get_submodule(name)
     got: list[torch.Tensor | None] = []
     calls = 0
@@ -61,18 +64,22 @@ def cam_layer(call: CallRecord | None, n: int, size: tuple[int, int] | None) -> 
     return cam.layout(shape, n, size) is not None
 
 
+CAM_CACHE = 32  # Grad-CAMs kept
+
+
 class Rerun:
     """Runs ``model`` on ``batch`` again on demand, each answer cached until ``forget()``."""
 
     def __init__(self, model: nn.Module, batch: Any):
         self.model, self.batch = model, batch
         self._output = functools.lru_cache(maxsize=2)(self._fetch_output)
-        self._cam = functools.lru_cache(maxsize=32)(self._compute_cam)
+        self._cams: dict[tuple[str | None, int], cam.CAMResult] = {}  # by (layer, target), most recently used last
         self._attention = functools.lru_cache(maxsize=1)(self._compute_attention)
 
     def forget(self) -> None:
-        for cache in (self._output, self._cam, self._attention):
+        for cache in (self._output, self._attention):
             cache.cache_clear()
+        self._cams.clear()
 
     def _fetch_output(self, name: str, call: int) -> torch.Tensor:
         return module_output(self.model, self.batch, name, call)
@@ -84,10 +91,19 @@ class Rerun:
         return pool_maps(self._output(name, call)[item, first:first + FEATURE_CHANNELS])
 
     def grad_cam(self, layer: str | None, target: int) -> cam.CAMResult:
-        return self._cam(layer, target)
+        """Grad-CAM at ``layer`` (None: the layer grad_cam picks) for class ``target``."""
+        key = (layer, target)
+        result = self._cams.pop(key, None)
+        if result is None:
+            result = cam.grad_cam(self.model, self.batch, layer=layer, target=target)
+            while len(self._cams) >= CAM_CACHE:
+                del self._cams[next(iter(self._cams))]  # the least recently used
+        self._cams[key] = result
+        return result
 
-    def _compute_cam(self, layer: str | None, target: int) -> cam.CAMResult:
-        return cam.grad_cam(self.model, self.batch, layer=layer, target=target)
+    def computed_cams(self) -> dict[tuple[str | None, int], cam.CAMResult]:
+        """The Grad-CAMs computed so far (and not forgotten), by (layer, target)."""
+        return dict(self._cams)
 
     def _compute_attention(self) -> dict:
         return attention_maps(self.model, self.batch)

@@ -16,6 +16,7 @@ tensor's handful of sums is copied to the CPU on the spot; everything else waits
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,8 @@ class Histogram:
     finite values outside fixed edges are counted in ``under`` and ``over``, NaN and Inf never.
 
     ``sampled`` is how many finite values were binned (``counts.sum() + under + over``): all finite elements
-    of small tensors, an evenly strided sample (less any non-finite elements) of large ones."""
+    of small tensors, an evenly strided sample (less any non-finite elements) of large ones. ``rebinned``: the
+    counts were spread onto these edges from other ones (see ``rebin``), so they are approximate."""
 
     counts: np.ndarray
     edges: np.ndarray
@@ -108,6 +110,7 @@ class Histogram:
     numel: int
     under: int = 0
     over: int = 0
+    rebinned: bool = False
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both together; only defined when the two share their edges."""
@@ -117,14 +120,36 @@ class Histogram:
                 f"{_describe(other.edges)}); bin both on the same fixed edges to make them mergeable"
             )
         return Histogram(counts=self.counts + other.counts, edges=self.edges, sampled=self.sampled + other.sampled,
-                         numel=self.numel + other.numel, under=self.under + other.under, over=self.over + other.over)
+                         numel=self.numel + other.numel, under=self.under + other.under, over=self.over + other.over,
+                         rebinned=self.rebinned or other.rebinned)
+
+    def rebin(self, edges) -> Histogram:
+        """These counts spread onto other ``edges``, each bin's count shared out in proportion to its overlap with
+        the new bins (as if the values were uniform within a bin): approximate, and marked ``rebinned``. What falls
+        outside the new edges joins ``under`` and ``over``; the total stays an exact integer."""
+        edges = np.asarray(edges, dtype=np.float64)
+        cumulative = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.float64)
+        at = np.round(np.interp(edges, self.edges, cumulative))  # counts below each new edge, whole numbers
+        total = int(cumulative[-1])
+        return Histogram(counts=np.diff(at).astype(np.int64), edges=edges, sampled=self.sampled, numel=self.numel,
+                         under=self.under + int(at[0]), over=self.over + total - int(at[-1]), rebinned=True)
 
 
 def _describe(edges: np.ndarray) -> str:
     return f"{len(edges) - 1} bins over [{edges[0]:.6g}, {edges[-1]:.6g}]" if len(edges) else "no edges"
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds: a DTensor's local shard (no communication), any other tensor itself.
+    Statistics, norms and checks run on it: an op on a DTensor itself may run collectives."""
+    if type(t) is torch.Tensor:
+        return t
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
 def _to_float(t: torch.Tensor) -> torch.Tensor | None:
+    t = local(t)
     if t.is_complex() or t.is_meta or t.numel() == 0:
         return None
     t = t.detach()
@@ -217,8 +242,9 @@ def norm(t: torch.Tensor) -> torch.Tensor:
 
     On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is a
     float32 BLAS dot (about 10x more accurate than float32 vector_norm), redone in float64 only when it
-    overflowed (a norm above ~1.8e19). Elsewhere, one float64 vector_norm: no copy to the CPU, no sync."""
-    flat = t.detach().reshape(-1)
+    overflowed (a norm above ~1.8e19). Elsewhere, one float64 vector_norm: no copy to the CPU, no sync.
+    Of a DTensor, the norm of this process's shard."""
+    flat = local(t).detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         squares = torch.dot(flat, flat)
         if torch.isfinite(squares):

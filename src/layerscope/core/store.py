@@ -4,11 +4,13 @@ The format (version 2) is a zip archive with exactly these members:
 
 - ``layerscope.json``: ``{"format": "layerscope.capture", "version": 2, "capture": {...}, "modules": [...]}``,
   every record as JSON (NaN and Inf as JSON's ``NaN``/``Infinity`` tokens; tuples as lists). Each module is
-  its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields. A call's histogram and feature
-  maps are not inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
+  its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields (a merged capture's ``per_rank``
+  values inline, as lists with null for a rank that has none). A call's histogram and feature maps are not
+  inline: they say where their numbers sit in the arrays below (``offset`` and ``bins`` or
   ``shape``).
-- ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (float32): the histograms' counts and
-  edges and the feature-map samples of all calls, one after another, as flat numpy arrays.
+- ``counts.npy`` (int64), ``edges.npy`` (float64), ``feature_maps.npy`` (int16: the bits of bfloat16 values,
+  which numpy has no type for): the histograms' counts and edges and the feature-map samples of all calls,
+  one after another, as flat numpy arrays.
 
 Loading reads JSON and raw numpy arrays only (``allow_pickle=False``): a member that holds a pickle, an
 array of Python objects, or any member not listed above is refused with a ``FormatError``, before anything
@@ -34,7 +36,7 @@ from .stats import Histogram, TensorStats
 
 FORMAT, VERSION = "layerscope.capture", 2  # 2: the cost fields (FLOPs and bytes per module); 1 reads as before
 _JSON = "layerscope.json"
-_ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.float32}
+_ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.int16}
 _MEMBERS = {_JSON, *(f"{name}.npy" for name in _ARRAYS)}
 _PICKLE_MAGIC = (b"\x80", b"(", b"c")  # protocol 2+ opcode PROTO, and the first opcodes of protocols 0 and 1
 
@@ -61,27 +63,41 @@ class _Writer:
 
     def call(self, c: CallRecord) -> dict[str, Any]:
         d = _fields(c)
-        d["stats"] = None if c.stats is None else _fields(c.stats)
+        d["stats"] = _stats_fields(c.stats)
+        d["per_rank"] = _per_rank(c.per_rank, _stats_fields)
         h = c.histogram
         if h is not None:
             d["histogram"] = dict(bins=len(h.counts), counts=self.put("counts", h.counts),
                                   edges=self.put("edges", h.edges), sampled=h.sampled, numel=h.numel,
-                                  under=h.under, over=h.over)
+                                  under=h.under, over=h.over, rebinned=h.rebinned)
         if c.feature_maps is not None:
-            maps = c.feature_maps.detach().cpu().float().numpy()
+            maps = c.feature_maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
             d["feature_maps"] = dict(shape=list(maps.shape), offset=self.put("feature_maps", maps))
         return d
 
     def module(self, m: ModuleReport) -> dict[str, Any]:
         d = _fields(m)
         d["calls"] = [self.call(c) for c in m.calls]
-        d["params"] = {k: _fields(p) for k, p in m.params.items()}
+        d["params"] = {k: _param_fields(p) for k, p in m.params.items()}
         d["traits"] = sorted(m.traits)
         return d
 
 
-def save(cap: Capture, path: str | os.PathLike) -> None:
-    """Write ``cap`` to ``path`` (conventionally ``.lsc``): JSON records and flat numpy arrays in one zip."""
+def _stats_fields(s: TensorStats | None) -> dict | None:
+    return None if s is None else _fields(s)
+
+
+def _param_fields(p: ParamRecord | None) -> dict | None:
+    return None if p is None else dict(_fields(p), per_rank=_per_rank(p.per_rank, _param_fields))
+
+
+def _per_rank(values: tuple | None, fields) -> list | None:
+    return None if values is None else [fields(v) for v in values]
+
+
+def save(cap: Capture, path) -> None:
+    """Write ``cap`` to ``path`` (conventionally ``.lsc``; or a binary file object): JSON records and flat numpy
+    arrays in one zip."""
     writer = _Writer()
     modules = [writer.module(m) for m in cap.modules.values()]
     live = ("modules", "output", "model", "batch", "summary_text")
@@ -90,7 +106,8 @@ def save(cap: Capture, path: str | os.PathLike) -> None:
     if cap.error is not None:
         head["error"] = {k: v for k, v in _fields(cap.error).items() if k != "exception"}
     head["findings"] = [_fields(f) for f in cap.findings]
-    head["inputs"] = [dict(_fields(i), stats=None if i.stats is None else _fields(i.stats)) for i in cap.inputs]
+    head["inputs"] = [dict(_fields(i), stats=_stats_fields(i.stats), per_rank=_per_rank(i.per_rank, _stats_fields))
+                      for i in cap.inputs]
     doc = {"format": FORMAT, "version": VERSION, "capture": head, "modules": modules}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr(_JSON, json.dumps(doc, default=_plain, separators=(",", ":")))
@@ -175,22 +192,38 @@ def _stats(d: dict | None) -> TensorStats | None:
     return None if d is None else TensorStats(**d)
 
 
+def _ranks(values: list | None, read) -> tuple | None:
+    return None if values is None else tuple(read(v) for v in values)
+
+
+def _param(d: dict | None) -> ParamRecord | None:
+    if d is None:
+        return None
+    shard = d.get("shard")
+    return ParamRecord(**dict(d, shape=tuple(d["shape"]), placements=tuple(d.get("placements", ())),
+                              shard=None if shard is None else tuple(shard),
+                              per_rank=_ranks(d.get("per_rank"), _param)))
+
+
 def _call(d: dict, arrays: dict) -> CallRecord:
     d = dict(d)
     for key in ("input_shapes", "output_shapes", "input_dtypes", "output_dtypes", "input_devices", "output_devices"):
         d[key] = _tuples(d[key])
     d["stats"] = _stats(d["stats"])
+    d["per_rank"] = _ranks(d.get("per_rank"), _stats)
     h = d["histogram"]
     if h is not None:
         bins = int(h["bins"])
         d["histogram"] = Histogram(counts=_slice(arrays, "counts", h["counts"], bins),
                                    edges=_slice(arrays, "edges", h["edges"], bins + 1), sampled=h["sampled"],
-                                   numel=h["numel"], under=h["under"], over=h["over"])
+                                   numel=h["numel"], under=h["under"], over=h["over"],
+                                   rebinned=bool(h.get("rebinned", False)))
     fm = d["feature_maps"]
     if fm is not None:
         shape = tuple(int(n) for n in fm["shape"])
         size = int(np.prod(shape))
-        d["feature_maps"] = torch.from_numpy(_slice(arrays, "feature_maps", fm["offset"], size).reshape(shape))
+        bits = torch.from_numpy(_slice(arrays, "feature_maps", fm["offset"], size).reshape(shape))
+        d["feature_maps"] = bits.view(torch.bfloat16)
     return CallRecord(**d)
 
 
@@ -199,20 +232,22 @@ def _module(d: dict, arrays: dict) -> ModuleReport:
     d["children"] = tuple(d["children"])
     d["devices"], d["dtypes"] = tuple(d["devices"]), tuple(d["dtypes"])
     d["calls"] = tuple(_call(c, arrays) for c in d["calls"])
-    d["params"] = MappingProxyType({k: ParamRecord(**dict(p, shape=tuple(p["shape"]))) for k, p in d["params"].items()})
+    d["params"] = MappingProxyType({k: _param(p) for k, p in d["params"].items()})
     d["traits"] = frozenset(d["traits"])
     d["bounds"] = None if d["bounds"] is None else tuple(d["bounds"])
     d["unsupported_ops"] = tuple(d.get("unsupported_ops", ()))
     return ModuleReport(**d)
 
 
-def load(path: str | os.PathLike) -> Capture:
-    """Read a capture written by ``Capture.save``. Reads JSON and numbers only, never a pickle, so a file from
-    someone else cannot run code. ``output``, ``model`` and ``batch`` are None on the capture it returns."""
+def load(path) -> Capture:
+    """Read a capture written by ``Capture.save`` (from a path or a binary file object). Reads JSON and numbers
+    only, never a pickle, so a file from someone else cannot run code. ``output``, ``model`` and ``batch`` are
+    None on the capture it returns."""
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise FormatError(f"{os.fspath(path)!r} is not a layerscope capture (not a zip archive)") from None
+        where = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "the data"
+        raise FormatError(f"{where} is not a layerscope capture (not a zip archive)") from None
     with zf:
         doc, arrays = _read(zf)
     try:
@@ -221,7 +256,8 @@ def load(path: str | os.PathLike) -> Capture:
         error = head.get("error")
         head["error"] = None if error is None else CaptureError(**dict(error, received=error.get("received")))
         head["findings"] = tuple(Finding(**f) for f in head["findings"])
-        head["inputs"] = tuple(InputRecord(**dict(i, shape=tuple(i["shape"]), stats=_stats(i["stats"])))
+        head["inputs"] = tuple(InputRecord(**dict(i, shape=tuple(i["shape"]), stats=_stats(i["stats"]),
+                                                  per_rank=_ranks(i.get("per_rank"), _stats)))
                                for i in head["inputs"])
         return Capture(modules=MappingProxyType(modules), **head)
     except (KeyError, TypeError, AttributeError) as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .stats import local
+
 # Built-in layers that cannot turn finite inputs into NaN/Inf: when they output NaN/Inf, it came in with their input.
 _PASS_ON = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -55,16 +57,16 @@ def bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def sums_to_constant(model: nn.Module) -> set[str]:
+def sums_to_constant(entries: list[tuple[str, nn.Module]]) -> set[str]:
     """The modules whose outputs always add up to the same total: softmaxes, and layer/group norms whose scale
     is one number for all channels (as at initialisation). One copy to the CPU for all of them."""
     found, checks = set(), {}
-    for name, module in model.named_modules():
+    for name, module in entries:
         if isinstance(module, nn.Softmax):
             found.add(name)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            weight = module.weight
-            if weight is None or weight.is_meta:
+            weight = None if module.weight is None else local(module.weight)  # a DTensor: this rank's shard
+            if weight is None or weight.is_meta or not weight.numel():
                 found.add(name)
             else:
                 checks.setdefault(weight.device, {})[name] = (weight == weight.reshape(-1)[0]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 def _dtype(t) -> str:
@@ -13,15 +14,26 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def module_tree(model: nn.Module) -> dict[str, dict]:
+def initialised(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters, each once, without the lazy ones not yet initialised (``nn.LazyLinear``
+    before its first call has no shape yet)."""
+    return [p for p in model.parameters() if not is_lazy(p)]
+
+
+def uninitialised(module: nn.Module) -> bool:
+    """Whether the module holds a lazy parameter or buffer of its own that has no shape yet."""
+    return any(t is not None and is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values()))
+
+
+def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
     """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport, plus
     ``own``: its own parameters as (local name, parameter) pairs, and ``param_ids``: the ids of all its
     parameters, submodules included.
 
     One bottom-up pass: each module's parameter, buffer, device and dtype sets are its own joined with its
-    children's, so a tensor shared or tied at several places is counted once.
+    children's, so a tensor shared or tied at several places is counted once. Lazy parameters and buffers not
+    yet initialised are left out of the counts (they have no size yet: see ``uninitialised``).
     """
-    entries = list(model.named_modules())
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
@@ -31,10 +43,10 @@ def module_tree(model: nn.Module) -> dict[str, dict]:
     places: dict[str, set[tuple[str, str]]] = {}
     tree = {}
     for name, module in reversed(entries):  # children before their parents
-        own = [(local, p) for local, p in module._parameters.items() if p is not None]
+        own = [(local, p) for local, p in module._parameters.items() if p is not None and not is_lazy(p)]
         mine = {id(p): p for _, p in own}
-        held = {id(b): b for b in module._buffers.values() if b is not None}
-        where = {(str(t.device), _dtype(t)) for t in (*mine.values(), *held.values())}
+        held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
+        where = {(str(t.device), _dtype(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
         for child in children[name]:
             mine.update(params[child])
             held.update(buffers[child])

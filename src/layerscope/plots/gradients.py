@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..core import Capture
+from ..core.gradflow import flagged, layer_gradients, missing, owns
 from ._common import axes_or_new
 
 COLORS = {"normal": "#4C72B0", "vanishing_grad": "#DD8452", "exploding_grad": "#C03030"}
@@ -21,23 +22,6 @@ MISSING = {
     "frozen": ("frozen", "0.7"),
 }
 MAX_LABELS = 48
-
-
-def layer_gradients(capture: Capture) -> list[tuple[str, float | None, bool]]:
-    """(name, gradient norm, frozen) of every called module with parameters of its own, in the order
-    of its first call. The norm is over all its own parameters' gradients; None when none has one."""
-    layers = []
-    for name, report in capture.modules.items():
-        if report.num_own_params and report.calls:
-            got = [g for g in report.param_grad_norms.values() if g is not None]
-            norm = math.sqrt(sum(g * g for g in got)) if got else None
-            frozen = report.num_trainable == 0
-            layers.append((report.calls[0].index, name, norm, frozen))
-    return [(name, norm, frozen) for _, name, norm, frozen in sorted(layers)]
-
-
-def _owns(finding_module: str, name: str) -> bool:
-    return name == finding_module or bool(finding_module) and name.startswith(finding_module + ".")
 
 
 def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | None = None) -> Figure:
@@ -54,13 +38,7 @@ def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | 
         ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, wrap=True)
         ax.set_axis_off()
         return fig
-    kind_of = {}
-    for finding in capture.findings:
-        kind = getattr(finding, "kind", None)
-        if kind in COLORS:
-            for name, _, _ in layers:
-                if _owns(getattr(finding, "module", ""), name):
-                    kind_of[name] = kind
+    kind_of = flagged(capture, [name for name, _, _ in layers])
     x = np.arange(len(layers))
     norms = np.array([np.nan if n is None else n for _, n, _ in layers])
     positive = (norms > 0) & np.isfinite(norms)
@@ -72,19 +50,18 @@ def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | 
     ax.set_ylim(*((shown.min() / 3, shown.max() * 3) if len(shown) else (1e-8, 1)))  # at least a decade
     handles = [Line2D([], [], color=COLORS[k], marker="o", linestyle="", label=LABELS[k])
                for k in COLORS if k in {k for k, p in zip(kinds, positive) if p}]
-    missing: dict[str, list[int]] = {}
+    marks: dict[str, list[int]] = {}
     for i, (_, norm, frozen) in enumerate(layers):
-        if norm is None:
-            missing.setdefault("frozen" if frozen else "none", []).append(i)
-        elif not 0 < norm < math.inf:
-            missing.setdefault("zero" if norm == 0 else "nonfinite", []).append(i)
-    for key, where in missing.items():
+        why = missing(norm, frozen)
+        if why is not None:
+            marks.setdefault(why, []).append(i)
+    for key, where in marks.items():
         label, color = MISSING[key]
         ax.scatter(where, [0.03] * len(where), marker="x", color=color, transform=ax.get_xaxis_transform(),
                    s=36, zorder=3, clip_on=False)
         handles.append(Line2D([], [], color=color, marker="x", linestyle="", label=label))
     if highlight is not None:
-        inside = [i for i, (name, _, _) in enumerate(layers) if _owns(highlight, name)]
+        inside = [i for i, (name, _, _) in enumerate(layers) if owns(highlight, name)]
         if inside:
             ax.axvspan(min(inside) - 0.5, max(inside) + 0.5, color="#F2C14E", alpha=0.35, zorder=0, linewidth=0)
     step = max(1, math.ceil(len(layers) / MAX_LABELS))

@@ -44,6 +44,8 @@ def activation_histogram(call_record: CallRecord, *, title: str | None = None, a
     ]
     if hist.sampled < stats.numel - stats.nan_count - stats.inf_count:
         lines.append(f"sampled {hist.sampled:,} of {stats.numel:,} values")
+    if hist.rebinned:
+        lines.append("bins merged across ranks (approx.)")
     ax.text(0.98, 0.97, "\n".join(lines), ha="right", va="top", transform=ax.transAxes, fontsize=9,
             family="monospace", bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="0.8"))
     if not stats.finite:

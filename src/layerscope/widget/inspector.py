@@ -13,6 +13,7 @@ import functools
 import math
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets as widgets
@@ -27,19 +28,12 @@ from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
 from ..core.rerun import Rerun, cam_layer, input_size
 from ..plots.cost import cost_parts
-from . import text
-from .tree import TreeWidget, tree_rows
+from . import rows, text
+from .tree import TreeWidget
 
 TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Cost", "Findings", "Summary")
 ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, COST, FINDINGS, SUMMARY = range(len(TABS))
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
-
-
-def _has_maps(call) -> bool:
-    """A call whose stored sample holds feature maps (an (N, C, H, W) output) with more than one position."""
-    s = call.output_shapes if call is not None else None
-    return call is not None and call.feature_maps is not None and isinstance(s, tuple) and len(s) == 4 and \
-        s[2] * s[3] > 1
 
 
 def _image(cls: str) -> widgets.Image:
@@ -63,22 +57,26 @@ class ModelInspector(widgets.VBox):
     that records can draw; Grad-CAM, attention and feature-map pages past the stored sample need the
     model, and say so when the capture has none.
 
-    ``target``, ``backward`` and ``costs`` go to ``layerscope.capture`` (the inspector counts FLOPs and
-    activation memory by default: the tree can show them and the Cost tab draws where they go);
+    ``target``, ``loss_fn``, ``backward`` and ``costs`` go to ``layerscope.capture`` (the inspector counts FLOPs
+    and activation memory by default: the tree can show them and the Cost tab draws where they go);
     ``class_names`` label predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens``
-    label attention maps.
+    label attention maps; or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens``
+    or ``decode``) labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those
+    tokens.
     """
 
     selected = traitlets.Unicode("")
 
-    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, class_names=None,
-                 mean=None, std=None, tokens=None, backward: bool = True, costs: bool = True):
+    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, loss_fn=None,
+                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True,
+                 costs: bool = True):
         self._given = model if isinstance(model, Capture) else None
         if self._given is not None:
             model, batch = self._given.model, self._given.batch
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
-        self._costs = costs
+        self._loss_fn, self._costs = loss_fn, costs
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
+        self.tokenizer = tokenizer
         # Events can arrive on more than one thread (ipykernel 7): one lock runs them one at a time, and "quiet"
         # (set while panels set their own controls, whose events are not user input) is per thread.
         self._lock, self._local = threading.RLock(), threading.local()
@@ -129,6 +127,26 @@ class ModelInspector(widgets.VBox):
             self._run()
             self._select_initial(keep=self.selected)
 
+    def save_html(self, path) -> None:
+        """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
+        network (see ``Capture.save_html``), with the Grad-CAMs it computed at the automatically chosen layer."""
+        from ..report import pictures, save_html
+
+        cams = {target: result for (layer, target), result in self._rerun.computed_cams().items()
+                if layer is None} if self._rerun is not None else {}
+        explain = pictures.explain(cams, self._image_input(), self._logits(), mean=self.mean, std=self.std,
+                                   class_names=self.class_names) if cams else None
+        save_html(self._cap, path, explain=explain)
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget, and for viewers that cannot run widgets (a saved notebook on GitHub or nbviewer) the tree
+        and the findings as static HTML."""
+        from ..report import static_html
+
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = static_html(self._cap)
+        return bundle
+
     def close(self) -> None:
         """Close every widget of the inspector (layouts included) and drop the cached pictures."""
         self._forget()
@@ -164,7 +182,7 @@ class ModelInspector(widgets.VBox):
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
         _shown(self._banner, cap.error is not None)
         self.tree.marked = cap.error.module if cap.error is not None else None
-        self.tree.rows = tree_rows(cap)
+        self.tree.rows = rows.tree_rows(cap)
         self._list_findings()
         with self._quietly():
             self._ex_class.options = []
@@ -180,26 +198,15 @@ class ModelInspector(widgets.VBox):
 
         handle = nn.modules.module.register_module_forward_hook(tick)
         try:
-            self._cap = run_capture(self._model, self._batch, target=self._target, backward=self._backward,
-                                    costs=self._costs)
+            self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
+                                    backward=self._backward, costs=self._costs)
         finally:
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
             progress.close()
 
     def _select_initial(self, keep: str | None = None) -> None:
-        cap = self._cap
-        if keep is not None and keep in cap.modules:
-            name = keep
-        elif cap.error is not None and cap.error.module in cap.modules:
-            name = cap.error.module
-        else:
-            name = ""
-        ancestors, up = [], cap[name].parent
-        while up is not None:
-            ancestors.append(up)
-            up = cap[up].parent
-        self.tree.expanded = ancestors[::-1] or [""]  # the root is always open
+        name, self.tree.expanded = rows.start(self._cap, keep)  # the ancestors are open; the root always is
         if self.selected == name:
             self._on_selected()
         else:
@@ -352,7 +359,7 @@ class ModelInspector(widgets.VBox):
         if kind == "attention":
             call, item, head = key
             weights = self._attention_for(name, call)
-            return plots.attention_heatmap(weights[item], tokens=self._tokens(item), head=head)
+            return plots.attention_heatmap(weights[item], tokens=self._tokens(item, weights.shape[-2:]), head=head)
         raise ValueError(f"unknown figure kind {kind!r}")
 
     def _show(self, image: widgets.Image, *key) -> None:
@@ -370,7 +377,7 @@ class ModelInspector(widgets.VBox):
 
     def _feature_maps(self) -> None:
         report, call = self._report_call()
-        spatial = _has_maps(call)
+        spatial = call is not None and call.has_maps
         for control in (self._fm_item, self._fm_prev, self._fm_next):
             _shown(control, spatial)
         _shown(self._fm_image, spatial)
@@ -514,10 +521,11 @@ class ModelInspector(widgets.VBox):
         out = first_float_tensor(self._cap.output)
         return out.detach().cpu() if out is not None and out.dim() == 2 else None
 
-    def _tokens(self, item: int) -> list[str] | None:
+    def _tokens(self, item: int, positions: tuple[int, int]) -> list[str] | None:
         tokens = self.tokens
         if tokens is None:
-            return None
+            decoded = decoded_tokens(self.tokenizer, self._batch, item) if self.tokenizer is not None else None
+            return decoded if decoded is not None and (len(decoded), len(decoded)) == tuple(positions) else None
         if len(tokens) and not isinstance(tokens[0], str):
             tokens = tokens[item]  # one list of tokens per item
         return [str(t) for t in tokens]
@@ -528,6 +536,27 @@ class ModelInspector(widgets.VBox):
             dropdown.options = list(range(n))
         _shown(dropdown, n > 1)
         return dropdown.value or 0
+
+
+def input_ids(batch: Any) -> torch.Tensor | None:
+    """The token ids of a text batch [N, L]: its "input_ids" entry, or its first integer tensor."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"]
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    ids = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool), None)
+    return ids if ids is not None and ids.dim() == 2 else None
+
+
+def decoded_tokens(tokenizer: Any, batch: Any, item: int) -> list[str] | None:
+    """Item ``item``'s tokens of the batch's ``input_ids``, one string per id, decoded by ``tokenizer``."""
+    ids = input_ids(batch)
+    if ids is None or item >= len(ids):
+        return None
+    row = ids[item].tolist()
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [str(t) for t in tokenizer.convert_ids_to_tokens(row)]
+    return [str(tokenizer.decode([i])) for i in row]
 
 
 def _progress(total: int):

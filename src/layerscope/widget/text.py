@@ -7,10 +7,11 @@ import io
 from collections.abc import Iterable
 from typing import Any
 
-from ..core import CallRecord, Capture, ModuleReport
+from ..core import CallRecord, Capture, ModuleReport, TensorStats
 from ..core.records import human, human_bytes
 
 ROOT_LABEL = "(model)"
+RANK_COLUMNS = 8  # a merged capture's stats table shows at most this many ranks side by side
 
 
 def count(n: int) -> str:
@@ -21,6 +22,14 @@ def count(n: int) -> str:
 def shape(value: Any) -> str:
     """(1, 64, 54, 54) -> '(1, 64, 54, 54)'; nested shapes keep their nesting; no tensor -> '-'."""
     return "-" if value is None else str(value)
+
+
+def dims(value: Any, sep: str = " x ") -> str:
+    """A plain shape as its sizes: (1, 64, 55, 55) -> '1 x 64 x 55 x 55' ('1x64x55x55' with sep='x'); () ->
+    'scalar'; a nested shape tree as it prints, without spaces; no tensor -> '-'."""
+    if isinstance(value, tuple) and all(isinstance(d, int) for d in value):
+        return sep.join(map(str, value)) or "scalar"
+    return "-" if value is None else str(value).replace(" ", "")
 
 
 def display_name(name: str) -> str:
@@ -89,33 +98,39 @@ def memory(report: ModuleReport, total: int | None) -> str:
     return " · ".join(parts)
 
 
-def header(report: ModuleReport, call: CallRecord | None, cap: Capture) -> str:
+def header_rows(report: ModuleReport, call: CallRecord | None, cap: Capture | None = None) -> list[tuple[str, str]]:
+    """The header's rows (label, value) for one call of a module (``call`` None: never called); with the
+    capture, the FLOPs and memory rows give shares of the model's totals."""
     devices = sorted({*report.devices, *(call.output_devices if call else ())})
     dtypes = sorted({*report.dtypes, *(call.output_dtypes if call else ())})
     shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}" if call else "never called"
     params = f"own {count(report.num_own_params)} · total {count(report.num_params)} · " \
              f"trainable {count(report.num_trainable)}"
-    title = (
-        f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
-        f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
-    )
-    cost = flops(report, cap.flops)
-    return title + table([
+    cost = flops(report, cap.flops if cap is not None else None)
+    return [
         ("Parameters", params),
         *([("FLOPs", cost)] if cost is not None else []),
-        ("Memory", memory(report, cap.activation_bytes)),
+        ("Memory", memory(report, cap.activation_bytes if cap is not None else None)),
         ("Device", ", ".join(devices) or "-"),
         ("Dtype", ", ".join(dtypes) or "-"),
         ("Shapes", shapes),
         ("Calls", str(len(report.calls))),
-    ], "ls-header-table")
+    ]
 
 
-def stats(call: CallRecord) -> str:
-    s = call.stats
-    if s is None:
-        return note("This call has no floating-point output.")
-    pairs = [
+def header(report: ModuleReport, call: CallRecord | None, cap: Capture | None = None) -> str:
+    title = (
+        f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
+        f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
+    )
+    return title + table(header_rows(report, call, cap), "ls-header-table")
+
+
+NO_FLOAT_OUTPUT = "This call has no floating-point output."
+
+
+def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
+    return [
         ("elements", count(s.numel)),
         ("mean", f"{s.mean:.6g}"),
         ("std", f"{s.std:.6g}"),
@@ -125,35 +140,87 @@ def stats(call: CallRecord) -> str:
         ("NaN", count(s.nan_count)),
         ("Inf", count(s.inf_count)),
     ]
+
+
+def _rank_stats(call: CallRecord) -> tuple | None:
+    """A merged capture's per-rank statistics of the call, when the ranks differ."""
+    ranks = call.per_rank
+    return ranks if ranks and len({r for r in ranks if r is not None}) > 1 else None
+
+
+def _pairs(call: CallRecord) -> list[tuple[str, str]]:
+    pairs = _stat_rows(call.stats)
     if call.dead_units is not None:
         pairs.append(("dead channels", f"{call.dead_units} of {call.units}"))
-    return table(pairs, "ls-stats")
+    return pairs
 
 
-def _norm(value: float | None) -> str:
+def stats_rows(call: CallRecord) -> list[tuple[str, str]] | None:
+    """The statistics of one call's output as (label, value) rows; None when it has no floating-point output.
+    On a merged capture whose ranks differ, also the mean and std of each rank (the first RANK_COLUMNS)."""
+    if call.stats is None:
+        return None
+    pairs = _pairs(call)
+    ranks = _rank_stats(call)
+    if ranks:
+        for label in ("mean", "std"):
+            values = [dict(_stat_rows(r))[label] if r is not None else "-" for r in ranks[:RANK_COLUMNS]]
+            pairs.append((f"{label} by rank", " · ".join(values)))
+    return pairs
+
+
+def stats(call: CallRecord) -> str:
+    """The call's output statistics; on a merged capture, with a column per rank when the ranks differ."""
+    if call.stats is None:
+        return note(NO_FLOAT_OUTPUT)
+    ranks = _rank_stats(call)
+    return _by_rank(_pairs(call), ranks) if ranks else table(_pairs(call), "ls-stats")
+
+
+def _by_rank(pairs: list[tuple[str, str]], ranks) -> str:
+    shown = ranks[:RANK_COLUMNS]
+    columns = [dict(_stat_rows(r)) if r is not None else {} for r in shown]
+    head = "<tr><th></th><th>all ranks</th>" + "".join(f"<th>rank {i}</th>" for i in range(len(shown))) + "</tr>"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td>"
+                   + "".join(f"<td>{html.escape(c.get(k, '-'))}</td>" for c in columns) + "</tr>" for k, v in pairs)
+    more = note(f"First {RANK_COLUMNS} of {len(ranks)} ranks.") if len(ranks) > RANK_COLUMNS else ""
+    return f'<table class="ls-table ls-stats ls-ranks">{head}{rows}</table>{more}'
+
+
+NO_BACKWARD = "No gradients: the capture ran without a backward pass, or the pass failed before it."
+NO_OWN_PARAMS = "This module has no parameters of its own."
+
+
+def norm(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def gradient_rows(report: ModuleReport) -> list[tuple[str, str, str]]:
+    """(parameter, gradient norm, norm) for each parameter the module holds itself."""
+    return [(local, norm(p.grad_norm), norm(p.norm)) for local, p in report.params.items()]
 
 
 def gradients(report: ModuleReport, call: CallRecord | None, backward: bool) -> str:
     if not backward:
-        return note("No gradients: the capture ran without a backward pass, or the pass failed before it.")
-    rows = "".join(
-        f"<tr><td>{html.escape(local)}</td><td>{_norm(report.param_grad_norms.get(local))}</td>"
-        f"<td>{_norm(report.param_norms.get(local))}</td></tr>"
-        for local in report.param_grad_norms
-    )
+        return note(NO_BACKWARD)
+    rows = "".join(f"<tr>{''.join(f'<td>{html.escape(v)}</td>' for v in row)}</tr>" for row in gradient_rows(report))
     params = (
         f'<table class="ls-table ls-grads"><tr><th>parameter</th><th>grad norm</th><th>norm</th></tr>{rows}</table>'
-        if rows else note("This module has no parameters of its own.")
+        if rows else note(NO_OWN_PARAMS)
     )
-    out = _norm(call.grad_output_norm) if call else "-"
+    out = norm(call.grad_output_norm) if call else "-"
     return params + table([("output grad norm", out)], "ls-out-grad")
+
+
+def failed(err) -> str:
+    """The banner's lead: 'Forward failed:', 'Backward failed:', ..."""
+    return f"{err.phase.capitalize()} failed:"
 
 
 def error(err) -> str:
     """The banner over a failed capture; the message names the module and what went wrong."""
-    return (f'<div class="ls-error-banner"><b>{html.escape(err.phase.capitalize())} failed:</b> '
-            f'{html.escape(err.message)}</div>')
+    return f'<div class="ls-error-banner"><b>{html.escape(failed(err))}</b> {html.escape(err.message)}</div>'
+
 
 
 def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
@@ -168,15 +235,21 @@ def class_label(index: int, class_names) -> str:
     return str(index)
 
 
+def _rank(f) -> str:
+    return "" if getattr(f, "rank", None) is None else f"rank {f.rank}"
+
+
 def finding_label(f) -> str:
     """One line of plain text for the findings list (a <select> shows it as text)."""
-    return f"{f.severity} · {display_name(f.module)} · {f.message}"
+    where = " · ".join(filter(None, [display_name(f.module), _rank(f)]))
+    return f"{f.severity} · {where} · {f.message}"
 
 
 def finding(f) -> str:
     severity = str(f.severity)
+    rank = f' <span class="ls-rank">({html.escape(_rank(f))})</span>' if _rank(f) else ""
     return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
-            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>: {html.escape(str(f.message))}')
+            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}: {html.escape(str(f.message))}')
 
 
 def summary(cap: Capture) -> str:

@@ -1,0 +1,619 @@
+"""Captures inside ``torch.distributed`` jobs (DDP, FSDP2, DTensor tensor parallel), and ``gather``: one record of
+the whole job on one rank.
+
+Each rank's ``capture`` records its own view and runs no collective of its own (the model's run as they would
+in training: FSDP2's all-gathers and reduce-scatters, DDP's gradient all-reduce, tensor parallel's all-reduces).
+DTensor parameters keep their global shapes (the counts are the model's) and the norms of the rank's shard;
+DTensor activations are summarised on their local tensors.
+
+``gather(cap, dst=0)`` is a collective every rank calls: each rank sends its capture in the store's format (JSON
+and raw numbers, no pickle) as one uint8 tensor, and ``dst`` merges them (``merge``) into one capture:
+
+- parameter counts from DTensor global shapes; parameter and gradient norms of sharded parameters as global
+  norms, the square root of the summed squares of the distinct shards' norms (no parameter is ever sent);
+- activation statistics merged exactly (``TensorStats.merge``) over every rank's local outputs, each call keeping
+  the ranks' own statistics in ``per_rank``; histograms merged exactly when the ranks binned on the same edges
+  (``capture(bins=edges)``), else spread onto shared equal bins (``Histogram.rebin``: approximate);
+- findings that say where: what a rank found about its own pass (a NaN, a failed forward, its batch) with its
+  ``rank``, the gradient rules run again on the global norms, and ``rank_desync``: replicas that should agree
+  but do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import wire
+from .nested import iter_tensors
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord
+from .stats import Histogram, TensorStats, local
+
+# The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
+# every other kind is a rank's finding about its own pass, kept from that rank's capture.
+JOB_WIDE = frozenset({"no_grad", "zero_grad", "flat_loss", "nonfinite_grad", "exploding_grad", "vanishing_grad",
+                      "frozen", "unused_module", "train_mode", "rank_desync"})
+
+
+def _dist():
+    """torch.distributed when this process is in an initialised job, else None."""
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def process() -> tuple[int | None, int]:
+    """(rank, world size) of this process in the default group; (None, 1) outside a job. No communication."""
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (None, 1)
+
+
+def _dtensor_type():
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    return None if module is None else module.DTensor
+
+
+def _placement(p) -> str:
+    """A placement as stable text across torch releases: 'Shard(0)', 'Replicate()', 'Partial(sum)'."""
+    if p.is_shard():
+        return f"Shard({p.dim})"
+    if p.is_replicate():
+        return "Replicate()"
+    if p.is_partial():
+        return f"Partial({getattr(p, 'reduce_op', 'sum')})"
+    return type(p).__name__
+
+
+def layout(p: torch.Tensor) -> dict:
+    """A DTensor parameter's ``placements`` and ``shard`` (ParamRecord fields); nothing for a plain tensor.
+
+    The shard index counts this rank's coordinates along the mesh dimensions that shard the tensor; along the
+    others the rank holds a replica, so ranks with the same index hold the same values."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return {}
+    mesh, placements = p.device_mesh, p.placements
+    coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+    index, count = 0, 1
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            index, count = index * mesh.size(dim) + coordinate[dim], count * mesh.size(dim)
+    return {"placements": tuple(_placement(pl) for pl in placements), "shard": (index, count)}
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def checksums(tensors: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Each floating-point tensor's local values read as integers and summed (int64, wrapping), by key: equal on
+    replicas that hold identical values, and changed by any single different value. One copy to the CPU per
+    device."""
+    sums: dict[torch.device, dict[int, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        x = local(t).detach()
+        if x.is_floating_point() and not x.is_meta:
+            bits = x.reshape(-1).view(_BITS[x.element_size()])
+            sums.setdefault(x.device, {})[key] = bits.sum(dtype=torch.int64)
+    out = {}
+    for group in sums.values():
+        out.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
+    return out
+
+
+def _fsdp_type():
+    module = sys.modules.get("torch.distributed.fsdp")
+    return None if module is None else getattr(module, "FSDPModule", None)
+
+
+def syncs_in_backward(model: nn.Module) -> bool:
+    """Whether the job's gradients only exist after a real backward: DDP and FSDP2 synchronise them from hooks on
+    the parameters' gradient accumulation, which ``torch.autograd.grad`` does not run."""
+    if not torch.distributed.is_available():
+        return False
+    kinds = tuple(k for k in (nn.parallel.DistributedDataParallel, _fsdp_type()) if k is not None)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def backward(loss: torch.Tensor, params: list[torch.Tensor], batch) -> dict[int, torch.Tensor | None]:
+    """A real backward (the model's own gradient collectives run in it), leaving every ``.grad`` as it was: the
+    gradient of each parameter by id (FSDP2: the rank's shard of the reduced gradient; DDP: the averaged one).
+
+    Existing gradients are put back by value too: DDP's gradients may be views of its buckets, which the backward
+    overwrites."""
+    leaves = [t for t in iter_tensors(batch) if t.requires_grad and t.is_leaf]
+    before = [(t, t.grad, None if t.grad is None else t.grad.detach().clone()) for t in [*params, *leaves]]
+    restoring = any(values is not None for _, _, values in before)
+    for t, _, _ in before:
+        t.grad = None
+    try:
+        loss.backward()
+        grads = {id(p): None if p.grad is None else p.grad.detach().clone() if restoring else p.grad.detach()
+                 for p in params}
+    finally:
+        for t, grad, values in before:
+            t.grad = grad
+            if values is not None:
+                with torch.no_grad():
+                    grad.copy_(values)
+    return grads
+
+
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[None]:
+    """FSDP2 modules sharded on entry and on exit (a local step: frees gathered copies, no communication).
+
+    FSDP2 keeps the root's parameters gathered after a forward without a backward, registered as plain tensors;
+    the capture must see the sharded parameters that the optimizer holds and that receive the gradients."""
+    fsdp = _fsdp_type()
+    modules = [m for m in model.modules() if isinstance(m, fsdp)] if fsdp is not None else []
+    for m in modules:
+        m.reshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            with contextlib.suppress(Exception):  # after a failed pass FSDP may refuse; its state is its own
+                m.reshard()
+
+
+# -- gather ------------------------------------------------------------------------------------------------------
+
+
+def gather(cap: Capture, dst: int = 0) -> Capture | None:
+    """One capture of the whole job on rank ``dst``, None on the other ranks: a collective every rank calls with its
+    own capture. Outside an initialised ``torch.distributed`` job it returns ``cap`` itself (one rank is the job).
+
+    Each rank sends its capture as bytes (``wire``: JSON and raw numbers, no pickle) in one uint8 tensor, on the
+    device its backend needs (CUDA for NCCL); ``dst`` merges them with ``merge``. A rank whose capture cannot be
+    encoded still takes part (no rank is left waiting) and raises afterwards, and so does ``dst``."""
+    if not isinstance(cap, Capture):
+        raise TypeError(f"gather() takes a Capture (from layerscope.capture), got {type(cap).__name__}")
+    if cap.merged:
+        raise ValueError("gather() takes each rank's own capture; this one is already merged")
+    dist = _dist()
+    if dist is None:
+        return cap
+    world = dist.get_world_size()
+    if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
+        raise ValueError(f"dst must be a rank of the job, 0 to {world - 1}, got {dst!r}")
+    from .capture import _gc_paused  # thousands of small records: full collections would cost more than the work
+
+    with _gc_paused():
+        return _gather(dist, cap, dst)
+
+
+def _gather(dist, cap: Capture, dst: int) -> Capture | None:
+    rank, failure = dist.get_rank(), None
+    if rank == dst:
+        payload = b"C"  # dst merges its own capture as it is
+    else:
+        try:
+            payload = b"C" + wire.encode(cap)
+        except Exception as exc:  # noqa: BLE001 - sent to dst, raised below once every rank took part
+            failure, payload = exc, b"E" + f"{type(exc).__name__}: {exc}".encode()
+    parts = _exchange(dist, payload, dst)
+    if failure is not None:
+        raise failure
+    if parts is None:
+        return None
+    captures = []
+    for r, part in enumerate(parts):
+        if part[:1] == b"E":
+            raise RuntimeError(f"gather(): rank {r} could not send its capture ({part[1:].decode()})")
+        captures.append(cap if r == dst else wire.decode(part[1:]))
+    return merge(captures)
+
+
+def _exchange(dist, payload: bytes, dst: int) -> list[bytes] | None:
+    """Every rank's payload on ``dst`` (in rank order), None elsewhere: the sizes all-gathered, then one gather of
+    payloads padded to the longest."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    received = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+    dist.gather(padded, received, dst=dst)
+    if received is None:
+        return None
+    return [t[:n].cpu().numpy().tobytes() for t, n in zip(received, lengths)]
+
+
+# -- merge -------------------------------------------------------------------------------------------------------
+
+
+def merge(captures: Sequence[Capture]) -> Capture:
+    """One capture of a job from its ranks' captures, in rank order (``captures[r]`` is rank r's); records only,
+    no communication: ``gather`` calls it on ``dst``, and it merges captures saved by each rank just as well.
+
+    Modules are matched by name and calls by their number within the module; what a rank lacks is None in the
+    ``per_rank`` fields. The merged capture has ``rank`` None and ``world_size`` the number of captures; its
+    shapes, feature maps and call order are those of the lowest rank that has them."""
+    captures = list(captures)
+    if not captures or not all(isinstance(c, Capture) for c in captures):
+        raise TypeError("merge() takes the ranks' Captures, in rank order")
+    for r, c in enumerate(captures):
+        if c.merged or c.rank not in (None, r):
+            raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
+                             f"{'already merged' if c.merged else f'from rank {c.rank}'}")
+    from .capture import _gc_paused
+
+    with _gc_paused():
+        return _merge(captures)
+
+
+def _merge(captures: list[Capture]) -> Capture:
+    names = list(dict.fromkeys(name for c in captures for name in c.modules))
+    reports = {name: [c.modules.get(name) for c in captures] for name in names}
+    calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
+    for name, held in reports.items():
+        for k in range(_calls_of(held)):
+            per_rank = [m.calls[k] if m is not None and k < len(m.calls) else None for m in held]
+            low = next(r for r, c in enumerate(per_rank) if c is not None)
+            calls[name, k] = per_rank
+            order.append((per_rank[low].index, low, name, k))
+    order.sort()
+    hists = _histograms([calls[name, k] for _, _, name, k in order])
+    merged_calls = {(name, k): _call(calls[name, k], i, hist) for i, ((_, _, name, k), hist) in
+                    enumerate(zip(order, hists))}
+    modules = {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
+               for name, held in reports.items()}
+    first = captures[0]
+    losses = [c.loss for c in captures if c.loss is not None]
+    failed = next(((r, c.error) for r, c in enumerate(captures) if c.error is not None), None)
+    error = None if failed is None else dataclasses.replace(failed[1], message=f"Rank {failed[0]}: {failed[1].message}")
+    cap = Capture(
+        modules=MappingProxyType(modules),
+        total_params=first.total_params,
+        trainable_params=first.trainable_params,
+        loss=sum(losses) / len(losses) if losses else None,  # what DDP and FSDP2 average the gradients of
+        loss_kind=first.loss_kind,
+        backward=all(c.backward for c in captures),
+        error=error,
+        findings=tuple(_rank_findings(captures)),
+        inputs=tuple(_inputs(captures)),
+        output_numel=sum(c.output_numel for c in captures),
+        meta=any(c.meta for c in captures),
+        summary_text=first.summary_text,
+        rank=None,
+        world_size=len(captures),
+        **_costs(captures),
+    )
+    from .findings import find
+
+    return dataclasses.replace(cap, findings=tuple(find(cap)))
+
+
+def _first(values: Sequence):
+    return next(v for v in values if v is not None)
+
+
+def _present(values: Sequence) -> list[tuple[int, object]]:
+    return [(r, v) for r, v in enumerate(values) if v is not None]
+
+
+def _calls_of(held: list[ModuleReport | None]) -> int:
+    return max(len(m.calls) for m in held if m is not None)
+
+
+def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleReport:
+    present = [m for m in held if m is not None]
+    first = present[0]
+    params = {key: _param([None if m is None else m.params.get(key) for m in held])
+              for key in dict.fromkeys(k for m in present for k in m.params)}
+    return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
+                 calls=tuple(calls), params=MappingProxyType(params),
+                 traits=frozenset.intersection(*(m.traits for m in present)), **_costs(present))
+
+
+def _costs(present: Sequence) -> dict:
+    """The job's costs from the ranks' (reports or captures): FLOPs and output bytes add up over the ranks'
+    batches; activation and peak bytes are per device, the largest rank's."""
+    def total(key: str):
+        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
+        return sum(values) if values else None
+
+    def largest(key: str):
+        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
+        return max(values) if values else None
+
+    if isinstance(present[0], Capture):
+        return dict(flops=total("flops"), activation_bytes=largest("activation_bytes"),
+                    peak_bytes=largest("peak_bytes"))
+    return dict(flops=total("flops"), own_flops=total("own_flops"), backward_flops=total("backward_flops"),
+                output_bytes=total("output_bytes"), activation_bytes=largest("activation_bytes"),
+                peak_bytes=largest("peak_bytes"), grad_bytes=largest("grad_bytes"),
+                unsupported_ops=tuple(sorted({op for m in present for op in m.unsupported_ops})))
+
+
+def _like(record, **changes):
+    """A copy of a frozen record with some fields changed (dataclasses.replace, without its per-call cost); every
+    other field, also one added later, as the record has it."""
+    return type(record)(**{**record.__dict__, **changes})
+
+
+def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
+    first = groups[0]
+    if groups.count(first) == len(groups):
+        return first
+    return tuple(sorted({item for group in groups for item in group}))
+
+
+def _merge_stats(stats: Sequence[TensorStats | None]) -> TensorStats | None:
+    present = [s for s in stats if s is not None]
+    if not present:
+        return None
+    merged = present[0]
+    for s in present[1:]:
+        merged = merged.merge(s)
+    return merged
+
+
+def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
+    """Each call's histogram of all ranks' outputs: summed where the ranks binned on the same edges, else every
+    rank's counts spread onto equal bins over the union of their ranges (``Histogram.rebin``: approximate). Calls
+    whose every rank has a histogram with equal bins are done together in a few array operations."""
+    out: list[Histogram | None] = [None] * len(calls)
+    batch: dict[int, tuple[list[int], list[list[Histogram]]]] = {}  # bins -> the calls done together, their histograms
+    for i, per_rank in enumerate(calls):
+        hists = [None if c is None else c.histogram for c in per_rank]
+        sizes = [0 if h is None else h.counts.size for h in hists]
+        if sizes[0] and sizes.count(sizes[0]) == len(sizes):
+            rows, row_hists = batch.setdefault(sizes[0], ([], []))
+            rows.append(i)
+            row_hists.append(hists)
+        else:
+            out[i] = _histogram([h for h in hists if h is not None])
+    for bins, (rows, hists) in batch.items():  # hists: [calls][ranks]
+        edges = np.array([[h.edges for h in row] for row in hists])  # [calls, ranks, bins + 1]
+        counts = np.array([[h.counts for h in row] for row in hists])  # [calls, ranks, bins]
+        shared = (edges == edges[:, :1]).all(axis=(1, 2))
+        lo, hi = edges[..., 0], edges[..., -1]
+        width = (hi - lo) / bins
+        steps = np.diff(edges, axis=2)
+        even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2))
+        new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
+        at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
+        summed = counts.sum(axis=1)
+        spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
+        below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
+        above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
+        sums = np.array([[[h.sampled, h.numel, h.under, h.over] for h in row] for row in hists]).sum(axis=1).tolist()
+        for j, i in enumerate(rows):
+            row = hists[j]
+            sampled, numel, under, over = sums[j]
+            if shared[j]:
+                out[i] = Histogram(counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel, under=under,
+                                   over=over, rebinned=any(h.rebinned for h in row))
+            elif even[j]:
+                out[i] = Histogram(counts=spread[j], edges=new[j], sampled=sampled, numel=numel, under=under + below[j],
+                                   over=over + above[j], rebinned=True)
+            else:
+                out[i] = _histogram(row)
+    return out
+
+
+def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """How many of each row's values lie below each new edge, in whole numbers, for equal-width bins starting at
+    ``lo``: the cumulative counts interpolated linearly within a bin (np.interp, for all rows at once)."""
+    bins = counts.shape[-1]
+    position = (new[:, None, :] - lo[..., None]) / width[..., None]  # [calls, ranks, bins + 1], in bins
+    k = np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
+    frac = np.clip(position - k, 0, 1)
+    below = np.concatenate([np.zeros(counts.shape[:-1] + (1,), np.int64), np.cumsum(counts, axis=-1)], axis=-1)
+    return np.round(np.take_along_axis(below, k, -1) + frac * np.take_along_axis(counts, k, -1))
+
+
+def _histogram(hists: list[Histogram]) -> Histogram | None:
+    """One call's histograms merged, one by one (see _histograms)."""
+    if not hists:
+        return None
+    first = hists[0]
+    if any(not np.array_equal(h.edges, first.edges) for h in hists[1:]):
+        lo, hi = min(h.edges[0] for h in hists), max(h.edges[-1] for h in hists)
+        edges = np.linspace(lo, hi, max(len(h.counts) for h in hists) + 1)
+        hists = [h.rebin(edges) for h in hists]
+        first = hists[0]
+    for h in hists[1:]:
+        first = first.merge(h)
+    return first
+
+
+def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | None) -> CallRecord:
+    calls = [c for c in per_rank if c is not None]
+    first = calls[0]
+    grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
+    dead = [c.dead_units for c in calls]
+    finite = [c.input_finite for c in calls]
+    where = [(c.input_dtypes, c.output_dtypes, c.input_devices, c.output_devices) for c in calls]
+    if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
+        where[0] = tuple(_union(list(group)) for group in zip(*where))
+    return _like(
+        first,
+        index=index,
+        input_dtypes=where[0][0],
+        output_dtypes=where[0][1],
+        input_devices=where[0][2],
+        output_devices=where[0][3],
+        stats=_merge_stats([c.stats for c in calls]),
+        histogram=histogram,
+        grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together
+        # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
+        dead_units=None if None in dead else 0 if min(dead) == 0 else first.units if min(dead) == first.units
+        else None,
+        input_finite=False if False in finite else None if None in finite else True,
+        per_rank=tuple([None if c is None else c.stats for c in per_rank]),
+    )
+
+
+def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
+    held = [p for p in per_rank if p is not None]
+    finite = [p.finite for p in held]
+    return _like(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None, checksum=None,
+                 finite=False if False in finite else None if None in finite else True, per_rank=tuple(per_rank))
+
+
+def _global(held: list[ParamRecord], attr: str) -> float | None:
+    """The norm of the whole parameter from the ranks' norms: sqrt of the sum of squares over its distinct pieces
+    (replicas count once, from the lowest rank); None when a piece is missing or the pieces are partial sums."""
+    first = held[0]
+    if first.shard is None:  # a plain tensor: a replica on every rank
+        return getattr(first, attr)
+    pieces: dict[int, float] = {}
+    for p in held:
+        value = getattr(p, attr)
+        if value is None:
+            return None
+        pieces.setdefault(p.shard[0] if p.shard else 0, value)
+    if len(pieces) < first.shard[1] or any(pl.startswith("Partial") for pl in first.placements):
+        return None
+    return math.sqrt(sum(v * v for v in pieces.values()))
+
+
+def _inputs(captures: list[Capture]) -> list[InputRecord]:
+    out = []
+    for i in range(max(len(c.inputs) for c in captures)):
+        per_rank = [c.inputs[i] if i < len(c.inputs) else None for c in captures]
+        first = _first(per_rank)
+        stats = [None if r is None else r.stats for r in per_rank]
+        out.append(dataclasses.replace(first, stats=_merge_stats(stats), per_rank=tuple(stats)))
+    return out
+
+
+def _rank_findings(captures: list[Capture]) -> list[Finding]:
+    """The ranks' findings about their own passes, one per (kind, module): with the first rank that found it, or
+    rank None when every rank did; ``details["ranks"]`` lists them all."""
+    found: dict[tuple[str, str], list[tuple[int, Finding]]] = {}
+    for r, c in enumerate(captures):
+        for f in c.findings:
+            if f.kind not in JOB_WIDE:
+                found.setdefault((f.kind, f.module), []).append((r, f))
+    out = []
+    for where in found.values():
+        ranks = sorted({r for r, _ in where})
+        r, f = where[0]
+        out.append(dataclasses.replace(f, rank=None if len(ranks) == len(captures) else r,
+                                       details={**f.details, "ranks": ranks}))
+    return out
+
+
+# -- findings of a merged capture --------------------------------------------------------------------------------
+
+
+def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
+    """``find()`` of a merged capture: the ranks' own findings as its records hold them, and the job-wide rules
+    on the merged records: gradients (global norms), frozen, unused and training-mode layers, ``rank_desync``."""
+    from .findings import SEVERITIES, _finite, _Look
+
+    kept = [f for f in cap.findings if f.kind not in JOB_WIDE]
+    # the gradients are those of one rank's loss (DDP and FSDP2 average over ranks): scale by one rank's outputs
+    look = _Look(dataclasses.replace(cap, output_numel=cap.output_numel // cap.world_size))
+    echo = any(f.kind in ("input_nonfinite", "nan", "inf") for f in kept)  # the gradients only echo the NaN/Inf
+    found = list(kept)
+    if not echo and cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
+        found += look.gradients(vanishing_ratio, exploding_ratio)
+    found += [*look.frozen(), *look.unused(), *look.train_mode(), *desync(cap, look)]
+    return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module),
+                                        -1 if f.rank is None else f.rank))
+
+
+def _replicated_plain(cap: Capture) -> bool:
+    """Whether plain (non-DTensor) parameters are meant to be equal on every rank: under DDP, or next to DTensor
+    parameters (FSDP2, tensor parallel), where a plain parameter is a replica that nothing keeps in step."""
+    return cap[""].type_name == "DistributedDataParallel" or any(
+        p.placements for m in cap.modules.values() for p in m.params.values())
+
+
+def _differs(p: ParamRecord, q: ParamRecord) -> bool:
+    if p.checksum is not None and q.checksum is not None:
+        return p.checksum != q.checksum
+    return p.norm is not None and q.norm is not None and p.norm != q.norm
+
+
+def _odd_ranks(p: ParamRecord, plain: bool) -> tuple[int, list[int]] | None:
+    """(reference rank, the ranks whose replica differs from it) for a merged parameter, None when all agree."""
+    if not p.per_rank or (not p.placements and not plain):
+        return None
+    groups: dict[int, list[tuple[int, ParamRecord]]] = {}
+    for r, q in _present(p.per_rank):
+        groups.setdefault(q.shard[0] if q.shard else 0, []).append((r, q))
+    for members in groups.values():
+        ref_rank, ref = members[0]
+        odd = [r for r, q in members[1:] if _differs(ref, q)]
+        if odd:
+            return ref_rank, odd
+    return None
+
+
+def desync(cap: Capture, look) -> list[Finding]:
+    """``rank_desync``: replicated parameters whose values differ between ranks (by their checksums); and, under
+    DDP with the very same batch on every rank, the first module whose output differs between ranks."""
+    plain = _replicated_plain(cap)
+    odd = {name: {k: o for k, p in report.params.items() if (o := _odd_ranks(p, plain))}
+           for name, report in cap.modules.items()}
+    relevant = lambda n: any(p.per_rank for p in cap[n].params.values())  # noqa: E731
+    found = []
+    for name in look.highest(relevant, lambda n: bool(odd[n])):
+        inside = [(n, k, o) for n in cap.modules if n == name or not name or n.startswith(name + ".")
+                  for k, o in odd[n].items()]
+        ranks = sorted({r for _, _, (_, rs) in inside for r in rs})
+        n, k, (ref, odd_ranks) = inside[0]
+        p = cap[n].params[k].per_rank
+        a, b = p[ref].norm, p[odd_ranks[0]].norm
+        norms = f"; {n + '.' if n else ''}{k} has norm {b:.6g} on rank {odd_ranks[0]}, {a:.6g} on rank {ref}" \
+            if a is not None and b is not None else ""
+        what = "The model" if name == "" else look.label(name)
+        count = f"{len(inside)} parameter{'s' if len(inside) > 1 else ''}"
+        message = (f"{what} holds other parameter values on rank {_ranks(ranks)} than on rank {ref} ({count}"
+                   f"{norms}): replicas that must stay identical have drifted apart. Look for weights loaded or "
+                   f"changed on one rank after DDP or FSDP was set up, a rank that skipped an optimizer step, or "
+                   f"parameters that nothing synchronises.")
+        details = {"reference_rank": ref, "ranks": ranks, "parameters": [f"{n}.{k}" if n else k for n, k, _ in inside]}
+        found.append(Finding("rank_desync", "error", name, message, details, rank=ranks[0] if len(ranks) == 1
+                             else None))
+    if not found and cap[""].type_name == "DistributedDataParallel":
+        found += _output_desync(cap, look)
+    return found
+
+
+def _agree(stats: list[TensorStats]) -> bool:
+    """Whether the ranks' statistics of one output are the same up to rounding."""
+    a = stats[0]
+    scale = max(a.std, abs(a.mean), abs(a.min), abs(a.max), 1e-30) * 1e-5
+    return all(s.count == a.count and s.nan_count == a.nan_count and s.inf_count == a.inf_count
+               and all(abs(x - y) <= scale for x, y in ((s.mean, a.mean), (s.std, a.std), (s.min, a.min),
+                                                        (s.max, a.max))) for s in stats[1:])
+
+
+def _output_desync(cap: Capture, look) -> list[Finding]:
+    same_batch = cap.inputs and all(i.per_rank and None not in i.per_rank and _agree(list(i.per_rank))
+                                    for i in cap.inputs)
+    if not same_batch:
+        return []
+    for name, call in cap.calls:
+        held = _present(call.per_rank or ())
+        if len(held) > 1 and not _agree([s for _, s in held]):
+            ref, a = held[0]
+            ranks = [r for r, s in held[1:] if not _agree([a, s])]
+            b = call.per_rank[ranks[0]]
+            message = (f"Every rank got the same batch and holds the same parameters, but the output of "
+                       f"{look.label(name)} differs on rank {_ranks(ranks)} (mean {b.mean:.6g}, std {b.std:.6g}) "
+                       f"from rank {ref} (mean {a.mean:.6g}, std {a.std:.6g}): the replicas compute differently "
+                       f"(nondeterministic kernels, or code that depends on the rank).")
+            return [Finding("rank_desync", "warning", name, message, {"reference_rank": ref, "ranks": ranks},
+                            rank=ranks[0] if len(ranks) == 1 else None)]
+    return []
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")

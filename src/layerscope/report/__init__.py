@@ -1,0 +1,7 @@
+"""The self-contained HTML report (``save_html``), the static view a saved notebook keeps (``static_html``) and
+the command line (``cli``). Reads records only; imports no widget library."""
+
+from .html import save_html
+from .static import static_html
+
+__all__ = ["save_html", "static_html"]

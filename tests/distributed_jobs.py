@@ -1,0 +1,179 @@
+"""The jobs of tests/test_distributed.py: what every rank runs (spawned processes import only this module).
+
+Each scenario captures on every rank, gathers on rank 0 and saves the ranks' captures and the merged one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import layerscope
+
+WORLD = 2
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # 8*16 + 16 + 16*4 + 4 = 212 parameters
+
+
+def make_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+class Normalize(nn.Module):
+    """Rows scaled to unit length: an all-zero row gives 0/0 = NaN."""
+
+    def forward(self, x):
+        return x / x.norm(dim=1, keepdim=True)
+
+
+class RankShift(nn.Module):
+    """Code that depends on the rank: replicas that compute differently."""
+
+    def forward(self, x):
+        return x + 1e-3 * dist.get_rank()
+
+
+# -- running a job -------------------------------------------------------------------------------------------------
+
+
+def entry(rank, world, init, out, scenarios):
+    """One rank of the job: every scenario in turn, each writing into its own folder under ``out``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for scenario in scenarios:
+            folder = os.path.join(out, scenario)
+            os.makedirs(folder, exist_ok=True)
+            SCENARIOS[scenario](rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+def hooks(model: nn.Module) -> list[int]:
+    return [len(d) for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks)]
+
+
+def _capture_and_gather(rank, out, model, batch, target, **kwargs):
+    """Capture on this rank and gather on rank 0; checks that no hook and no .grad is left behind."""
+    before = hooks(model)
+    cap = layerscope.capture(model, batch, target=target, **kwargs)
+    assert hooks(model) == before, "capture left hooks on the model"
+    assert all(p.grad is None for p in model.parameters()), "capture left a .grad"
+    assert cap.rank == rank and cap.world_size == WORLD
+    cap.save(os.path.join(out, f"rank{rank}.lsc"))
+    merged = layerscope.gather(cap, dst=0)
+    assert (merged is None) == (rank != 0)
+    if merged is not None:
+        merged.save(os.path.join(out, "merged.lsc"))
+    return cap
+
+
+def _train_step(model, x, y):
+    """One SGD step after the capture: the model, its gradient hooks and its sharding work as before."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _ddp(rank, out):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    x, y = make_batch(rank)
+    _capture_and_gather(rank, out, model, x, y)
+    _train_step(model, x, y)
+    if rank == 0:
+        for name, p in model.module.named_parameters():
+            np.save(os.path.join(out, f"stepped.{name}.npy"), p.detach().numpy())
+
+
+def _fsdp(rank, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x, y = make_batch(rank)
+    with torch.no_grad():
+        model(x)  # FSDP2 now keeps the root's parameters gathered: capture must still see the sharded ones
+    _capture_and_gather(rank, out, model, x, y)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "capture left gathered parameters"
+    _train_step(model, x, y)
+    for name, p in model.named_parameters():
+        full = p.full_tensor()  # a collective: every rank takes part
+        if rank == 0:
+            np.save(os.path.join(out, f"stepped.{name}.npy"), full.detach().numpy())
+
+
+def _tensor_parallel(rank, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = parallelize_module(make_model(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    x, y = make_batch(0)  # tensor parallel: every rank gets the same batch
+    _capture_and_gather(rank, out, model, x, y)
+
+
+def _dtensor_activations(rank, out):
+    """Tensor parallel that keeps the activations as DTensors between the layers: statistics of the local shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    plan = {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel(input_layouts=Shard(-1))}
+    model = parallelize_module(make_model(), mesh, plan)
+    x, y = make_batch(0)
+    seen = {}
+    handle = model[1].register_forward_hook(lambda m, a, o: seen.setdefault("relu", o.to_local().detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    cap = _capture_and_gather(rank, out, model, x, y)
+    assert cap.error is None, cap.error
+    got, want = cap["1"].calls[0].stats, layerscope.TensorStats.of(seen["relu"])
+    assert got.numel == want.numel == 48 and abs(got.mean - want.mean) < 1e-6 and got.max == want.max
+    assert cap["1"].calls[0].output_shapes == (6, 16)  # a DTensor's global shape; its statistics are the shard's
+
+
+def _nan_on_rank_1(rank, out):
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(Normalize(), make_model()))
+    x, y = make_batch(rank)
+    if rank == 1:
+        x[2] = 0.0  # finite input; Normalize makes 0/0
+    _capture_and_gather(rank, out, model, x, y)
+
+
+def _desync(rank, out):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    if rank == 1:
+        with torch.no_grad():
+            model.module[2].weight[0, 0] += 1e-3  # changed on one replica after DDP broadcast the weights
+    _capture_and_gather(rank, out, model, *make_batch(rank))
+
+
+def _rank_dependent(rank, out):
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(make_model(), RankShift(), nn.Linear(4, 3)))
+    _capture_and_gather(rank, out, model, *make_batch(0))  # the very same batch on both ranks
+
+
+def _device_mismatch_on_rank_1(rank, out):
+    model = make_model()  # replicas without DDP: the failed forward leaves no rank waiting in a collective
+    if rank == 1:
+        model[2].to("meta")
+    _capture_and_gather(rank, out, model, *make_batch(rank))
+
+
+SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
+             "nan": _nan_on_rank_1,
+             "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1}
