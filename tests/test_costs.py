@@ -5,6 +5,7 @@ against real runs, and what a cost capture leaves behind."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import zipfile
 
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import _len_torch_dispatch_stack
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models as tvm
 
-from layerscope import capture, load
+from layerscope import capture, findings, load
 from layerscope.core.costs import FORMULAS
 from models import LlamaLike, RaisesInside, no_hooks_left
 
@@ -310,6 +311,8 @@ def test_a_module_holding_most_activation_memory_is_a_checkpointing_candidate():
     wide = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU())
     model = nn.Sequential(nn.Linear(16, 8), wide, nn.Linear(512, 2))
     cap = capture(model, torch.randn(32, 16), costs=True)
+    assert not [f for f in cap.findings if f.kind == "activation_memory"]  # 129 kB: memory is not the problem
+    cap = dataclasses.replace(cap, findings=tuple(findings(cap, activation_floor=100_000)))
     finding = next(f for f in cap.findings if f.kind == "activation_memory")
     assert finding.severity == "info" and finding.module == "1"
     assert finding.details["share"] == cap["1"].activation_bytes / cap.activation_bytes > 0.5

@@ -249,7 +249,7 @@ def test_a_saved_notebook_keeps_the_static_view(tmp_path):
     namespace: dict = {}
     exec("\n".join(SAVED_NOTEBOOK[:2]), namespace)  # the same model and batch, in this process
     torch.manual_seed(0)
-    cap = layerscope.capture(namespace["Model"](), torch.randn(3, 4))
+    cap = layerscope.capture(namespace["Model"](), torch.randn(3, 4), costs=True)  # as the inspector captures
     assert any(f.kind == "dead_activation" for f in cap.findings)
     assert fallback == static_html(cap)
 

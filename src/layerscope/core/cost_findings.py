@@ -7,10 +7,11 @@ from .diagnose import label
 from .records import Capture, Finding, human, human_bytes
 
 
-def activation_memory(cap: Capture, share: float) -> list[Finding]:
-    """The innermost module (not the model itself) holding more than ``share`` of the bytes saved for the backward."""
+def activation_memory(cap: Capture, share: float, floor: int = 0) -> list[Finding]:
+    """The innermost module (not the model itself) holding more than ``share`` of the bytes saved for the backward,
+    when the pass saves at least ``floor`` bytes."""
     total = cap.activation_bytes
-    if not total:
+    if not total or total < floor:
         return []
     held = [r for name, r in cap.modules.items() if name and (r.activation_bytes or 0) > share * total]
     if not held:
