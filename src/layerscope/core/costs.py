@@ -113,9 +113,13 @@ _IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 _KINDS: dict[int, Callable | str] = {}  # by id(): op overloads live as long as torch, and hash slowly
 
 
+# Tags of ops counted as 0 (torch 2.6 has no "reduction" tag: its reductions are among the prefixes above).
+_FREE_TAGS = frozenset(getattr(torch.Tag, name) for name in ("pointwise", "reduction", "inplace_view")
+                       if hasattr(torch.Tag, name))
+
+
 def _free(func) -> bool:
-    tags = func.tags
-    if func.is_view or torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.inplace_view in tags:
+    if func.is_view or not _FREE_TAGS.isdisjoint(func.tags):
         return True
     return func._overloadpacket.__name__.lstrip("_").startswith(_FREE_PREFIXES)
 
