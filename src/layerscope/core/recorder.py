@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors, shape_tree
 from .records import CallRecord
 from .stats import StatsBatch, local, norm
+
+if TYPE_CHECKING:
+    from .costs import Costs
 
 FEATURE_CHANNELS = 16
 FEATURE_SIZE = 64
@@ -44,8 +47,10 @@ class Recorder:
     the tensor's own range). Output-gradient hooks are put on the outputs through ``session`` when
     ``grads`` is true."""
 
-    def __init__(self, session: HookSession, stats: StatsBatch, *, grads: bool, feature_maps: bool, edges: Edges):
+    def __init__(self, session: HookSession, stats: StatsBatch, *, grads: bool, feature_maps: bool, edges: Edges,
+                 costs: Costs | None = None):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
+        self.costs = costs  # capture(costs=True): what the hooks compute is left out of the model's counts
         self.calls: list[dict] = []
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
@@ -57,7 +62,19 @@ class Recorder:
         def hook(module, args, kwargs, output):
             self.record(name, call_inputs(args, kwargs), output, dead_units)
 
-        return hook
+        costs = self.costs
+        if costs is None:
+            return hook
+
+        def counted(module, args, kwargs, output):
+            costs.leave(name)
+            costs.pause()  # what the recorder computes on the outputs is not the model's cost
+            try:
+                hook(module, args, kwargs, output)
+            finally:
+                costs.resume()
+
+        return counted
 
     def record(self, name: str, inputs: Any, output: Any, dead_units: bool) -> None:
         """One call of module ``name`` (``dead_units``: count its dead channels, for ReLUs)."""
@@ -72,6 +89,7 @@ class Recorder:
             input_devices=unique(t.device for t in ins),
             output_devices=unique(t.device for t in outs),
             inputs=self._inputs(ins, outs),
+            out_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
             slot=None,
             fmap=None,
             grad=None,
@@ -90,8 +108,14 @@ class Recorder:
             call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
             call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
-            def on_grad(g, call=call):
-                call["grad"] = norm(g)
+            def on_grad(g, call=call, costs=self.costs):
+                if costs is not None:
+                    costs.pause()
+                try:
+                    call["grad"] = norm(g)
+                finally:
+                    if costs is not None:
+                        costs.resume()
                 self.last_grad_call = call
 
             self.session.add_tensor_hook(t, on_grad)

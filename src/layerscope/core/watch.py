@@ -96,6 +96,7 @@ def _structure(model: nn.Module):
     entries = list(model.named_modules())
     for (name, module), info in zip(entries, module_tree(entries).values()):
         own = info.pop("own")
+        info.pop("param_ids", None)  # what capture sums gradient bytes over
         modules[name] = ModuleReport(
             **info,
             params=MappingProxyType({local: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),

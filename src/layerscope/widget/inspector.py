@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,12 +27,13 @@ from ..core import capture as run_capture
 from ..core.nested import first_float_tensor
 from ..core.recorder import FEATURE_CHANNELS
 from ..core.rerun import Rerun, cam_layer, input_size
+from ..plots.cost import cost_parts
 from . import rows, text
 from .steps import StepsBar, Throttle
 from .tree import TreeWidget
 
-TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Findings", "Summary")
-ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, FINDINGS, SUMMARY = range(len(TABS))  # of a capture's inspector
+TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Cost", "Findings", "Summary")
+ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, COST, FINDINGS, SUMMARY = range(len(TABS))  # of a capture's inspector
 OVER_TIME = "Over time"  # a run's inspector has this tab first
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
 
@@ -62,16 +64,19 @@ class ModelInspector(widgets.VBox):
     module, and the other tabs for the sampled step under the cursor. Displayed before the loop, it follows the
     run as it trains (at most a few updates a second).
 
-    ``target``, ``loss_fn`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label
-    predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps;
-    or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens`` or ``decode``)
-    labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those tokens.
+    ``target``, ``loss_fn``, ``backward`` and ``costs`` go to ``layerscope.capture`` (the inspector counts FLOPs
+    and activation memory by default: the tree can show them and the Cost tab draws where they go);
+    ``class_names`` label predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens``
+    label attention maps; or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens``
+    or ``decode``) labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those
+    tokens.
     """
 
     selected = traitlets.Unicode("")
 
     def __init__(self, model: nn.Module | Capture | Run, batch: Any = None, *, target: Any = None, loss_fn=None,
-                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True):
+                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True,
+                 costs: bool = True):
         self._given = model if isinstance(model, Capture) else None
         self._watched = model if isinstance(model, Run) else None
         if self._given is not None:
@@ -80,10 +85,12 @@ class ModelInspector(widgets.VBox):
             model = batch = None  # the model has moved on since the sampled steps: nothing re-runs it
         self._step: int | None = None  # the sampled step under the cursor (a run only)
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
-        self._loss_fn = loss_fn
+        self._loss_fn, self._costs = loss_fn, costs
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
         self.tokenizer = tokenizer
-        self._quiet = False  # True while panels set their own controls: their events are not user input
+        # Events can arrive on more than one thread (ipykernel 7): one lock runs them one at a time, and "quiet"
+        # (set while panels set their own controls, whose events are not user input) is per thread.
+        self._lock, self._local = threading.RLock(), threading.local()
         self._displayed = False  # panels are drawn once a tree view says it is on a page
         self._drawn: dict[int, tuple] = {}
         self._figure = functools.lru_cache(maxsize=256)(self._draw_figure)
@@ -142,17 +149,19 @@ class ModelInspector(widgets.VBox):
     def refresh(self, batch: Any = None) -> None:
         """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
         if self._watched is not None:
-            self._refresh_run(done=True)
+            with self._lock:
+                self._refresh_run(done=True)
             return
         if self._model is None:
             raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
-        if batch is not None:
-            self._batch = batch
-            self._rerun = Rerun(self._model, batch)
-        self._given = None
-        self._forget()
-        self._run()
-        self._select_initial(keep=self.selected)
+        with self._lock:
+            if batch is not None:
+                self._batch = batch
+                self._rerun = Rerun(self._model, batch)
+            self._given = None
+            self._forget()
+            self._run()
+            self._select_initial(keep=self.selected)
 
     def save_html(self, path) -> None:
         """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
@@ -238,7 +247,7 @@ class ModelInspector(widgets.VBox):
         handle = nn.modules.module.register_module_forward_hook(tick)
         try:
             self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
-                                    backward=self._backward)
+                                    backward=self._backward, costs=self._costs)
         finally:
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
@@ -281,13 +290,15 @@ class ModelInspector(widgets.VBox):
 
         for control in (self._call, self._fm_item, self._ex_item, self._ex_class, self._ex_head):
             control.observe(self._on_input, "value")
+        self._cost_note, self._cost_image, self._cost_table = widgets.HTML(), _image("ls-cost"), widgets.HTML()
+        cost = widgets.VBox([self._cost_note, self._cost_image, self._cost_table])
         self._findings_note, self._finding_detail, self._summary = widgets.HTML(), widgets.HTML(), widgets.HTML()
         self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
         self._findings.observe(self._on_finding, "value")
         findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
         self._over_note, self._over_image = widgets.HTML(), _image("ls-over-time")
         over_time = widgets.VBox([self._over_note, self._over_image])
-        pages = [activations, feature_maps, gradients, explain, findings, self._summary]
+        pages = [activations, feature_maps, gradients, explain, cost, findings, self._summary]
         self._titles = ((OVER_TIME,) if self._watched is not None else ()) + TABS
         self._tabs.children = ([over_time] if self._watched is not None else []) + pages
         self._tabs.titles = self._titles
@@ -305,37 +316,45 @@ class ModelInspector(widgets.VBox):
 
     # -- events -------------------------------------------------------------------------------------
 
+    @property
+    def _quiet(self) -> bool:
+        return getattr(self._local, "quiet", False)
+
     @contextlib.contextmanager
     def _quietly(self):
-        quiet, self._quiet = self._quiet, True
+        quiet, self._local.quiet = self._quiet, True
         try:
             yield
         finally:
-            self._quiet = quiet
+            self._local.quiet = quiet
 
     def _on_input(self, change=None) -> None:
         if not self._quiet:
-            self._draw()
+            with self._lock:
+                self._draw()
 
     def _on_tree_message(self, tree, content, buffers) -> None:
         if content.get("event") == "shown":
-            self._displayed = True
-            if self._watched is not None:
-                self._draw_scalars()
-            self._draw()
+            with self._lock:
+                self._displayed = True
+                if self._watched is not None:
+                    self._draw_scalars()
+                self._draw()
 
     def _on_selected(self, change=None) -> None:
-        report = self._cap[self.selected]
-        with self._quietly():
-            self._call.options = [(f"{i + 1} of {len(report.calls)}", i) for i in range(len(report.calls))]
-            self._call.value = 0 if report.calls else None
-        _shown(self._call, len(report.calls) > 1)
-        self._fm_page = 0
-        self._draw()
+        with self._lock:
+            report = self._cap[self.selected]
+            with self._quietly():
+                self._call.options = [(f"{i + 1} of {len(report.calls)}", i) for i in range(len(report.calls))]
+                self._call.value = 0 if report.calls else None
+            _shown(self._call, len(report.calls) > 1)
+            self._fm_page = 0
+            self._draw()
 
     def _page(self, step: int) -> None:
-        self._fm_page += step
-        self._draw()
+        with self._lock:
+            self._fm_page += step
+            self._draw()
 
     def _state(self, tab: int) -> tuple:
         """What a tab's content depends on: it is redrawn only when this changes."""
@@ -349,17 +368,19 @@ class ModelInspector(widgets.VBox):
             return base + (self._fm_item.value, self._fm_page)
         if title == "Explain":
             return base + (self._ex_item.value, self._ex_class.value, self._ex_head.value)
+        if title == "Cost":
+            return (id(self._cap), self.selected)
         return base
 
     def _draw(self) -> None:
         """Draw the header and, once on a page, the visible tab for the current state (if not drawn yet)."""
         report, call = self._report_call()
-        self._header.value = text.header(report, call)
+        self._header.value = text.header(report, call, self._cap)
         tab = self._tabs.selected_index or 0
         if not self._displayed or self._drawn.get(tab) == self._state(tab):
             return
         panels = {"Activations": self._activations, "Feature maps": self._feature_maps, "Gradients": self._gradients,
-                  "Explain": self._explain, "Findings": lambda: None, "Summary": self._summary_tab,
+                  "Explain": self._explain, "Cost": self._cost, "Findings": lambda: None, "Summary": self._summary_tab,
                   OVER_TIME: self._over_time}
         with self._quietly():
             panels[self._titles[tab]]()
@@ -397,6 +418,8 @@ class ModelInspector(widgets.VBox):
             return fig
         if kind == "gradient_flow":
             return plots.gradient_flow(self._cap, highlight=name)
+        if kind == "cost":
+            return plots.cost_breakdown(self._cap, name)
         if kind == "cam":
             layer, cls, item = key
             heatmap = self._rerun.grad_cam(layer, cls).heatmap[item]
@@ -515,6 +538,23 @@ class ModelInspector(widgets.VBox):
         self._ex_note.value = text.note(f"Attention weights of {name}, item {item}")
         self._show(self._ex_image, "attention", name, self._call.value, item, self._ex_head.value)
 
+    def _cost(self) -> None:
+        counted = self._cap.flops is not None
+        _shown(self._cost_image, counted)
+        if not counted:
+            how = "capture(model, batch, costs=True) counts them"
+            watched = self._watched is not None
+            why = f"a watched run adds no counting to training steps; {how} for one pass" if watched else how
+            self._cost_note.value = text.note(f"FLOPs and activation memory were not counted in this capture: {why}.")
+            self._cost_table.value = ""
+            return
+        parent, _ = cost_parts(self._cap, self.selected)
+        estimate = " Estimates from shapes (meta device)." if self._cap.meta else ""
+        self._cost_note.value = text.note(f"Where the forward FLOPs and the memory saved for the backward of "
+                                          f"{text.display_name(parent)} go, by submodule.{estimate}")
+        self._show(self._cost_image, "cost", self.selected)
+        self._cost_table.value = text.largest(self._cap)
+
     def _summary_tab(self) -> None:
         self._summary.value = text.summary(self._cap)
 
@@ -542,7 +582,8 @@ class ModelInspector(widgets.VBox):
         """Called by the run after each step (from the training loop): update when due."""
         if self._throttle.due(done):
             started = time.monotonic()
-            self._refresh_run(done)
+            with self._lock:
+                self._refresh_run(done)
             self._throttle.ran(started)
 
     def _refresh_run(self, done: bool) -> None:
@@ -569,12 +610,13 @@ class ModelInspector(widgets.VBox):
     def _on_step_chosen(self, change) -> None:
         if self._quiet or change["new"] in (None, -1):
             return
-        steps = self._watched.steps
-        self._steps.follow = bool(len(steps)) and change["new"] == steps[-1]
-        self._step = change["new"]
-        self._cap = self._step_capture()
-        self._on_selected()
-        self._draw_scalars()
+        with self._lock:
+            steps = self._watched.steps
+            self._steps.follow = bool(len(steps)) and change["new"] == steps[-1]
+            self._step = change["new"]
+            self._cap = self._step_capture()
+            self._on_selected()
+            self._draw_scalars()
 
     def _list_findings(self) -> None:
         """All findings in one list box (one widget however many there are); picking one selects its module."""
@@ -594,11 +636,12 @@ class ModelInspector(widgets.VBox):
     def _on_finding(self, change) -> None:
         if self._quiet or change["new"] is None:
             return
-        finding = self._listed[change["new"]]
-        self._finding_detail.value = text.finding(finding)
-        if self._watched is not None and finding.step is not None and len(self._watched.steps):
-            self.show_step(finding.step)
-        self.select(finding.module)
+        with self._lock:
+            finding = self._listed[change["new"]]
+            self._finding_detail.value = text.finding(finding)
+            if self._watched is not None and finding.step is not None and len(self._watched.steps):
+                self.show_step(finding.step)
+            self.select(finding.module)
 
     # -- on-demand computations (cached) ---------------------------------------------------------------
 
