@@ -36,7 +36,6 @@ import torch
 # Sums of float32 values run in float64 instead when a value's magnitude exceeds _WIDE (squares of values
 # near float32's maximum overflow) or when the values' span is below _NARROW (squares of deviations underflow).
 _WIDE, _NARROW = 2.0**50, 2.0**-30
-_CHUNK = 1 << 18  # elements per float32 dot in norm()
 
 # The per-row summary vector built on the device, in this order.
 _FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
@@ -271,16 +270,12 @@ def norm(t: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a tensor as a float64 scalar on its device.
 
     On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is a
-    float32 BLAS dot (about 10x more accurate than float32 vector_norm) per chunk of 2**18 elements, the
-    chunks' sums added in float64 (a relative error of about 1e-8 where one dot over millions of elements
-    drifts to 1e-5), redone in float64 only when it overflowed (a norm above ~1.8e19). Elsewhere, one
+    float32 BLAS dot (about 10x more accurate than float32 vector_norm; a relative error of 1e-7 to 1e-5 over
+    millions of elements), redone in float64 only when it overflowed (a norm above ~1.8e19). Elsewhere, one
     float64 vector_norm: no copy to the CPU, no sync. Of a DTensor, the norm of this process's shard."""
     flat = local(t).detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        if flat.numel() <= _CHUNK or flat.dtype == torch.float64:
-            squares = torch.dot(flat, flat)
-        else:
-            squares = torch.stack([torch.dot(part, part) for part in flat.split(_CHUNK)]).double().sum()
+        squares = torch.dot(flat, flat)
         if torch.isfinite(squares):
             return squares.double().sqrt()
     return torch.linalg.vector_norm(flat, dtype=torch.float64)
@@ -403,9 +398,11 @@ class StatsBatch:
             total = shifted.sum()
             total, squares = torch.stack([total.double(), shifted.square_().sum().double()]).tolist()
         left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-        if edges is None:  # the sample binned in float64, numpy's precision, a constant one as numpy does
-            counts = torch.histc(sample.double(), self.bins, lo, hi) if hi > lo else torch.zeros(self.bins)
-            counts, fixed = _flat_counts(counts[None], torch.tensor([hi <= lo]), sample.numel())[0], None
+        if edges is None and hi > lo:  # the sample binned in float64, numpy's precision
+            counts, fixed = torch.histc(sample.double(), self.bins, lo, hi), None
+        elif edges is None:  # all equal: numpy's answer, as _flat_counts
+            counts, fixed = torch.zeros(self.bins, device=x.device), None
+            counts[self.bins // 2] = sample.numel()
         else:
             counts, fixed = None, self._fixed(sample, edges)
         known = dict(count=m, mean=shift + total / m, m2=max(squares - total * total / m, 0.0), min=lo, max=hi,
