@@ -9,6 +9,7 @@ Prints ratios (the machine is noisy: compare, don't quote absolute times). Batch
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import subprocess
@@ -19,11 +20,13 @@ import tracemalloc
 import torch
 import torchinfo
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models as tvm
 
 import layerscope
 
 BATCH = 8
+COSTS = "costs" in inspect.signature(layerscope.capture).parameters  # False for revisions before costs existed
 
 
 def stack(blocks: int = 500, width: int = 512) -> nn.Module:
@@ -73,26 +76,36 @@ def methods(model: nn.Module):
         clones.clear()
         _hooked(model, lambda out: clones.append(out.detach().clone()) if isinstance(out, torch.Tensor) else None)(x)
 
+    def flop_counter(x):
+        with FlopCounterMode(display=False):
+            forward_backward(x)
+
+    costs = {
+        "capture, forward only, costs": lambda x: layerscope.capture(model, x, backward=False, costs=True),
+        "capture, forward+backward, costs": lambda x: layerscope.capture(model, x, costs=True),
+    } if COSTS else {}
     return {
         "plain forward (no_grad)": forward,
         "capture, forward only": lambda x: layerscope.capture(model, x, backward=False),
         "plain forward+backward": forward_backward,
         "capture, forward+backward": lambda x: layerscope.capture(model, x),
+        **costs,
+        "FlopCounterMode forward+backward": flop_counter,
         "torchinfo.summary": lambda x: torchinfo.summary(model, input_data=x, verbose=0, mode="eval"),
         "naive stats hooks": _hooked(model, naive_stats),
         "clone every output": clone_all,
     }, clones
 
 
-def time_side_by_side(fns: dict, x, repeats: int) -> dict[str, float]:
+def time_side_by_side(fns: dict, x, repeats: int, clock=time.perf_counter) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn(x)
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every method alike
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn(x)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -169,6 +182,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time by this process's CPU time (less swayed by other work on a shared machine)")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(2)
@@ -178,13 +193,21 @@ def main() -> None:
         model, x = MODELS[name]()
         model.eval()
         fns, clones = methods(model)
-        times = time_side_by_side(fns, x, repeats)
+        times = time_side_by_side(fns, x, repeats, time.process_time if args.cpu else time.perf_counter)
         fns["clone every output"](x)
         kept, cloned = memory_kept(model, x, clones)
         fwd, fwdbwd = times["plain forward (no_grad)"], times["plain forward+backward"]
         row = {
             "capture fwd / plain fwd": times["capture, forward only"] / fwd,
             "capture fwd+bwd / plain fwd+bwd": times["capture, forward+backward"] / fwdbwd,
+            **({
+                "capture+costs fwd / plain fwd": times["capture, forward only, costs"] / fwd,
+                "capture+costs fwd+bwd / plain fwd+bwd": times["capture, forward+backward, costs"] / fwdbwd,
+                "costs on / off, capture fwd": times["capture, forward only, costs"] / times["capture, forward only"],
+                "costs on / off, capture fwd+bwd":
+                    times["capture, forward+backward, costs"] / times["capture, forward+backward"],
+            } if COSTS else {}),
+            "FlopCounterMode fwd+bwd / plain fwd+bwd": times["FlopCounterMode forward+backward"] / fwdbwd,
             "torchinfo / plain fwd": times["torchinfo.summary"] / fwd,
             "naive stats hooks / plain fwd": times["naive stats hooks"] / fwd,
             "clone all outputs / plain fwd": times["clone every output"] / fwd,
@@ -196,7 +219,8 @@ def main() -> None:
                            "capture, forward+backward", "clone every output"):
                 row[f"peak RSS rise, MB: {method}"] = peak_rss(name, method)
         results[name] = row
-        print(f"\n== {name} (batch {BATCH}, 2 threads, median of {repeats}; plain fwd {fwd * 1e3:.0f} ms) ==")
+        clock = "CPU time" if args.cpu else "wall time"
+        print(f"\n== {name} (batch {BATCH}, 2 threads, median of {repeats}, {clock}; plain fwd {fwd * 1e3:.0f} ms) ==")
         for key, value in row.items():
             shown = "n/a" if value is None else f"{value:.3f}" if "memory kept" in key else f"{value:.2f}"
             print(f"  {key:<58} {shown}")

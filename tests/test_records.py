@@ -84,10 +84,12 @@ def zoo():
     ]
 
 
+@pytest.mark.parametrize("costs", [False, True])
 @pytest.mark.parametrize("index", range(len(zoo())))
-def test_round_trip_keeps_every_record_of_the_zoo(index, tmp_path):
+def test_round_trip_keeps_every_record_of_the_zoo(index, costs, tmp_path):
     model, batch = zoo()[index]
-    cap = capture(model, batch)
+    cap = capture(model, batch, costs=costs)
+    assert (cap.flops is None) is (not costs) and (cap[""].activation_bytes is None) is (not costs)
     loaded = round_trip(cap, tmp_path)
     same(cap, loaded)
     assert loaded.output is None and loaded.model is None and loaded.batch is None

@@ -7,11 +7,13 @@ import html
 import io
 import math
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
+import traitlets
 from matplotlib.image import imread
 from torch import nn
 from torchvision.models import squeezenet1_1
@@ -19,10 +21,10 @@ from torchvision.models import squeezenet1_1
 import layerscope
 from layerscope import plots
 from layerscope.core import cam as core_cam
-from layerscope.core.records import human
+from layerscope.core.records import human, human_bytes
 from layerscope.widget import ModelInspector, text
-from layerscope.widget.inspector import ACTIVATIONS, EXPLAIN, FEATURE_MAPS, FINDINGS, GRADIENTS, SUMMARY
-from layerscope.widget.tree import FIELDS, TreeWidget
+from layerscope.widget.inspector import ACTIVATIONS, COST, EXPLAIN, FEATURE_MAPS, FINDINGS, GRADIENTS, SUMMARY
+from layerscope.widget.tree import COLUMNS, FIELDS, TreeWidget
 
 EVIL = "<img src=x onerror=alert(1)>"
 WIDGET_DIR = Path(layerscope.__file__).parent / "widget"
@@ -84,6 +86,81 @@ def test_tree_rows_hold_every_module_in_order(squeezenet):
     assert inspector.tree.rows[names.index("features.3.expand3x3")][3] == "9.28K"  # 16*64*9 + 64 = 9280
     assert inspector.tree.expanded == [""]  # the model is open: its top-level blocks show at once
     assert inspector.tree.selected == inspector.selected == ""
+
+
+def test_tree_column_switch_and_sort_with_the_costs_in_every_row(squeezenet):
+    model, batch = squeezenet
+    inspector = ModelInspector(model, batch)
+    cap = inspector.capture
+    assert inspector.tree.column == "params" and inspector.tree.sorted is False and COLUMNS == (
+        "params", "flops", "memory")
+    for r in (dict(zip(FIELDS, row)) for row in inspector.tree.rows):
+        report = cap[r["name"]]
+        assert (r["params_value"], r["flops_value"], r["memory_value"]) == (
+            report.num_params, report.flops, report.activation_bytes)
+        assert (r["flops"], r["memory"]) == (human(report.flops), human_bytes(report.activation_bytes))
+    root = dict(zip(FIELDS, inspector.tree.rows[0]))
+    assert root["flops_value"] == cap.flops > 0 and root["memory_value"] == cap.activation_bytes > 0
+    inspector.tree.column = "flops"  # what the toolbar's menu sets
+    inspector.tree.sorted = True
+    assert (inspector.tree.column, inspector.tree.sorted) == ("flops", True)
+    assert "column='flops'" in repr(inspector.tree)
+    with pytest.raises(traitlets.TraitError):
+        inspector.tree.column = "<script>"
+    inspector.select("features.3.expand3x3")  # the selection and the rows stay as they were
+    assert inspector.selected == "features.3.expand3x3" and inspector.tree.rows == ModelInspector(
+        cap).tree.rows
+    plain = ModelInspector(model, batch, costs=False)  # nothing to show: the front end disables the choice
+    assert all(r[FIELDS.index("flops_value")] is None and r[FIELDS.index("memory")] is None
+               for r in plain.tree.rows)
+
+
+def test_header_shows_own_and_total_flops_bytes_and_share(squeezenet):
+    model, batch = squeezenet
+    inspector = ModelInspector(model, batch)
+    cap = inspector.capture
+    inspector.select("features.3")
+    r = cap["features.3"]
+    header = inspector._header.value
+    assert f"own {human(r.own_flops)} · total {human(r.flops)} ({r.flops / cap.flops:.0%} of the model)" in header
+    assert f"backward {human(r.backward_flops)}" in header
+    assert f"activations {human_bytes(r.activation_bytes)} ({r.activation_bytes / cap.activation_bytes:.0%} of " \
+           f"the model)" in header
+    assert f"parameters {human_bytes(r.param_bytes)}" in header and f"gradients {human_bytes(r.grad_bytes)}" in header
+    assert r.param_bytes == 4 * r.num_params
+    plain = ModelInspector(model, batch, costs=False)
+    plain.select("features.3")
+    assert "FLOPs" not in plain._header.value and f"parameters {human_bytes(r.param_bytes)}" in plain._header.value
+
+
+def test_cost_tab_draws_where_the_cost_goes_and_lists_the_largest_modules(squeezenet, tmp_path):
+    model, batch = squeezenet
+    inspector = on_page(ModelInspector(model, batch))
+    inspector._tabs.selected_index = COST
+    assert inspector._cost_image.value[:4] == b"\x89PNG" and "of (model) go" in inspector._cost_note.value
+    largest = inspector._cost_table.value
+    cap = inspector.capture
+    leaves = sorted((r for r in cap.modules.values() if not r.children), key=lambda r: -r.flops)
+    assert "Most FLOPs" in largest and "Most activation memory" in largest
+    assert largest.index(f"<td>{leaves[0].name}</td>") < largest.index(f"<td>{leaves[1].name}</td>")
+    first = inspector._cost_image.value
+    inspector.select("features.3")
+    assert inspector._cost_image.value != first and "features.3" in inspector._cost_note.value
+    path = tmp_path / "plain.lsc"
+    layerscope.capture(model, batch).save(path)  # no costs counted: the tab says how to get them
+    plain = on_page(ModelInspector(layerscope.load(path)))
+    plain._tabs.selected_index = COST
+    assert "costs=True" in plain._cost_note.value and plain._cost_image.layout.display == "none"
+
+
+def test_a_click_handled_on_another_thread_is_not_taken_for_the_inspectors_own_change():
+    # ipykernel 7 can run one widget's message while another's handler is drawing: a tab click must still draw
+    inspector = on_page(ModelInspector(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4)))
+    with inspector._quietly():  # this thread sets the inspector's own controls
+        click = threading.Thread(target=setattr, args=(inspector._tabs, "selected_index", COST))
+        click.start()
+        click.join()
+    assert inspector._drawn.get(COST) and inspector._cost_image.value[:4] == b"\x89PNG"
 
 
 def test_badges_count_the_findings_on_a_module_and_below():

@@ -416,6 +416,72 @@ def test_squeezenet_tour_notebook_in_jupyterlab(server, browser):
     page.context.close()
 
 
+def wait_for_rows(page, inspector, names: list[str]) -> None:
+    """Until the tree shows exactly these rows, in this order."""
+    page.wait_for_function(
+        "([el, want]) => JSON.stringify([...el.querySelectorAll('.ls-row')].map(r => r.dataset.name)) === want",
+        arg=[inspector.element_handle(), json.dumps(names, separators=(",", ":"))])
+
+
+def sorted_rows(cap, key: str, opened: set[str]) -> list[str]:
+    """The rows a tree sorted by ``key`` shows with ``opened`` expanded: children largest first."""
+    out = []
+
+    def visit(name: str) -> None:
+        out.append(name)
+        if name in opened:
+            for child in sorted(cap[name].children, key=lambda c: -(getattr(cap[c], key) or 0)):
+                visit(child)
+
+    visit("")
+    return out
+
+
+def test_tree_number_column_bars_and_sort_in_jupyterlab(server, browser):
+    import layerscope
+    from layerscope.core.records import human, human_bytes
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    model, _, _, _ = expected_for_squeezenet()
+    cap = layerscope.capture(model, torch.randn(1, 3, 224, 224), costs=True)  # FLOPs and bytes need no weights
+    (server.root / "costs.ipynb").write_text(notebook(SETUP.format(evil=EVIL), SQUEEZENET))
+    page, monitor = open_and_run(browser, server, "lab/tree/costs.ipynb")
+    squeeze = inspector_with(page, "classifier")
+    features = row(squeeze, "features")
+    expect(features.locator(".ls-params")).to_have_text(human(cap["features"].num_params))
+    squeeze.locator(".ls-column").select_option("flops")
+    expect(features.locator(".ls-params")).to_have_text(human(cap["features"].flops))
+    expect(row(squeeze, "").locator(".ls-params")).to_have_text(human(cap.flops))
+    fill = features.locator(".ls-bar-fill")
+    expect(fill).to_be_visible()
+    width = fill.evaluate("el => el.getBoundingClientRect().width / el.parentElement.getBoundingClientRect().width")
+    assert width == pytest.approx(cap["features"].flops / cap.flops, abs=0.02) and width > 0.5
+    features.locator(".ls-toggle").click()
+    opened = {"", "features"}
+    names = squeeze.locator(".ls-row").evaluate_all("rows => rows.map(r => r.dataset.name)")
+    assert names == shown([n for n in cap.modules], opened)  # as defined until sorted
+    squeeze.locator(".ls-sort").click()
+    expect(squeeze.locator(".ls-sort")).to_have_attribute("aria-pressed", "true")
+    expected = sorted_rows(cap, "flops", opened)
+    assert expected != names
+    expect(squeeze.locator(".ls-row").first).to_have_attribute("data-name", "")
+    wait_for_rows(page, squeeze, expected)
+    squeeze.screenshot(path=ARTIFACTS / "lab-tree-flops-sorted.png")
+    squeeze.locator(".ls-column").select_option("memory")
+    expect(features.locator(".ls-params")).to_have_text(human_bytes(cap["features"].activation_bytes))
+    wait_for_rows(page, squeeze, sorted_rows(cap, "activation_bytes", opened))
+    row(squeeze, "features.3").click()  # the header: own and total FLOPs, bytes, shares
+    header = squeeze.locator(".ls-header")
+    expect(header).to_contain_text(f"total {human(cap['features.3'].flops)}")
+    expect(header).to_contain_text(f"activations {human_bytes(cap['features.3'].activation_bytes)}")
+    tab(squeeze, "Cost").click()
+    visible_image(squeeze, "ls-cost")
+    expect(squeeze.locator(".ls-largest").first).to_contain_text("Most FLOPs")
+    squeeze.screenshot(path=ARTIFACTS / "lab-cost.png")
+    assert monitor.problems == []
+    page.context.close()
+
+
 LOADED_CELLS = (
     "from layerscope import ModelInspector, load\n",
     "ModelInspector(load('squeezenet.lsc'))\n",
@@ -440,6 +506,7 @@ def test_inspector_on_loaded_captures_in_jupyterlab(server, browser):
 
     squeeze = inspector_with(page, "classifier")
     expect(row(squeeze, "classifier").locator(".ls-params")).to_have_text(human(cap["classifier"].num_params))
+    expect(squeeze.locator(".ls-column option[value=flops]")).to_be_disabled()  # saved without costs
     row(squeeze, "features").locator(".ls-toggle").click()
     row(squeeze, "features.3").locator(".ls-toggle").click()
     row(squeeze, "features.3.expand3x3").click()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import diagnose, distributed, kinds, traits
+from .costs import Costs
 from .findings import find
 from .hooks import HookSession
 from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
@@ -78,8 +79,9 @@ class _Recorder:
     """The forward hooks' state: what each call saw, with statistics deferred to a StatsBatch."""
 
     def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool,
-                 edges: Callable[[str], np.ndarray | None]):
+                 edges: Callable[[str], np.ndarray | None], costs: Costs | None = None):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
+        self.costs = costs
         self.calls: list[dict] = []
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
@@ -92,7 +94,19 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             self._record(name, call_inputs(args, kwargs), output, dead_units, edges)
 
-        return hook
+        costs = self.costs
+        if costs is None:
+            return hook
+
+        def counted(module, args, kwargs, output):
+            costs.leave(name)
+            costs.pause()  # what the recorder computes on the outputs is not the model's cost
+            try:
+                hook(module, args, kwargs, output)
+            finally:
+                costs.resume()
+
+        return counted
 
     def _record(self, name: str, inputs: Any, output: Any, dead_units: bool, edges) -> None:
         ins, outs = _tensors(inputs), _tensors(output)
@@ -106,6 +120,7 @@ class _Recorder:
             input_devices=_unique(t.device for t in ins),
             output_devices=_unique(t.device for t in outs),
             inputs=self._inputs(ins, outs),
+            out_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
             slot=None,
             fmap=None,
             grad=None,
@@ -124,8 +139,14 @@ class _Recorder:
             call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
             call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
-            def on_grad(g, call=call):
-                call["grad"] = norm(g)
+            def on_grad(g, call=call, costs=self.costs):
+                if costs is not None:
+                    costs.pause()
+                try:
+                    call["grad"] = norm(g)
+                finally:
+                    if costs is not None:
+                        costs.resume()
                 self.last_grad_call = call
 
             self.session.add_tensor_hook(t, on_grad)
@@ -309,6 +330,7 @@ def capture(
     bins: Any = 64,
     feature_maps: bool = True,
     sample_size: int = 8192,
+    costs: bool | None = None,
 ) -> Capture:
     """Run ``model`` on ``batch`` once with hooks on every module and summarise what each call saw.
 
@@ -327,14 +349,25 @@ def capture(
     ``bins`` sets the histograms: a number of equal bins over each output's own range (64), a sequence
     of edges used for every module, or a mapping {module name: edges} (64 equal bins for the others).
     Fixed edges make histograms of different passes, steps or ranks mergeable (``Histogram.merge``).
+
+    ``costs=True`` also counts, in the same pass, each module's forward and backward FLOPs, the bytes its
+    ops saved for the backward and, on CUDA, its peak memory (see ``layerscope.core.costs``). It is off by
+    default (it adds a dispatch step to every op) and on by default for a meta-device model, whose forward
+    then records autograd (on shapes only) so that the saved tensors are seen too. Parameter, gradient,
+    buffer and output bytes are always recorded.
     """
     _check_arguments(model, batch)
     default_bins, edges = _bin_plan(bins)
     with _gc_paused():
-        return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size)
+        return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size,
+                        costs)
 
 
-def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size) -> Capture:
+def _cuda_device(model: nn.Module) -> torch.device | None:
+    return next((p.device for p in initialised(model) if p.is_cuda), None)
+
+
+def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs) -> Capture:
     model, compiled = kinds.unwrap(model)
     entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
     names = {id(m): n for n, m in entries}
@@ -345,22 +378,32 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         backward = False
     else:
         batch_run = batch
+    counting = meta if costs is None else bool(costs)
+    saving = counting and (backward or meta)  # a forward that records autograd: saved tensors are seen
     output = loss = None
     loss_kind: str | None = None
     error: CaptureError | None = None
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
+    counter: Costs | None = None
     with distributed.resharded(model), HookSession(model) as session:  # FSDP2: the sharded parameters throughout
         before = [p for p in initialised(model) if p.requires_grad]
         if meta:
             kinds.buffers_to_meta(model)
-        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges)
+        if counting:  # the tensors held anyway: their storages are not activation memory
+            counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
+        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges,
+                             counter)
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
         for name, module in entries:
+            if counter is not None:
+                session.add_forward_pre_hook(module, lambda module, args, kwargs, name=name: counter.enter(name))
             session.add_forward_hook(module, recorder.hook_for(name, module))
         try:
-            with torch.enable_grad() if backward else torch.no_grad():
-                output = call_model(model, batch_run)
+            with torch.enable_grad() if backward or saving else torch.no_grad(), \
+                    counter.mode() if counter is not None else contextlib.nullcontext():
+                with counter.saving() if saving else contextlib.nullcontext():
+                    output = call_model(model, batch_run)
                 session.remove_forward_hooks()  # a loss_fn that calls submodules must not add calls to the record
                 if backward:
                     phase = "loss"
@@ -386,8 +429,13 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             session.remove()
     records, summaries = recorder.records()
     tree = module_tree(entries)  # after the pass: lazy modules have their parameters now
+    output_bytes: dict[str, int] = {}
+    for c in recorder.calls:
+        output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
+    cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
     elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
     grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
+    grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
     nonfinite = any(s is not None and not s[0].finite for s in summaries)
@@ -401,6 +449,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     modules = {}
     for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
+        param_ids = info.pop("param_ids")
         found = traits.class_traits(module)
         if name in constant_sum:
             found = found | {"sums_to_constant"}
@@ -420,8 +469,12 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
+            grad_bytes=sum(grad_sizes.get(i, 0) for i in param_ids) if grads else None,
+            output_bytes=output_bytes.get(name, 0),
+            **cost.get(name, {}),
         )
     out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]
+    root = modules[""]
     cap = Capture(
         modules=MappingProxyType(modules),
         total_params=tree[""]["num_params"],
@@ -437,6 +490,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         ),
         output_numel=sum(t.numel() for t in out_floats),
         meta=meta,
+        flops=root.flops,
+        activation_bytes=root.activation_bytes,
+        peak_bytes=root.peak_bytes,
         compiled=compiled,
         rank=rank,
         world_size=world,
@@ -445,4 +501,3 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         batch=batch,
     )
     return dataclasses.replace(cap, findings=tuple(find(cap)))
-

@@ -287,6 +287,7 @@ def _merge(captures: list[Capture]) -> Capture:
         summary_text=first.summary_text,
         rank=None,
         world_size=len(captures),
+        **_costs(captures),
     )
     from .findings import find
 
@@ -312,7 +313,27 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
               for key in dict.fromkeys(k for m in present for k in m.params)}
     return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
                  calls=tuple(calls), params=MappingProxyType(params),
-                 traits=frozenset.intersection(*(m.traits for m in present)))
+                 traits=frozenset.intersection(*(m.traits for m in present)), **_costs(present))
+
+
+def _costs(present: Sequence) -> dict:
+    """The job's costs from the ranks' (reports or captures): FLOPs and output bytes add up over the ranks'
+    batches; activation and peak bytes are per device, the largest rank's."""
+    def total(key: str):
+        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
+        return sum(values) if values else None
+
+    def largest(key: str):
+        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
+        return max(values) if values else None
+
+    if isinstance(present[0], Capture):
+        return dict(flops=total("flops"), activation_bytes=largest("activation_bytes"),
+                    peak_bytes=largest("peak_bytes"))
+    return dict(flops=total("flops"), own_flops=total("own_flops"), backward_flops=total("backward_flops"),
+                output_bytes=total("output_bytes"), activation_bytes=largest("activation_bytes"),
+                peak_bytes=largest("peak_bytes"), grad_bytes=largest("grad_bytes"),
+                unsupported_ops=tuple(sorted({op for m in present for op in m.unsupported_ops})))
 
 
 def _like(record, **changes):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from . import cost_findings
 from .diagnose import label
 from .records import CallRecord, Capture, Finding
 
@@ -32,6 +33,8 @@ def find(
     saturated_fraction: float = 0.5,
     saturated_margin: float = 0.02,
     input_limit: float = 20.0,
+    activation_share: float = 0.5,
+    activation_floor: int = 256 * 2**20,
 ) -> list[Finding]:
     """The findings for one capture, sorted by severity (error, warning, info), then by the order the
     modules first ran (modules that never ran last).
@@ -58,6 +61,11 @@ def find(
     input whose largest absolute value exceeds ``input_limit`` looks unnormalised (standardised data
     rarely goes past 5).
 
+    With costs counted (``capture(..., costs=True)``): the innermost module holding more than
+    ``activation_share`` (half) of the bytes saved for the backward is a checkpointing candidate when the pass
+    saves at least ``activation_floor`` bytes (256 MiB; below that memory is not what stands in the way), and every
+    aten op that ran with no FLOP formula is named where it ran (the FLOPs around it are a lower bound).
+
     A capture merged from the ranks of a distributed job (``layerscope.gather``) keeps the findings each rank
     made about its own pass (with the rank); the gradient rules run again on its global norms, the frozen,
     unused and training-mode rules on its merged records, and ``rank_desync`` compares the ranks.
@@ -77,6 +85,8 @@ def find(
             found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.dead(dead_fraction), *look.saturated(saturated_fraction, saturated_margin)]
     found += [*look.frozen(), *look.unused(), *look.train_mode(), *look.model_kind()]
+    found += cost_findings.activation_memory(cap, activation_share, activation_floor)
+    found += cost_findings.unsupported_ops(cap)
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module)))
 
 

@@ -38,15 +38,25 @@ def call_key(name: str, call: int) -> str:
     return name if call == 0 else f"{name} (call {call + 1})"
 
 
-def human(n: float) -> str:
-    """A count in three significant digits: 950 -> '950', 9280 -> '9.28K', 1235496 -> '1.24M', 3e9 -> '3.00B'.
-    The one number format of the tree, the panels and the plots."""
-    value, unit = float(n), ""
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(value) < 999.5 or unit == "T":
+def _scaled(n: float, units: tuple[str, ...]) -> str:
+    value, unit = float(n), units[0]
+    for unit in units:
+        if abs(value) < 999.5 or unit == units[-1]:
             break
         value /= 1000
-    return f"{n:g}" if not unit else f"{value:#.3g}".rstrip(".") + unit
+    return f"{n:g}{unit}" if unit == units[0] else f"{value:#.3g}".rstrip(".") + unit
+
+
+def human(n: float) -> str:
+    """A count in three significant digits: 950 -> '950', 9280 -> '9.28K', 1235496 -> '1.24M', 3e9 -> '3.00B'.
+    The one number format of the tree, the panels and the plots (FLOPs too)."""
+    return _scaled(n, ("", "K", "M", "B", "T"))
+
+
+def human_bytes(n: float) -> str:
+    """A size in bytes in three significant digits, in powers of 1000: 950 -> '950 B', 12_345_678 -> '12.3 MB'.
+    The one byte format of the tree, the panels and the plots."""
+    return _scaled(n, (" B", " kB", " MB", " GB", " TB"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +132,19 @@ class ModuleReport:
     training: bool = False
     traits: frozenset[str] = frozenset()  # see TRAITS
     bounds: tuple[float, float] | None = None  # the output range of a saturating activation (sigmoid, tanh, ...)
+    # Cost (see core/costs.py). FLOPs and activation bytes are None when they were not counted (costs=False). On a
+    # merged capture, FLOPs and output bytes are the job's (summed over the ranks), activation and peak bytes
+    # the largest rank's.
+    flops: int | None = None  # forward FLOPs of all its calls, submodules included
+    own_flops: int | None = None  # forward FLOPs of the ops it ran itself, outside its submodules
+    backward_flops: int | None = None  # FLOPs of its part of the backward pass; None when no backward ran
+    unsupported_ops: tuple[str, ...] = ()  # aten ops with no FLOP formula that ran inside it (counted as 0)
+    param_bytes: int = 0  # its parameters, submodules included, each tensor once
+    grad_bytes: int | None = None  # the gradients the backward computed for those parameters; None without one
+    buffer_bytes: int = 0  # its buffers (running statistics, ...), submodules included
+    output_bytes: int = 0  # the tensors its calls returned
+    activation_bytes: int | None = None  # tensors its ops saved for the backward, each storage once
+    peak_bytes: int | None = None  # CUDA only: the allocator's peak during its forward, above what it found
 
     @property
     def parent(self) -> str | None:
@@ -211,6 +234,9 @@ class Capture:
     meta: bool = False  # the model's parameters were on the meta device: shapes and counts only
     compiled: bool = False  # a torch.compile wrapper: its original module was recorded, run eagerly
     summary_text: str | None = None  # the torchinfo table, once computed (kept by save)
+    flops: int | None = None  # forward FLOPs of the whole model (the root's flops); None when not counted
+    activation_bytes: int | None = None  # bytes the forward saved for the backward (the root's)
+    peak_bytes: int | None = None  # CUDA only: the allocator's peak during the forward, above its start
     rank: int | None = None  # the rank that recorded it; None outside a job and on a merged capture
     world_size: int = 1  # ranks in the job
     output: Any = field(default=None, repr=False)

@@ -1,8 +1,8 @@
 """``Capture.save(path)`` and ``layerscope.load(path)``: one file that holds every record, and nothing that runs.
 
-The format (version 1) is a zip archive with exactly these members:
+The format (version 2) is a zip archive with exactly these members:
 
-- ``layerscope.json``: ``{"format": "layerscope.capture", "version": 1, "capture": {...}, "modules": [...]}``,
+- ``layerscope.json``: ``{"format": "layerscope.capture", "version": 2, "capture": {...}, "modules": [...]}``,
   every record as JSON (NaN and Inf as JSON's ``NaN``/``Infinity`` tokens; tuples as lists). Each module is
   its ``ModuleReport`` fields, with its ``calls`` as ``CallRecord`` fields (a merged capture's ``per_rank``
   values inline, as lists with null for a rank that has none). A call's histogram and feature maps are not
@@ -34,7 +34,7 @@ import torch
 from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
 from .stats import Histogram, TensorStats
 
-FORMAT, VERSION = "layerscope.capture", 1
+FORMAT, VERSION = "layerscope.capture", 2  # 2: the cost fields (FLOPs and bytes per module); 1 reads as before
 _JSON = "layerscope.json"
 _ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.int16}
 _MEMBERS = {_JSON, *(f"{name}.npy" for name in _ARRAYS)}
@@ -235,6 +235,7 @@ def _module(d: dict, arrays: dict) -> ModuleReport:
     d["params"] = MappingProxyType({k: _param(p) for k, p in d["params"].items()})
     d["traits"] = frozenset(d["traits"])
     d["bounds"] = None if d["bounds"] is None else tuple(d["bounds"])
+    d["unsupported_ops"] = tuple(d.get("unsupported_ops", ()))
     return ModuleReport(**d)
 
 

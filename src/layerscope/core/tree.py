@@ -10,6 +10,10 @@ def _dtype(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
 def initialised(model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters, each once, without the lazy ones not yet initialised (``nn.LazyLinear``
     before its first call has no shape yet)."""
@@ -23,27 +27,31 @@ def uninitialised(module: nn.Module) -> bool:
 
 def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
     """For every ``named_modules()`` entry, in that order: the static fields of its ModuleReport, plus
-    ``own``: its own parameters as (local name, parameter) pairs.
+    ``own``: its own parameters as (local name, parameter) pairs, and ``param_ids``: the ids of all its
+    parameters, submodules included.
 
-    One bottom-up pass: each module's parameter, device and dtype sets are its own joined with its
-    children's, so a tensor shared or tied at several places is counted once. Lazy parameters not yet
-    initialised are left out (they have no size yet: see ``uninitialised``).
+    One bottom-up pass: each module's parameter, buffer, device and dtype sets are its own joined with its
+    children's, so a tensor shared or tied at several places is counted once. Lazy parameters and buffers not
+    yet initialised are left out of the counts (they have no size yet: see ``uninitialised``).
     """
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
             children[name.rpartition(".")[0]].append(name)
     params: dict[str, dict[int, object]] = {}
+    buffers: dict[str, dict[int, object]] = {}
     places: dict[str, set[tuple[str, str]]] = {}
     tree = {}
     for name, module in reversed(entries):  # children before their parents
         own = [(local, p) for local, p in module._parameters.items() if p is not None and not is_lazy(p)]
         mine = {id(p): p for _, p in own}
+        held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
         where = {(str(t.device), _dtype(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
         for child in children[name]:
             mine.update(params[child])
+            held.update(buffers[child])
             where |= places[child]
-        params[name], places[name] = mine, where
+        params[name], buffers[name], places[name] = mine, held, where
         tree[name] = dict(
             name=name,
             type_name=type(module).__name__,
@@ -54,6 +62,9 @@ def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
             num_trainable=sum(p.numel() for p in mine.values() if p.requires_grad),
             devices=tuple(sorted({d for d, _ in where})),
             dtypes=tuple(sorted({t for _, t in where})),
+            param_bytes=sum(_nbytes(p) for p in mine.values()),
+            buffer_bytes=sum(_nbytes(b) for b in held.values()),
             own=own,
+            param_ids=mine.keys(),
         )
     return {name: tree[name] for name, _ in entries}

@@ -4,6 +4,7 @@ draws into ``ax`` or a new figure that pyplot does not track, and returns the Fi
 from .attention import attention_heatmap, attention_rollout_overlay
 from .cam import cam_overlay
 from .channels import feature_maps
+from .cost import cost_breakdown
 from .filters import conv_filters
 from .gradients import gradient_flow
 from .histogram import activation_histogram
@@ -15,6 +16,7 @@ __all__ = [
     "attention_rollout_overlay",
     "cam_overlay",
     "conv_filters",
+    "cost_breakdown",
     "feature_maps",
     "gradient_flow",
     "parameter_breakdown",

@@ -79,9 +79,9 @@ def _histogram(call: CallRecord) -> dict | None:
     }
 
 
-def _call(report: ModuleReport, call: CallRecord, maps: _Maps) -> dict:
+def _call(cap: Capture, report: ModuleReport, call: CallRecord, maps: _Maps) -> dict:
     return {
-        "header": text.header_rows(report, call),
+        "header": text.header_rows(report, call, cap),
         "stats": text.stats_rows(call),
         "hist": _histogram(call),
         "maps": maps.add(call),
@@ -89,12 +89,12 @@ def _call(report: ModuleReport, call: CallRecord, maps: _Maps) -> dict:
     }
 
 
-def _module(report: ModuleReport, maps: _Maps) -> dict:
+def _module(cap: Capture, report: ModuleReport, maps: _Maps) -> dict:
     return {
         "title": text.display_name(report.name),
         "type": report.type_name,
-        "header": text.header_rows(report, None),
-        "calls": [_call(report, c, maps) for c in report.calls],
+        "header": text.header_rows(report, None, cap),
+        "calls": [_call(cap, report, c, maps) for c in report.calls],
         "grads": text.gradient_rows(report),
     }
 
@@ -130,7 +130,7 @@ def document(cap: Capture, *, explain: list[dict] | None = None, title: str | No
     """The report's document and its bytes (the feature maps). ``explain`` is Grad-CAM views (see
     ``pictures.explain``)."""
     maps = _Maps()
-    modules = [_module(m, maps) for m in cap.modules.values()]
+    modules = [_module(cap, m, maps) for m in cap.modules.values()]
     selected, expanded = rows.start(cap)
     root = cap.modules[""]
     err = cap.error

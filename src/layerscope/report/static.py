@@ -21,7 +21,7 @@ def _depths(tree: list[list]) -> list[int]:
 
 
 def _item(row: list) -> str:
-    _, label, type_name, params, _, called, errors, warnings = row
+    _, label, type_name, params, _, called, errors, warnings = row[:8]
     marks = [f"{n} {kind}{'s' * (n > 1)}" for n, kind in ((errors, "error"), (warnings, "warning")) if n]
     if not called:
         marks.append("never called")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,11 +27,12 @@ from ..core import capture as run_capture
 from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
 from ..core.rerun import Rerun, cam_layer, input_size
+from ..plots.cost import cost_parts
 from . import rows, text
 from .tree import TreeWidget
 
-TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Findings", "Summary")
-ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, FINDINGS, SUMMARY = range(len(TABS))
+TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Cost", "Findings", "Summary")
+ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, COST, FINDINGS, SUMMARY = range(len(TABS))
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
 
 
@@ -55,24 +57,29 @@ class ModelInspector(widgets.VBox):
     that records can draw; Grad-CAM, attention and feature-map pages past the stored sample need the
     model, and say so when the capture has none.
 
-    ``target``, ``loss_fn`` and ``backward`` go to ``layerscope.capture``; ``class_names`` label
-    predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens`` label attention maps;
-    or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens`` or ``decode``)
-    labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those tokens.
+    ``target``, ``loss_fn``, ``backward`` and ``costs`` go to ``layerscope.capture`` (the inspector counts FLOPs
+    and activation memory by default: the tree can show them and the Cost tab draws where they go);
+    ``class_names`` label predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens``
+    label attention maps; or ``tokenizer`` (a Hugging Face tokenizer, or anything with ``convert_ids_to_tokens``
+    or ``decode``) labels them with the decoded tokens of the batch's ``input_ids``, where a map is over those
+    tokens.
     """
 
     selected = traitlets.Unicode("")
 
     def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, loss_fn=None,
-                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True):
+                 class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True,
+                 costs: bool = True):
         self._given = model if isinstance(model, Capture) else None
         if self._given is not None:
             model, batch = self._given.model, self._given.batch
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
-        self._loss_fn = loss_fn
+        self._loss_fn, self._costs = loss_fn, costs
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
         self.tokenizer = tokenizer
-        self._quiet = False  # True while panels set their own controls: their events are not user input
+        # Events can arrive on more than one thread (ipykernel 7): one lock runs them one at a time, and "quiet"
+        # (set while panels set their own controls, whose events are not user input) is per thread.
+        self._lock, self._local = threading.RLock(), threading.local()
         self._displayed = False  # panels are drawn once a tree view says it is on a page
         self._drawn: dict[int, tuple] = {}
         self._figure = functools.lru_cache(maxsize=256)(self._draw_figure)
@@ -111,13 +118,14 @@ class ModelInspector(widgets.VBox):
         """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
         if self._model is None:
             raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
-        if batch is not None:
-            self._batch = batch
-            self._rerun = Rerun(self._model, batch)
-        self._given = None
-        self._forget()
-        self._run()
-        self._select_initial(keep=self.selected)
+        with self._lock:
+            if batch is not None:
+                self._batch = batch
+                self._rerun = Rerun(self._model, batch)
+            self._given = None
+            self._forget()
+            self._run()
+            self._select_initial(keep=self.selected)
 
     def save_html(self, path) -> None:
         """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
@@ -191,7 +199,7 @@ class ModelInspector(widgets.VBox):
         handle = nn.modules.module.register_module_forward_hook(tick)
         try:
             self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
-                                    backward=self._backward)
+                                    backward=self._backward, costs=self._costs)
         finally:
             handle.remove()
             progress.update(max(0, progress.total - progress.n))
@@ -234,11 +242,13 @@ class ModelInspector(widgets.VBox):
 
         for control in (self._call, self._fm_item, self._ex_item, self._ex_class, self._ex_head):
             control.observe(self._on_input, "value")
+        self._cost_note, self._cost_image, self._cost_table = widgets.HTML(), _image("ls-cost"), widgets.HTML()
+        cost = widgets.VBox([self._cost_note, self._cost_image, self._cost_table])
         self._findings_note, self._finding_detail, self._summary = widgets.HTML(), widgets.HTML(), widgets.HTML()
         self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
         self._findings.observe(self._on_finding, "value")
         findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
-        self._tabs.children = [activations, feature_maps, gradients, explain, findings, self._summary]
+        self._tabs.children = [activations, feature_maps, gradients, explain, cost, findings, self._summary]
         self._tabs.titles = TABS
 
     def _descendants(self):
@@ -250,35 +260,43 @@ class ModelInspector(widgets.VBox):
 
     # -- events -------------------------------------------------------------------------------------
 
+    @property
+    def _quiet(self) -> bool:
+        return getattr(self._local, "quiet", False)
+
     @contextlib.contextmanager
     def _quietly(self):
-        quiet, self._quiet = self._quiet, True
+        quiet, self._local.quiet = self._quiet, True
         try:
             yield
         finally:
-            self._quiet = quiet
+            self._local.quiet = quiet
 
     def _on_input(self, change=None) -> None:
         if not self._quiet:
-            self._draw()
+            with self._lock:
+                self._draw()
 
     def _on_tree_message(self, tree, content, buffers) -> None:
         if content.get("event") == "shown":
-            self._displayed = True
-            self._draw()
+            with self._lock:
+                self._displayed = True
+                self._draw()
 
     def _on_selected(self, change=None) -> None:
-        report = self._cap[self.selected]
-        with self._quietly():
-            self._call.options = [(f"{i + 1} of {len(report.calls)}", i) for i in range(len(report.calls))]
-            self._call.value = 0 if report.calls else None
-        _shown(self._call, len(report.calls) > 1)
-        self._fm_page = 0
-        self._draw()
+        with self._lock:
+            report = self._cap[self.selected]
+            with self._quietly():
+                self._call.options = [(f"{i + 1} of {len(report.calls)}", i) for i in range(len(report.calls))]
+                self._call.value = 0 if report.calls else None
+            _shown(self._call, len(report.calls) > 1)
+            self._fm_page = 0
+            self._draw()
 
     def _page(self, step: int) -> None:
-        self._fm_page += step
-        self._draw()
+        with self._lock:
+            self._fm_page += step
+            self._draw()
 
     def _state(self, tab: int) -> tuple:
         """What a tab's content depends on: it is redrawn only when this changes."""
@@ -289,17 +307,19 @@ class ModelInspector(widgets.VBox):
             return base + (self._fm_item.value, self._fm_page)
         if tab == EXPLAIN:
             return base + (self._ex_item.value, self._ex_class.value, self._ex_head.value)
+        if tab == COST:
+            return (id(self._cap), self.selected)
         return base
 
     def _draw(self) -> None:
         """Draw the header and, once on a page, the visible tab for the current state (if not drawn yet)."""
         report, call = self._report_call()
-        self._header.value = text.header(report, call)
+        self._header.value = text.header(report, call, self._cap)
         tab = self._tabs.selected_index or 0
         if not self._displayed or self._drawn.get(tab) == self._state(tab):
             return
         with self._quietly():
-            [self._activations, self._feature_maps, self._gradients, self._explain, lambda: None,
+            [self._activations, self._feature_maps, self._gradients, self._explain, self._cost, lambda: None,
              self._summary_tab][tab]()
         self._drawn[tab] = self._state(tab)
 
@@ -330,6 +350,8 @@ class ModelInspector(widgets.VBox):
             return fig
         if kind == "gradient_flow":
             return plots.gradient_flow(self._cap, highlight=name)
+        if kind == "cost":
+            return plots.cost_breakdown(self._cap, name)
         if kind == "cam":
             layer, cls, item = key
             heatmap = self._rerun.grad_cam(layer, cls).heatmap[item]
@@ -444,6 +466,21 @@ class ModelInspector(widgets.VBox):
         self._ex_note.value = text.note(f"Attention weights of {name}, item {item}")
         self._show(self._ex_image, "attention", name, self._call.value, item, self._ex_head.value)
 
+    def _cost(self) -> None:
+        counted = self._cap.flops is not None
+        _shown(self._cost_image, counted)
+        if not counted:
+            self._cost_note.value = text.note("FLOPs and activation memory were not counted in this capture: "
+                                              "capture(model, batch, costs=True) counts them.")
+            self._cost_table.value = ""
+            return
+        parent, _ = cost_parts(self._cap, self.selected)
+        estimate = " Estimates from shapes (meta device)." if self._cap.meta else ""
+        self._cost_note.value = text.note(f"Where the forward FLOPs and the memory saved for the backward of "
+                                          f"{text.display_name(parent)} go, by submodule.{estimate}")
+        self._show(self._cost_image, "cost", self.selected)
+        self._cost_table.value = text.largest(self._cap)
+
     def _summary_tab(self) -> None:
         self._summary.value = text.summary(self._cap)
 
@@ -463,9 +500,10 @@ class ModelInspector(widgets.VBox):
     def _on_finding(self, change) -> None:
         if self._quiet or change["new"] is None:
             return
-        finding = self._cap.findings[change["new"]]
-        self._finding_detail.value = text.finding(finding)
-        self.select(finding.module)
+        with self._lock:
+            finding = self._cap.findings[change["new"]]
+            self._finding_detail.value = text.finding(finding)
+            self.select(finding.module)
 
     # -- on-demand computations (cached) ---------------------------------------------------------------
 

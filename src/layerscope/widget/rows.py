@@ -7,14 +7,17 @@ from __future__ import annotations
 import pathlib
 
 from ..core import Capture
-from ..core.records import human
+from ..core.records import human, human_bytes
 from .text import ROOT_LABEL
 
 # the tree's front end (an anywidget module: ``export default { render }``) and its style, shipped in the package
 TREE_JS = pathlib.Path(__file__).with_name("tree.js")
 TREE_CSS = pathlib.Path(__file__).with_name("tree.css")
-# the fields of one row, in order (tree.js reads them by position)
-FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warnings")
+# the fields of one row, in order (tree.js reads them by position): the number column shows one of params, flops
+# and memory (as text, with the value beside it for the bar and the sort; null when it was not counted)
+FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warnings", "params_value", "flops",
+          "flops_value", "memory", "memory_value")
+COLUMNS = ("params", "flops", "memory")  # parameters, forward FLOPs, activation memory (bytes saved for backward)
 
 
 def tree_rows(cap: Capture) -> list[list]:
@@ -41,8 +44,10 @@ def tree_rows(cap: Capture) -> list[list]:
     rows = []
     for i, (name, report) in enumerate(cap.modules.items()):
         label = name.rpartition(".")[2] if name else ROOT_LABEL
+        flops, memory = report.flops, report.activation_bytes
         rows.append([name, label, report.type_name, human(report.num_params), parents[i], report.called,
-                     errors[i], warnings[i]])
+                     errors[i], warnings[i], report.num_params, None if flops is None else human(flops), flops,
+                     None if memory is None else human_bytes(memory), memory])
     return rows
 
 

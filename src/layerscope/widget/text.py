@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..core import CallRecord, Capture, ModuleReport, TensorStats
+from ..core.records import human, human_bytes
 
 ROOT_LABEL = "(model)"
 RANK_COLUMNS = 8  # a merged capture's stats table shows at most this many ranks side by side
@@ -57,15 +58,59 @@ def note(text: str, cls: str = "ls-note") -> str:
     return f'<div class="{cls}">{html.escape(text)}</div>'
 
 
-def header_rows(report: ModuleReport, call: CallRecord | None) -> list[tuple[str, str]]:
-    """The header's rows (label, value) for one call of a module (``call`` None: never called)."""
+def share(part: float | None, whole: float | None) -> str:
+    """'12%' of the model's total ('<1%' for a sliver, '' when there is no total)."""
+    if part is None or not whole:
+        return ""
+    ratio = part / whole
+    return "<1%" if 0 < ratio < 0.005 else f"{ratio:.0%}"
+
+
+def flops(report: ModuleReport, total: int | None) -> str | None:
+    """The FLOPs line of the header: own, total, share of the model's, backward, and the ops left out."""
+    if report.flops is None:
+        return None
+    text = f"own {human(report.own_flops)} · total {human(report.flops)}"
+    if total:
+        text += f" ({share(report.flops, total)} of the model)"
+    if report.backward_flops is not None:
+        text += f" · backward {human(report.backward_flops)}"
+    if report.unsupported_ops:
+        text += f" · a lower bound: no formula for {', '.join(report.unsupported_ops)}"
+    return text
+
+
+def memory(report: ModuleReport, total: int | None) -> str:
+    """The memory line of the header: activations (with their share of the model's), parameters, gradients,
+    buffers, outputs and the CUDA peak, each when known."""
+    parts = []
+    if report.activation_bytes is not None:
+        of = f" ({share(report.activation_bytes, total)} of the model)" if total else ""
+        parts.append(f"activations {human_bytes(report.activation_bytes)}{of}")
+    parts.append(f"parameters {human_bytes(report.param_bytes)}")
+    if report.grad_bytes is not None:
+        parts.append(f"gradients {human_bytes(report.grad_bytes)}")
+    if report.buffer_bytes:
+        parts.append(f"buffers {human_bytes(report.buffer_bytes)}")
+    parts.append(f"outputs {human_bytes(report.output_bytes)}")
+    if report.peak_bytes is not None:
+        parts.append(f"peak {human_bytes(report.peak_bytes)}")
+    return " · ".join(parts)
+
+
+def header_rows(report: ModuleReport, call: CallRecord | None, cap: Capture | None = None) -> list[tuple[str, str]]:
+    """The header's rows (label, value) for one call of a module (``call`` None: never called); with the
+    capture, the FLOPs and memory rows give shares of the model's totals."""
     devices = sorted({*report.devices, *(call.output_devices if call else ())})
     dtypes = sorted({*report.dtypes, *(call.output_dtypes if call else ())})
     shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}" if call else "never called"
     params = f"own {count(report.num_own_params)} · total {count(report.num_params)} · " \
              f"trainable {count(report.num_trainable)}"
+    cost = flops(report, cap.flops if cap is not None else None)
     return [
         ("Parameters", params),
+        *([("FLOPs", cost)] if cost is not None else []),
+        ("Memory", memory(report, cap.activation_bytes if cap is not None else None)),
         ("Device", ", ".join(devices) or "-"),
         ("Dtype", ", ".join(dtypes) or "-"),
         ("Shapes", shapes),
@@ -73,12 +118,12 @@ def header_rows(report: ModuleReport, call: CallRecord | None) -> list[tuple[str
     ]
 
 
-def header(report: ModuleReport, call: CallRecord | None) -> str:
+def header(report: ModuleReport, call: CallRecord | None, cap: Capture | None = None) -> str:
     title = (
         f'<div class="ls-title"><span class="ls-name">{html.escape(display_name(report.name))}</span> '
         f'<span class="ls-type">{html.escape(report.type_name)}</span></div>'
     )
-    return title + table(header_rows(report, call), "ls-header-table")
+    return title + table(header_rows(report, call, cap), "ls-header-table")
 
 
 NO_FLOAT_OUTPUT = "This call has no floating-point output."
@@ -209,3 +254,19 @@ def finding(f) -> str:
 
 def summary(cap: Capture) -> str:
     return f'<pre class="ls-summary">{html.escape(cap.summary())}</pre>'
+
+
+def largest(cap: Capture, count: int = 8) -> str:
+    """Two small tables: the modules without submodules that run the most FLOPs, and that save the most
+    memory for the backward, each with its share of the model's total."""
+    leaves = [r for r in cap.modules.values() if not r.children and r.called]
+    out = ""
+    for title, key, fmt, total in (("Most FLOPs", "flops", human, cap.flops),
+                                   ("Most activation memory", "activation_bytes", human_bytes, cap.activation_bytes)):
+        top = sorted((r for r in leaves if getattr(r, key)), key=lambda r: -getattr(r, key))[:count]
+        if not top:
+            continue
+        rows = "".join(f"<tr><td>{html.escape(display_name(r.name))}</td><td>{html.escape(r.type_name)}</td>"
+                       f"<td>{fmt(getattr(r, key))}</td><td>{share(getattr(r, key), total)}</td></tr>" for r in top)
+        out += f'<div class="ls-largest"><b>{title}</b><table class="ls-table">{rows}</table></div>'
+    return out

@@ -3,6 +3,14 @@
 // Only the rows in (and near) the scrolled view are in the page, so a tree of any size draws at once.
 
 const NAME = 0, LABEL = 1, TYPE = 2, PARAMS = 3, PARENT = 4, CALLED = 5, ERRORS = 6, WARNINGS = 7;
+const PARAMS_VALUE = 8, FLOPS = 9, FLOPS_VALUE = 10, MEMORY = 11, MEMORY_VALUE = 12;
+// what the number column can show: [text field, value field, menu label, unit for the bar's tooltip]
+const COLUMNS = {
+  params: [PARAMS, PARAMS_VALUE, "Parameters", "of the parameters"],
+  flops: [FLOPS, FLOPS_VALUE, "FLOPs", "of the forward FLOPs"],
+  memory: [MEMORY, MEMORY_VALUE, "Activation memory", "of the memory saved for backward"],
+};
+const NOT_COUNTED = "not counted in this capture: capture(..., costs=True) counts it";
 const ROW = 22; // px: the fixed height of a row (.ls-row in tree.css)
 const OVERSCAN = 15; // rows kept in the page above and below the view
 const VIEW = 560; // px: the list's max-height, used before the list is laid out
@@ -30,11 +38,26 @@ function render({ model, el }) {
   const status = make("div", "ls-tree-status");
   const bar = make("div", "ls-tree-bar");
   bar.append(search, expandAll, collapseAll);
-  el.replaceChildren(bar, list, status);
+  const column = make("select", "ls-column");
+  column.setAttribute("aria-label", "What the number column shows");
+  for (const [key, [, , label]] of Object.entries(COLUMNS)) {
+    const option = make("option", "", label);
+    option.value = key;
+    column.append(option);
+  }
+  const sortButton = make("button", "ls-sort", "Sort by size");
+  sortButton.title = "Order the modules by the number shown, largest first, within their parent";
+  const view = make("div", "ls-tree-bar ls-tree-view");
+  view.append(make("span", "ls-view-label", "Show"), column, sortButton);
+  el.replaceChildren(bar, view, list, status);
 
-  let rows = [], kids = [], depth = [], lower = [], elems = [], index = new Map();
+  let rows = [], kids = [], depth = [], lower = [], elems = [], index = new Map(), order = [];
   let visible = [], position = new Map(), matches = null, cursor = 0, inPage = [];
   let open = new Set(model.get("expanded"));
+
+  function shownColumn() {
+    return COLUMNS[model.get("column")] || COLUMNS.params;
+  }
 
   function load() {
     rows = model.get("rows");
@@ -48,9 +71,33 @@ function render({ model, el }) {
       }
     });
     lower = rows.map((r) => [r[NAME].toLowerCase(), r[TYPE].toLowerCase()]);
+    cursor = Math.min(cursor, Math.max(rows.length - 1, 0));
+    for (const option of column.options) { // a cost that was not counted cannot be shown
+      const counted = !rows.length || rows[0][COLUMNS[option.value][1]] !== null;
+      option.disabled = !counted;
+      option.title = counted ? "" : NOT_COUNTED;
+    }
+    arrange();
+  }
+
+  function arrange() { // the display order: children by size (largest first) when sorted, else as defined
+    const value = shownColumn()[1];
+    const sorted = Boolean(model.get("sorted"));
+    column.value = COLUMNS[model.get("column")] ? model.get("column") : "params";
+    sortButton.setAttribute("aria-pressed", String(sorted));
+    sortButton.classList.toggle("ls-pressed", sorted);
+    for (const list of kids) {
+      list.sort(sorted ? (a, b) => (rows[b][value] ?? -1) - (rows[a][value] ?? -1) || a - b : (a, b) => a - b);
+    }
+    order = [];
+    const stack = rows.map((r, i) => i).filter((i) => rows[i][PARENT] < 0).reverse();
+    while (stack.length) {
+      const i = stack.pop();
+      order.push(i);
+      for (let k = kids[i].length - 1; k >= 0; k--) stack.push(kids[i][k]);
+    }
     elems = new Array(rows.length);
     inPage = [];
-    cursor = Math.min(cursor, Math.max(rows.length - 1, 0));
   }
 
   function rowFor(i) {
@@ -64,7 +111,16 @@ function render({ model, el }) {
     row.append(make("span", "ls-toggle"), make("span", "ls-label", r[LABEL]), make("span", "ls-type", r[TYPE]));
     if (r[ERRORS]) row.append(badge("error", r[ERRORS]));
     if (r[WARNINGS]) row.append(badge("warning", r[WARNINGS]));
-    row.append(make("span", "ls-params", r[PARAMS]));
+    const [text, value, , unit] = shownColumn();
+    const number = make("span", "ls-params", r[text] ?? "–");
+    const total = rows[0][value];
+    const share = total > 0 && r[value] !== null ? Math.min(1, r[value] / total) : 0;
+    const bar = make("span", "ls-bar");
+    const fill = make("span", "ls-bar-fill");
+    fill.style.width = `${(share * 100).toFixed(1)}%`;
+    bar.append(fill);
+    bar.title = r[value] === null ? NOT_COUNTED : `${(share * 100).toFixed(1)}% ${unit} of the model`;
+    row.append(number, bar);
     if (!r[CALLED]) {
       row.classList.add("ls-uncalled");
       row.title = "never called in this pass";
@@ -85,13 +141,13 @@ function render({ model, el }) {
     if (!q) {
       matches = null;
       const shown = new Uint8Array(rows.length);
-      rows.forEach((r, i) => {
-        const p = r[PARENT];
+      for (const i of order) { // parents come before their children in the display order too
+        const p = rows[i][PARENT];
         if (p < 0 || (shown[p] && open.has(rows[p][NAME]))) {
           shown[i] = 1;
           out.push(i);
         }
-      });
+      }
       return out;
     }
     matches = new Uint8Array(rows.length);
@@ -100,7 +156,7 @@ function render({ model, el }) {
       if (lower[i][0].includes(q) || lower[i][1].includes(q)) matches[i] = keep[i] = 1;
       if (keep[i] && rows[i][PARENT] >= 0) keep[rows[i][PARENT]] = 1;
     }
-    keep.forEach((k, i) => k && out.push(i));
+    for (const i of order) if (keep[i]) out.push(i);
     return out;
   }
 
@@ -256,6 +312,14 @@ function render({ model, el }) {
     list.scrollTop = 0;
     draw();
   });
+  column.addEventListener("change", () => {
+    model.set("column", column.value); // fires change:column, which redraws
+    model.save_changes();
+  });
+  sortButton.addEventListener("click", () => {
+    model.set("sorted", !model.get("sorted"));
+    model.save_changes();
+  });
 
   const onRows = () => {
     load();
@@ -263,15 +327,24 @@ function render({ model, el }) {
     requestAnimationFrame(() => scrollTo(cursor)); // once the list is laid out
   };
   const onSelected = () => reveal(model.get("selected"));
+  const onView = () => {
+    arrange();
+    draw();
+    scrollTo(cursor);
+  };
   model.on("change:rows", onRows);
   model.on("change:selected", onSelected);
   model.on("change:marked", paint);
+  model.on("change:column", onView);
+  model.on("change:sorted", onView);
   onRows();
   model.send({ event: "shown" }); // the inspector draws its panels once it is on a page
   return () => {
     model.off("change:rows", onRows);
     model.off("change:selected", onSelected);
     model.off("change:marked", paint);
+    model.off("change:column", onView);
+    model.off("change:sorted", onView);
   };
 }
 
