@@ -405,7 +405,7 @@ class ModelInspector(widgets.VBox):
 
     def _gradients(self) -> None:
         report, call = self._report_call()
-        self._grad_text.value = text.gradients(report, call, self._cap.backward)
+        self._grad_text.value = text.gradients(report, call, self._cap.backward, self._cap)
         _shown(self._grad_image, self._cap.backward)
         if self._cap.backward:
             self._show(self._grad_image, "gradient_flow", report.name)
