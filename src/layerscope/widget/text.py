@@ -246,10 +246,18 @@ def error(err) -> str:
 
 
 
-def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
-    """The top classes of one item, with their softmax probabilities."""
+def predictions(pairs: Iterable[tuple[int, float]], class_names, truth: int | None = None,
+                uniform: bool = False) -> str:
+    """The top classes of one item, with their softmax probabilities; the true class when known, and a note when
+    the predictions are near uniform (an untrained model)."""
     rows = [(class_label(k, class_names), f"{p:.2%}") for k, p in pairs]
-    return "<b>Top predictions</b>" + table(rows, "ls-top5")
+    out = "<b>Top predictions</b>" + table(rows, "ls-top5")
+    if truth is not None:
+        out += f'<div class="ls-truth">True label (target): <b>{html.escape(class_label(truth, class_names))}</b></div>'
+    if uniform:
+        out += note("The predictions are close to uniform, as from an untrained model: Grad-CAM then shows what "
+                    "random weights react to, not what the model has learned.")
+    return out
 
 
 def class_label(index: int, class_names) -> str:
