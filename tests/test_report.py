@@ -240,10 +240,14 @@ def test_a_saved_notebook_keeps_the_static_view(tmp_path):
     saved = nbformat.read(tmp_path / "saved.ipynb", as_version=4)
     # the inspector's own output (a capture over PROGRESS_DELAY, such as the first one that counts FLOPs while
     # torch loads its dispatch machinery, also leaves a closed progress bar before it)
-    [output] = [o for o in saved.cells[2].outputs if o["output_type"] == "execute_result"]
-    data = output["data"]
-    assert "application/vnd.jupyter.widget-view+json" in data  # the live widget where widgets run
-    fallback = data["text/html"]  # and for GitHub and nbviewer
+    outputs = saved.cells[2].outputs
+    [k] = [i for i, o in enumerate(outputs) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+           and o["data"]["text/plain"].startswith("ModelInspector(")]
+    widget, static = outputs[k]["data"], outputs[k + 1]["data"]  # the live widget, then the static copy after it
+    assert "text/html" not in widget  # one static view, not two, where HTML is shown (GitHub, untrusted notebooks)
+    fallback = static["text/html"]
+    assert fallback.startswith("<style>") and "Error" not in fallback.split("</style>")[0]
+    fallback = fallback.split("</style>", 1)[1]  # the style hides one output or the other in Jupyter
     assert 'class="layerscope-static"' in fallback and "<script" not in fallback and "<img" not in fallback
     assert "<code>block</code> ModuleDict" in fallback and "<code>&lt;img src=x onerror=alert(1)&gt;</code>" in fallback
     namespace: dict = {}

@@ -98,7 +98,9 @@ class ModelInspector(widgets.VBox):
         self._build_tabs()
         right = widgets.VBox([self._header, self._tabs], layout=widgets.Layout(flex="1", min_width="0"))
         right.add_class("ls-panel")
-        super().__init__([self._banner, widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))])
+        body = widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))
+        body.add_class("ls-body")  # tree.css lays it out as a column when the inspector is narrow
+        super().__init__([self._banner, body])
         self.add_class("layerscope-inspector")
         self._run()
         traitlets.link((self.tree, "selected"), (self, "selected"))
@@ -144,14 +146,17 @@ class ModelInspector(widgets.VBox):
                                    class_names=self.class_names) if cams else None
         save_html(self._cap, path, explain=explain)
 
-    def _repr_mimebundle_(self, **kwargs):
-        """The widget, and for viewers that cannot run widgets (a saved notebook on GitHub or nbviewer) the tree
-        and the findings as static HTML."""
-        from ..report import static_html
+    def _ipython_display_(self) -> None:
+        """Two outputs: the widget, then the tree and the findings as static HTML for every place the widget
+        cannot be drawn: a saved notebook reopened in JupyterLab or Notebook 7 (whose widget output would say
+        "Error displaying widget: model not found": the static output's style hides that output and shows itself,
+        while a live inspector above it hides it), GitHub and nbviewer (which show the HTML)."""
+        from IPython.display import display
 
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/html"] = static_html(self._cap)
-        return bundle
+        from ..report import notebook_fallback
+
+        display(super()._repr_mimebundle_(), raw=True)
+        display({"text/html": notebook_fallback(self._cap), "text/plain": ""}, raw=True)
 
     def close(self) -> None:
         """Close every widget of the inspector (layouts included) and drop the cached pictures."""
