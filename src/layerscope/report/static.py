@@ -76,12 +76,11 @@ def static_html(cap: Capture) -> str:
 # In JupyterLab and Notebook 7 (trusted outputs keep their style): the static copy hides while the output before it
 # holds a live inspector, and hides that output while it holds none (a saved notebook reopened without a kernel
 # shows "Error displaying widget: model not found" there).
-_WIDGET_VIEW = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.widget-view+json"]'
 FALLBACK_STYLE = (
     "<style>"
     ".jp-OutputArea-child:has(.layerscope-inspector) + .jp-OutputArea-child:has(.layerscope-static)"
     "{display:none}"
-    f".jp-OutputArea-child:has(> {_WIDGET_VIEW}:not(:has(.layerscope-inspector)))"
+    ".jp-OutputArea-child:not(:has(.layerscope-inspector)):not(:has(.layerscope-static))"
     ":has(+ .jp-OutputArea-child .layerscope-static){display:none}"
     "</style>"
 )

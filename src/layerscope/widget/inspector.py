@@ -103,6 +103,7 @@ class ModelInspector(widgets.VBox):
         super().__init__([self._banner, body])
         self.add_class("layerscope-inspector")
         self._run()
+        self.tree.observe(self._count, "selected")  # a click in the tree: counted before the link passes it on
         traitlets.link((self.tree, "selected"), (self, "selected"))
         self.observe(self._on_selected, "selected")
         self._tabs.observe(self._on_input, "selected_index")
@@ -261,6 +262,7 @@ class ModelInspector(widgets.VBox):
         self._cost_note, self._cost_image, self._cost_table = widgets.HTML(), _image("ls-cost"), widgets.HTML()
         cost = widgets.VBox([self._cost_note, self._cost_image, self._cost_table])
         self._findings_note, self._finding_detail, self._summary = widgets.HTML(), widgets.HTML(), widgets.HTML()
+        self._summary.add_class("ls-summary-box")  # as wide as the panel: the table scrolls inside it
         self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
         self._findings.observe(self._on_finding, "value")
         findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
@@ -288,6 +290,10 @@ class ModelInspector(widgets.VBox):
         finally:
             self._local.quiet = quiet
 
+    def _count(self, change=None) -> None:
+        if not self._quiet:
+            self._events += 1
+
     def _on_input(self, change=None) -> None:
         if not self._quiet:
             self._events += 1  # before the lock: a draw running on another thread will not record its state
@@ -301,6 +307,7 @@ class ModelInspector(widgets.VBox):
                 self._draw()
 
     def _on_selected(self, change=None) -> None:
+        self._count()  # select() from code, or the tree (counted twice then: only a change in the count matters)
         with self._lock:
             report = self._cap[self.selected]
             with self._quietly():
