@@ -3,6 +3,7 @@ saved notebook keeps, and the command line. (The page itself is tested in test_r
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -77,8 +78,15 @@ def test_the_document_holds_every_record_the_page_shows(squeezenet_report):
     assert hist["edges"] == pytest.approx([call.histogram.edges[0], call.histogram.edges[-1]], rel=1e-15)
     assert np.allclose(np.linspace(*hist["edges"], 65), call.histogram.edges, rtol=1e-12, atol=1e-12)
     assert hist["notes"] == [f"sampled {call.histogram.sampled:,} of {55 * 55 * 64:,} values"]
-    grads = dict((p, g) for p, g, _ in m["grads"])
+    grads = dict((p, g) for p, g, _, _ in m["grads"])
     assert grads == {k: f"{v:.4g}" for k, v in report.param_grad_norms.items()}
+    ratios = {p: r for p, _, _, r in m["grads"]}  # grad / norm, as the findings judge a layer
+    weight = report.params["weight"]
+    assert ratios["weight"] == f"{weight.grad_norm / weight.norm:.3g}"
+    scale = cap.output_numel if cap.loss_kind == "sum" else 1  # the findings divide a "sum" loss out
+    own = [q for q in report.params.values() if q.trainable]
+    layer = math.hypot(*[q.grad_norm for q in own]) / scale / math.hypot(*[q.norm for q in own])
+    assert m["ratio"].startswith(f"{layer:.3g}")
     assert m["calls"][0]["grad"] == f"{call.grad_output_norm:.4g}"
     assert doc["summary"] == cap.summary() and "1,235,496" in doc["summary"]
     flow = doc["gradient_flow"]
