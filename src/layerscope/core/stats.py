@@ -10,8 +10,19 @@ size, and each full buffer is summarised at once by row-wise reductions: a few o
 exactly (every element counts, the histogram too; M2 is summed around each row's mean). Larger tensors are
 summarised on the spot in three passes (aminmax, sum, dot; two more around the mean when it dwarfs the
 spread), with the histogram and the share of zeros read off a bounded, evenly strided sample of their
-elements. Reductions accumulate in the tensor's own dtype (float64 is about 12x slower on CPU). Only a large
-tensor's handful of sums is copied to the CPU on the spot; everything else waits for ``results()``."""
+elements. Reductions accumulate in float32 (float64 is about 12x slower on CPU), float64 tensors in float64;
+float16, bfloat16 and integers of up to 16 bits are widened to float32, wider integers to float64. Values
+whose squares could overflow or underflow in float32 (a magnitude above 2**50, or a span below 2**-30: values
+near float32's maximum, for instance) are summed in float64 instead. Only a large tensor's handful of sums is
+copied to the CPU on the spot; everything else waits for ``results()``.
+
+Tolerance, against float64 numpy on the same values (tests/test_stats_exact.py checks it on large offsets,
+values near the dtype's limits, float16, bfloat16, constants, integers and tensors with a few NaN/Inf):
+count, NaN and Inf counts, min and max are exact (integers up to 2**53); |mean - numpy's| <= 1e-6 std +
+1e-12 |mean|; |std - numpy's| <= 1e-5 std (1e-4 for tensors of more than ``small`` elements, whose sum of
+squares is a float32 dot) + 1e-12 |mean|; a merge adds float64 rounding only. Zeros and the histogram are
+exact over the values they read (all of a small tensor, the strided sample of a large one), binned as numpy
+does but for values within 1e-5 of a bin's width from an edge, which may land in the bin next to it."""
 
 from __future__ import annotations
 
@@ -21,6 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# Sums of float32 values run in float64 instead when a value's magnitude exceeds _WIDE (squares of values
+# near float32's maximum overflow) or when the values' span is below _NARROW (squares of deviations underflow).
+_WIDE, _NARROW = 2.0**50, 2.0**-30
 
 # The per-row summary vector built on the device, in this order.
 _FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
@@ -149,17 +164,28 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _to_float(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` in the dtype its summary is computed in: float32 and float64 as they are, float16, bfloat16 and
+    integers of up to 16 bits widened to float32 (exactly), wider integers to float64 (exact up to 2**53)."""
     t = local(t)
     if t.is_complex() or t.is_meta or t.numel() == 0:
         return None
     t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    if t.dtype in (torch.float32, torch.float64):
+        return t
+    return t.double() if not t.is_floating_point() and t.element_size() >= 4 else t.float()
 
 
-def _range(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Histogram range: [min, max], widened by 0.5 either side when all values are equal (numpy's rule)."""
-    flat = mx <= mn
-    return torch.where(flat, mn - 0.5, mn), torch.where(flat, mx + 0.5, mx)
+def _wide(lo: float, hi: float) -> bool:
+    """True when float32 sums over values in [lo, hi] could overflow or underflow (see _WIDE)."""
+    return max(hi, -lo) > _WIDE or 0 < hi - lo < _NARROW
+
+
+def _flat_counts(counts: torch.Tensor, flat: torch.Tensor, n) -> torch.Tensor:
+    """``counts`` [k, bins] with each row whose values are all equal replaced by numpy's answer: all ``n`` of
+    them in the middle bin of [value - 0.5, value + 0.5]. No copy to the CPU."""
+    middle = torch.zeros_like(counts[0])
+    middle[counts.shape[1] // 2] = n
+    return torch.where(flat[:, None], middle, counts)
 
 
 def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +194,7 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.
     sets the histogram range instead of the rows' own range."""
     k, n = m.shape
     mn, mx = (m.amin(1), m.amax(1)) if span is None else span  # row-wise aminmax is several times slower on CPU
+    flat = mx <= mn
     shift = m.sum(1) / n  # each row's mean, rounded to its dtype: summing around it, nothing cancels
     work = m - shift[:, None]  # the one [k, n] scratch buffer, reused below
     total = work.sum(1).double()  # what the rounding of the mean left over
@@ -177,16 +204,16 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None) -> tuple[torch.
         zeros = torch.eq(m, 0, out=work).sum(1).double()
     else:
         zeros = (m == 0).sum(1).double()
-    lo, hi = _range(mn, mx)
-    scale = bins / (hi - lo)
+    lo, hi = mn.double(), mx.double()
+    lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)  # numpy's range for equal values
+    scale = torch.where(flat, 0, bins / (mx - mn))  # flat rows: all in bin 0 here, moved by _flat_counts
     index = torch.int32 if k * bins < 1 << 31 else torch.long  # int32: a quarter of the time of int64, here
-    idx = torch.sub(m, lo[:, None], out=work).mul_(scale[:, None]).clamp_(0, bins - 1).to(index)
+    idx = torch.sub(m, mn[:, None], out=work).mul_(scale[:, None]).clamp_(0, bins - 1).to(index)
     idx += torch.arange(0, k * bins, bins, dtype=index, device=m.device)[:, None]
-    counts = torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins)
+    counts = _flat_counts(torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins), flat, n)
     none = torch.zeros_like(m2)
     size = none + n
-    vec = torch.stack([size, mean, m2, mn.double(), mx.double(), zeros, size, none, none,
-                       lo.double(), hi.double(), size], dim=1)
+    vec = torch.stack([size, mean, m2, mn.double(), mx.double(), zeros, size, none, none, lo, hi, size], dim=1)
     return vec, counts
 
 
@@ -194,6 +221,8 @@ def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Te
     """_rows for one flat tensor holding NaN/Inf: summarise its finite values, count the others."""
     finite = x[torch.isfinite(x)]
     if finite.numel():
+        if finite.dtype == torch.float32 and _wide(*torch.aminmax(finite)):
+            finite = finite.double()
         vec, counts = _rows(finite[None], bins)
         vec, counts = vec[0].clone(), counts[0]
     else:
@@ -241,9 +270,9 @@ def norm(t: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a tensor as a float64 scalar on its device.
 
     On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is a
-    float32 BLAS dot (about 10x more accurate than float32 vector_norm), redone in float64 only when it
-    overflowed (a norm above ~1.8e19). Elsewhere, one float64 vector_norm: no copy to the CPU, no sync.
-    Of a DTensor, the norm of this process's shard."""
+    float32 BLAS dot (about 10x more accurate than float32 vector_norm; a relative error of 1e-7 to 1e-5 over
+    millions of elements), redone in float64 only when it overflowed (a norm above ~1.8e19). Elsewhere, one
+    float64 vector_norm: no copy to the CPU, no sync. Of a DTensor, the norm of this process's shard."""
     flat = local(t).detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         squares = torch.dot(flat, flat)
@@ -337,14 +366,25 @@ class StatsBatch:
                 self._slots[slots[i]][4] = (row, fixed[1])
 
     def _summarise(self, group: _Group) -> None:
+        """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
+        or Inf one by one. One copy to the CPU (which rows are which) besides the results."""
         m = group.buffer[: len(group.slots)]
         self._bin_rows(m, group.slots)
         mn, mx = m.amin(1), m.amax(1)
-        finite = torch.isfinite(mn + mx).tolist()
-        good = [i for i, ok in enumerate(finite) if ok]
-        if good:
-            rows = m if len(good) == len(finite) else m[good]
-            vec, counts = _rows(rows, self.bins, None if len(good) < len(finite) else (mn, mx))
+        finite = torch.isfinite(mn) & torch.isfinite(mx)
+        if m.dtype == torch.float32:
+            wide = (torch.maximum(mx, -mn) > _WIDE) | ((mx > mn) & (mx - mn < _NARROW))
+            finite, wide = torch.stack([finite, wide & finite]).tolist()
+        else:
+            finite, wide = finite.tolist(), [False] * len(m)
+        for narrow in (True, False):
+            good = [i for i, (ok, w) in enumerate(zip(finite, wide)) if ok and w != narrow]
+            if not good:
+                continue
+            everything = len(good) == len(finite)
+            rows = m if everything else m[good]
+            span = (mn, mx) if everything and narrow else None
+            vec, counts = _rows(rows if narrow else rows.double(), self.bins, span)
             for row, i in enumerate(good):
                 self._slots[group.slots[i]][1:4] = [vec, row, counts]
         for i, ok in enumerate(finite):
@@ -376,19 +416,25 @@ class StatsBatch:
                 counts = torch.zeros(self.bins, dtype=torch.long, device=x.device)
                 return [n, None, known, counts, None if edges is None else self._fixed(flat, edges)]
             (lo, hi, total, root, zeros), sample = self._passes(flat)
+        if flat.dtype == torch.float32 and _wide(lo, hi):  # the rare, slower path: sums in float64
+            flat = flat.double()
+            total, root = torch.stack([flat.sum(), norm(flat)]).tolist()
         m = flat.numel()
         shift, squares = 0.0, root * root
         if 0 < squares < math.inf and math.isfinite(total) and squares - total * total / m <= squares / 4:
             # Most of the sum of squares is the mean's (a mean above about 1.7 std, or a constant): its
             # rounding would swamp M2. Sum again around the mean rounded to the dtype, for such tensors only.
             shift = torch.tensor(total / m, dtype=flat.dtype).item()
-        if shift:
+        if shift:  # squared in place and summed pairwise: more exact than a dot, and this buffer is ours
             shifted = flat - shift
-            total, root = torch.stack([shifted.sum().double(), norm(shifted)]).tolist()
-            squares = root * root
+            total = shifted.sum()
+            total, squares = torch.stack([total.double(), shifted.square_().sum().double()]).tolist()
         left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-        if edges is None:
-            counts, fixed = torch.histc(sample, self.bins, left, right), None
+        if edges is None and hi > lo:  # the sample binned in float64, numpy's precision
+            counts, fixed = torch.histc(sample.double(), self.bins, lo, hi), None
+        elif edges is None:  # all equal: numpy's answer, as _flat_counts
+            counts, fixed = torch.zeros(self.bins, device=x.device), None
+            counts[self.bins // 2] = sample.numel()
         else:
             counts, fixed = None, self._fixed(sample, edges)
         known = dict(count=m, mean=shift + total / m, m2=max(squares - total * total / m, 0.0), min=lo, max=hi,
