@@ -20,15 +20,16 @@ FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warn
 COLUMNS = ("params", "flops", "memory")  # parameters, forward FLOPs, activation memory (bytes saved for backward)
 
 
-def tree_rows(cap: Capture) -> list[list]:
+def tree_rows(cap: Capture, findings=None) -> list[list]:
     """One row per module in ``named_modules()`` order (parents before children), as short lists.
 
-    ``errors``/``warnings`` count the findings (and the capture error) on a module and below it.
+    ``errors``/``warnings`` count the findings (``cap.findings``, or ``findings``: a run's over time) and the
+    capture error on a module and below it.
     """
     names = list(cap.modules)
     index = {name: i for i, name in enumerate(names)}
     errors, warnings = [0] * len(names), [0] * len(names)
-    marks = [(f.module, f.severity) for f in cap.findings]
+    marks = [(f.module, f.severity) for f in (cap.findings if findings is None else findings)]
     if cap.error is not None and not any(severity == "error" for _, severity in marks):
         marks.append((cap.error.module, "error"))  # findings name the error already, when there are any
     for module, severity in marks:

@@ -272,15 +272,17 @@ def _rank(f) -> str:
 
 def finding_label(f) -> str:
     """One line of plain text for the findings list (a <select> shows it as text)."""
-    where = " · ".join(filter(None, [display_name(f.module), _rank(f)]))
+    step = None if getattr(f, "step", None) is None else f"step {f.step}"
+    where = " · ".join(filter(None, [step, display_name(f.module), _rank(f)]))
     return f"{f.severity} · {where} · {f.message}"
 
 
 def finding(f) -> str:
     severity = str(f.severity)
     rank = f' <span class="ls-rank">({html.escape(_rank(f))})</span>' if _rank(f) else ""
+    step = "" if getattr(f, "step", None) is None else f' <span class="ls-step-of">at step {int(f.step)}</span>'
     return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
-            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}: {html.escape(str(f.message))}')
+            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}{step}: {html.escape(str(f.message))}')
 
 
 def summary(cap: Capture) -> str:
