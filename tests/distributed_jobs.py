@@ -225,6 +225,36 @@ def _watch_ddp(rank, out):
             f.write(str(seconds))
 
 
+def _watch_fsdp(rank, out):
+    """An FSDP2 loop watched on both ranks: the global norms of the full gradients and parameters, for reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    base, norms = hooks(model), {}
+    g = torch.Generator().manual_seed(100 + rank)
+    with layerscope.watch(model, opt, every=1) as run:
+        for step in range(2):
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for n, p in model.named_parameters():  # collectives, outside watch: every rank takes part
+                norms[f"{step}:{n}:grad"] = p.grad.full_tensor().double().norm().item()
+                norms[f"{step}:{n}:param"] = p.full_tensor().double().norm().item()
+            opt.step()
+            run.log(loss=1.0 + rank)
+    assert hooks(model) == base, "watch left hooks on the model"
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    merged = layerscope.gather(run, dst=0)
+    if merged is not None:
+        merged.save(os.path.join(out, "merged.lsr"))
+        np.savez(os.path.join(out, "norms.npz"), **norms)
+
+
 def _watch_alone(rank, out):
     """watch runs no collective: only rank 1 watches (rank 0 does not take part), under the profiler."""
     if rank == 1:
@@ -253,4 +283,4 @@ def _watch_alone(rank, out):
 SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
              "nan": _nan_on_rank_1,
              "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1,
-             "watch_ddp": _watch_ddp, "watch_alone": _watch_alone}
+             "watch_ddp": _watch_ddp, "watch_fsdp": _watch_fsdp, "watch_alone": _watch_alone}

@@ -18,10 +18,10 @@ import layerscope
 from distributed_jobs import NAN_STEP, WATCH_EVERY, WATCH_STEPS, WORLD, entry, make_batch, make_model
 from layerscope import Run, TensorStats, load
 from layerscope.core.run_ranks import merge_runs
-from test_distributed import assert_stats
+from test_distributed import FSDP2_ON_CPU, assert_stats, needs_fsdp2_on_cpu
 from test_records import same
 
-SCENARIOS = ["watch_ddp", "watch_alone"]
+SCENARIOS = ["watch_ddp", "watch_alone", *(["watch_fsdp"] if FSDP2_ON_CPU else [])]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,25 @@ def test_the_merged_run_saves_loads_merges_again_and_opens_in_the_inspector(job,
         layerscope.gather(loaded)
     with pytest.raises(ValueError, match="already merged"):
         merge_runs([loaded])
+
+
+@needs_fsdp2_on_cpu
+def test_fsdp2_watched_steps_give_global_gradient_and_parameter_norms(job):
+    folder = job / "watch_fsdp"
+    merged = load(folder / "merged.lsr")
+    norms = np.load(folder / "norms.npz")
+    assert merged.steps.tolist() == [0, 1] and merged.structure.total_params == 212
+    for step in (0, 1):
+        cap = merged.at(step)
+        for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+            module, local = name.split(".")
+            p = cap[module].params[local]
+            assert p.grad_norm == pytest.approx(float(norms[f"{step}:{name}:grad"]), rel=1e-5)
+            assert p.norm == pytest.approx(float(norms[f"{step}:{name}:param"]), rel=1e-5)
+            shards = [q.norm for q in p.per_rank]
+            assert [q.shard for q in p.per_rank] == [(0, 2), (1, 2)] and p.norm == pytest.approx(np.hypot(*shards))
+        assert not [f for f in cap.findings if f.kind == "rank_desync"], cap.findings
+    assert merged.scalars("loss")[1].tolist() == [1.5, 1.5]  # the mean of the ranks' 1.0 and 2.0
 
 
 def test_watch_alone_runs_no_collective_and_leaves_no_hooks(job):

@@ -396,7 +396,7 @@ class _Watcher:
         and dtype: [(rows, sample sizes, values)]."""
         groups: dict[tuple, list] = {}
         for row in rows:
-            p = self.params[row].detach()
+            p = local(self.params[row]).detach()
             if p.is_meta or not p.is_floating_point() or p.numel() == 0:
                 continue
             groups.setdefault((p.device, p.dtype), []).append(row)
@@ -407,7 +407,7 @@ class _Watcher:
         return out
 
     def _sample_of(self, p: torch.Tensor) -> torch.Tensor:
-        flat = p.detach().reshape(-1)
+        flat = local(p).detach().reshape(-1)  # a DTensor's own shard: reshaping the DTensor may communicate
         n = flat.numel()
         if n <= self.sample_size:
             return flat
@@ -420,7 +420,7 @@ class _Watcher:
             after = torch.cat([self._sample_of(self.params[row]) for row in rows])
             squares = (after - before).double().square()
             sums = torch.segment_reduce(squares, "sum", lengths=torch.tensor(sizes, device=squares.device))
-            share = torch.tensor([self.params[row].numel() / size for row, size in zip(rows, sizes)],
+            share = torch.tensor([local(self.params[row]).numel() / size for row, size in zip(rows, sizes)],
                                  dtype=torch.float64, device=squares.device)
             for row, value in zip(rows, (sums * share).sqrt()):
                 cur.updates[row] = value
