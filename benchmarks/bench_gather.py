@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="gather(run) of a watched loop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_run_rank if args.run else _rank, args=(f"file://{tmp}/rendezvous", 3 if args.quick else args.repeats), nprocs=WORLD)
+        mp.spawn(_run_rank if args.run else _rank, args=(f"file://{tmp}/rendezvous", 3 if args.quick else args.repeats),
+                 nprocs=WORLD)
 
 
 if __name__ == "__main__":

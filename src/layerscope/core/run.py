@@ -498,10 +498,9 @@ def _stats(row: list[float]) -> TensorStats | None:
 def _param(p, row: list[float]):
     """A structure's ParamRecord with the norms of a PARAM_FIELDS row."""
     norm, grad, update, trainable, _, _ = row
-    return dataclasses.replace(
-        p, trainable=bool(trainable), norm=_number(norm), grad_norm=_number(grad),
-        finite=math.isfinite(norm) if norm == norm or p.device != "meta" else None,
-        update_ratio=update / norm if update == update and norm == norm and norm > 0 else None)
+    return type(p)(**{**p.__dict__, "trainable": bool(trainable), "norm": _number(norm), "grad_norm": _number(grad),
+                      "finite": math.isfinite(norm) if norm == norm or p.device != "meta" else None,
+                      "update_ratio": update / norm if update == update and norm == norm and norm > 0 else None})
 
 
 def structure_of(modules: Mapping[str, ModuleReport], total: int, trainable: int) -> Capture:

@@ -157,7 +157,7 @@ def _record(run: Run, job: Capture, held: list[StepRecord]) -> StepRecord:
 
 def _global(p: ParamRecord, values: np.ndarray) -> float:
     """A norm of the whole parameter from the ranks' norms of their pieces (``distributed._global``)."""
-    pieces = [dataclasses.replace(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
+    pieces = [distributed._like(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
               if q is not None]
     return _number(distributed._global(pieces, "norm")) if pieces else math.nan
 
