@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gather.py            # 5 repeats of each, interleaved
     python benchmarks/bench_gather.py --quick    # 3 repeats
+    python benchmarks/bench_gather.py --run      # gather(run) of a watched loop (4 sampled steps) instead
 
 Two CPU processes on gloo, one thread each, DDP on bench_capture's stack (500 x Linear(512)/ReLU/LayerNorm/Dropout,
 131M parameters), batch 8 per rank. Times, on rank 0 (dst) from a barrier: one DDP training step (forward,
@@ -49,6 +50,37 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def _run_rank(rank: int, init: str, repeats: int) -> None:
+    """gather(run) of a DDP loop over the stack watched for 4 sampled steps (every=1), against one training step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    import layerscope
+    from bench_capture import stack
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(stack())
+    x, y = torch.randn(BATCH, 512), torch.randn(BATCH, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+    steps = [_timed(step) for _ in range(repeats + 1)][1:]
+    with layerscope.watch(model, opt, every=1) as run:
+        for _ in range(4):
+            step()
+    gathers = [_timed(lambda: layerscope.gather(run)) for _ in range(repeats)]
+    if rank == 0:
+        train, gather = statistics.median(t for t, _ in steps), statistics.median(t for t, _ in gathers)
+        print(f"gather(run) of {len(run.steps)} sampled steps, {len(run.structure.modules)} modules: "
+              f"{gather * 1e3:.0f} ms wall, {gather / len(run.steps) * 1e3:.0f} ms per step; one DDP training step "
+              f"{train * 1e3:.0f} ms; per sampled step {gather / len(run.steps) / train:.1%} of a training step "
+              f"(median of {repeats}, rank 0)")
+    dist.destroy_process_group()
+
+
 def _rank(rank: int, init: str, repeats: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
@@ -94,9 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--run", action="store_true", help="gather(run) of a watched loop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(f"file://{tmp}/rendezvous", 3 if args.quick else args.repeats), nprocs=WORLD)
+        mp.spawn(_run_rank if args.run else _rank, args=(f"file://{tmp}/rendezvous", 3 if args.quick else args.repeats),
+                 nprocs=WORLD)
 
 
 if __name__ == "__main__":

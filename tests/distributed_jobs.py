@@ -5,6 +5,7 @@ Each scenario captures on every rank, gathers on rank 0 and saves the ranks' cap
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -174,6 +175,112 @@ def _device_mismatch_on_rank_1(rank, out):
     _capture_and_gather(rank, out, model, *make_batch(rank))
 
 
+WATCH_STEPS, WATCH_EVERY, NAN_STEP = 5, 2, 4  # sampled: 0, 2, 4; rank 1's batch makes a NaN at step 4
+
+
+def _watch_ddp(rank, out):
+    """A DDP loop watched on both ranks and gathered on rank 0, with the references recorded by plain means: the
+    first Linear's output of each step (a forward hook), the all-reduced gradient norms, each rank's loss."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(Normalize(), make_model()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs, step, base = {}, [0], hooks(model)
+
+    def record(module, args, output):
+        outputs.setdefault(step[0], output.detach().double().numpy())
+
+    handle = model.module[1][0].register_forward_hook(record)
+    before = hooks(model)
+    losses, grads = [], {}
+    g = torch.Generator().manual_seed(100 + rank)
+    with layerscope.watch(model, opt, every=WATCH_EVERY) as run:
+        for step[0] in range(WATCH_STEPS):
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+            if rank == 1 and step[0] == NAN_STEP:
+                x[2] = 0.0  # finite input; Normalize makes 0/0
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            grads[step[0]] = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+            opt.step()
+            run.log(loss=loss)
+            losses.append(loss.item())
+    assert hooks(model) == before, "watch left hooks on the model"
+    handle.remove()
+    np.save(os.path.join(out, f"losses.rank{rank}.npy"), np.array(losses))
+    for s, o in outputs.items():
+        np.save(os.path.join(out, f"out.{s}.rank{rank}.npy"), o)
+    if rank == 0:
+        np.savez(os.path.join(out, "grads.npz"), **{f"{s}:{n}": v for s, d in grads.items() for n, v in d.items()})
+    run.save(os.path.join(out, f"rank{rank}.lsr"))
+    dist.barrier()
+    start = time.perf_counter()
+    merged = layerscope.gather(run, dst=0)
+    seconds = time.perf_counter() - start
+    assert hooks(model) == base, "gather left hooks on the model"
+    assert (merged is None) == (rank != 0)
+    if merged is not None:
+        merged.save(os.path.join(out, "merged.lsr"))
+        with open(os.path.join(out, "gather_seconds.txt"), "w") as f:
+            f.write(str(seconds))
+
+
+def _watch_fsdp(rank, out):
+    """An FSDP2 loop watched on both ranks: the global norms of the full gradients and parameters, for reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    base, norms = hooks(model), {}
+    g = torch.Generator().manual_seed(100 + rank)
+    with layerscope.watch(model, opt, every=1) as run:
+        for step in range(2):
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for n, p in model.named_parameters():  # collectives, outside watch: every rank takes part
+                norms[f"{step}:{n}:grad"] = p.grad.full_tensor().double().norm().item()
+                norms[f"{step}:{n}:param"] = p.full_tensor().double().norm().item()
+            opt.step()
+            run.log(loss=1.0 + rank)
+    assert hooks(model) == base, "watch left hooks on the model"
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    merged = layerscope.gather(run, dst=0)
+    if merged is not None:
+        merged.save(os.path.join(out, "merged.lsr"))
+        np.savez(os.path.join(out, "norms.npz"), **norms)
+
+
+def _watch_alone(rank, out):
+    """watch runs no collective: only rank 1 watches (rank 0 does not take part), under the profiler."""
+    if rank == 1:
+        with torch.profiler.profile() as prof:
+            model = make_model()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            x, y = make_batch(rank)
+            with layerscope.watch(model, opt, every=1) as run:
+                for _ in range(3):
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    run.log(loss=1.0)
+        assert len(run.steps) == 3 and not any(hooks(model))
+        names = sorted({e.name for e in prof.events() if e.name.startswith(("c10d", "gloo"))})
+        with open(os.path.join(out, "collectives.txt"), "w") as f:
+            f.write("\n".join(names))
+    dist.barrier()
+    with torch.profiler.profile() as prof:  # the check can fail: a collective is seen by the profiler
+        dist.barrier()
+    if rank == 1:
+        with open(os.path.join(out, "control.txt"), "w") as f:
+            f.write("\n".join(sorted({e.name for e in prof.events() if e.name.startswith(("c10d", "gloo"))})))
+
+
 SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
              "nan": _nan_on_rank_1,
-             "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1}
+             "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1,
+             "watch_ddp": _watch_ddp, "watch_fsdp": _watch_fsdp, "watch_alone": _watch_alone}

@@ -166,17 +166,24 @@ def resharded(model: nn.Module) -> Iterator[None]:
 # -- gather ------------------------------------------------------------------------------------------------------
 
 
-def gather(cap: Capture, dst: int = 0) -> Capture | None:
-    """One capture of the whole job on rank ``dst``, None on the other ranks: a collective every rank calls with its
-    own capture. Outside an initialised ``torch.distributed`` job it returns ``cap`` itself (one rank is the job).
+def gather(cap, dst: int = 0):
+    """One capture (or run) of the whole job on rank ``dst``, None on the other ranks: a collective every rank calls
+    with its own capture, or its own ``Run`` from ``layerscope.watch`` once its ``with`` block has ended (see
+    ``layerscope.core.run_ranks``). Outside an initialised ``torch.distributed`` job it returns ``cap`` itself (one
+    rank is the job).
 
     Each rank sends its capture as bytes (``wire``: JSON and raw numbers, no pickle) in one uint8 tensor, on the
     device its backend needs (CUDA for NCCL); ``dst`` merges them with ``merge``. A rank whose capture cannot be
     encoded still takes part (no rank is left waiting) and raises afterwards, and so does ``dst``."""
-    if not isinstance(cap, Capture):
-        raise TypeError(f"gather() takes a Capture (from layerscope.capture), got {type(cap).__name__}")
+    from .run import Run
+
+    if not isinstance(cap, (Capture, Run)):
+        raise TypeError(f"gather() takes a Capture (from layerscope.capture) or a Run (from layerscope.watch), got "
+                        f"{type(cap).__name__}")
     if cap.merged:
-        raise ValueError("gather() takes each rank's own capture; this one is already merged")
+        raise ValueError(f"gather() takes each rank's own {type(cap).__name__.lower()}; this one is already merged")
+    if isinstance(cap, Run) and cap.live:
+        raise ValueError("gather() takes a run once its `with layerscope.watch(...)` block has ended")
     dist = _dist()
     if dist is None:
         return cap
@@ -186,16 +193,27 @@ def gather(cap: Capture, dst: int = 0) -> Capture | None:
     from .capture import _gc_paused  # thousands of small records: full collections would cost more than the work
 
     with _gc_paused():
+        if isinstance(cap, Run):
+            from .run_ranks import gather_run
+
+            return gather_run(dist, cap, dst)
         return _gather(dist, cap, dst)
 
 
 def _gather(dist, cap: Capture, dst: int) -> Capture | None:
+    captures = collect(dist, cap, dst, wire.encode, wire.decode)
+    return None if captures is None else merge(captures)
+
+
+def collect(dist, record, dst: int, encode, decode) -> list | None:
+    """Every rank's record on ``dst`` in rank order (its own as it is, the others sent as ``encode``'s bytes and
+    read with ``decode``), None elsewhere."""
     rank, failure = dist.get_rank(), None
     if rank == dst:
-        payload = b"C"  # dst merges its own capture as it is
+        payload = b"C"  # dst merges its own record as it is
     else:
         try:
-            payload = b"C" + wire.encode(cap)
+            payload = b"C" + encode(record)
         except Exception as exc:  # noqa: BLE001 - sent to dst, raised below once every rank took part
             failure, payload = exc, b"E" + f"{type(exc).__name__}: {exc}".encode()
     parts = _exchange(dist, payload, dst)
@@ -203,12 +221,13 @@ def _gather(dist, cap: Capture, dst: int) -> Capture | None:
         raise failure
     if parts is None:
         return None
-    captures = []
+    records = []
     for r, part in enumerate(parts):
         if part[:1] == b"E":
-            raise RuntimeError(f"gather(): rank {r} could not send its capture ({part[1:].decode()})")
-        captures.append(cap if r == dst else wire.decode(part[1:]))
-    return merge(captures)
+            raise RuntimeError(f"gather(): rank {r} could not send its {type(record).__name__.lower()} "
+                               f"({part[1:].decode()})")
+        records.append(record if r == dst else decode(part[1:]))
+    return records
 
 
 def _exchange(dist, payload: bytes, dst: int) -> list[bytes] | None:

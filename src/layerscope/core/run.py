@@ -62,6 +62,12 @@ class StepRecord:
     output_numel: int = 0
     grad_scale: float = 1.0  # the GradScaler's scale that the gradient norms were divided by
     lrs: tuple[float, ...] = ()  # the learning rate of each param group
+    # a run merged from the ranks of a job (``layerscope.gather``): each rank's statistics of the same calls
+    # (float64 [ranks, calls, CALL_FIELDS], NaN where a rank has none) and each rank's parameter rows
+    # (float64 [ranks, parameters, PARAM_FIELDS]: its shard's norms); None on one rank's run
+    rank_calls: np.ndarray | None = None
+    rank_params: np.ndarray | None = None
+    findings: tuple[Finding, ...] = ()  # a merged run: the ranks' own one-pass findings of the step, with their rank
 
 
 def _number(value: float) -> float | None:
@@ -94,6 +100,8 @@ class Run:
         self.edges: dict[str, np.ndarray] = dict(edges or {})  # fixed histogram edges by module, for the run
         self.records: list[StepRecord] = []
         self.step_count = 0  # steps completed
+        self.world_size = 1  # ranks merged into this run (``layerscope.gather``); 1 for one rank's own run
+        self.rank_findings: tuple[Finding, ...] = ()  # a merged run: each rank's own findings over time
         names = list(structure.modules)
         self._index = {name: i for i, name in enumerate(names)}
         self.param_keys = tuple((name, local) for name in names for local in structure[name].params)
@@ -114,6 +122,11 @@ class Run:
         self._watcher = None  # set by watch(): the hooks that fill this run
 
     # -- what was recorded ------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        """True for the run of a whole distributed job, merged from its ranks' runs by ``layerscope.gather``."""
+        return self.world_size > 1
 
     @property
     def steps(self) -> np.ndarray:
@@ -207,6 +220,10 @@ class Run:
 
         self._judge()
         over_time = find_trends(self, **{**self.thresholds, **thresholds})
+        if self.rank_findings:
+            from .run_ranks import ranked
+
+            over_time = ranked(over_time, self.rank_findings, self.world_size)
         once = self._once()
         severity = ("error", "warning", "info")
         return tuple(sorted([*over_time, *once], key=lambda f: (severity.index(f.severity), f.step or 0)))
@@ -424,14 +441,11 @@ class Run:
     def _capture(self, record: StepRecord) -> Capture:
         names = list(self.structure.modules)
         calls: list[list[CallRecord]] = [[] for _ in names]
+        ranks = None if record.rank_calls is None else record.rank_calls.tolist()
         for i, (layout, row) in enumerate(zip(record.layout, record.calls.tolist())):
             module, in_shapes, out_shapes, in_dtypes, out_dtypes, in_devices, out_devices = layout
-            stats = hist = None
-            if row[_C["count"]] == row[_C["count"]]:
-                stats = TensorStats(numel=int(row[_C["numel"]]), count=int(row[_C["count"]]), mean=row[_C["mean"]],
-                                    m2=row[_C["m2"]], min=row[_C["min"]], max=row[_C["max"]],
-                                    zeros=int(row[_C["zeros"]]), checked=int(row[_C["checked"]]),
-                                    nan_count=int(row[_C["nan_count"]]), inf_count=int(row[_C["inf_count"]]))
+            stats, hist = _stats(row), None
+            if stats is not None:
                 edges = self.edges.get(names[module])
                 if edges is not None:
                     hist = Histogram(counts=record.counts[i, :len(edges) - 1].astype(np.int64), edges=edges,
@@ -444,29 +458,49 @@ class Run:
                 histogram=hist, grad_output_norm=_number(row[_C["grad_output_norm"]]),
                 dead_units=_count(row[_C["dead_units"]]), units=_count(row[_C["units"]]),
                 input_finite=None if finite != finite else bool(finite), output_id=_count(row[_C["output_id"]]),
+                per_rank=None if ranks is None else tuple(_stats(r[i]) for r in ranks),
             ))
         params = record.params.tolist()
-        rows = iter(params)
-        modules = {}
+        rank_params = None if record.rank_params is None else record.rank_params.tolist()
+        modules, row = {}, 0
         for index, (name, report) in enumerate(self.structure.modules.items()):
             own = {}
             for local, p in report.params.items():
-                norm, grad, update, trainable, _, _ = next(rows)
-                own[local] = dataclasses.replace(
-                    p, trainable=bool(trainable), norm=_number(norm), grad_norm=_number(grad),
-                    finite=math.isfinite(norm) if norm == norm or p.device != "meta" else None,
-                    update_ratio=update / norm if update == update and norm == norm and norm > 0 else None)
+                own[local] = _param(p, params[row])
+                if rank_params is not None:  # p.per_rank: each rank's own layout (its shard), from its structure
+                    own[local] = dataclasses.replace(own[local], per_rank=tuple(
+                        None if q is None else _param(q, r[row]) for q, r in zip(p.per_rank, rank_params)))
+                row += 1
             modules[name] = dataclasses.replace(report, calls=tuple(calls[index]), params=MappingProxyType(own),
                                                 training=bool(record.training[index]))
         backward = bool(np.any(~np.isnan(record.params[:, _P["grad_norm"]]))) if len(params) else False
         cap = Capture(modules=MappingProxyType(modules), total_params=self.structure.total_params,
                       trainable_params=self.structure.trainable_params, loss=self.loss_at(record.step),
+                      findings=record.findings,
                       loss_kind="training" if backward else None, backward=backward, error=None,
-                      inputs=record.inputs, output_numel=record.output_numel)
+                      inputs=record.inputs, output_numel=record.output_numel, world_size=self.world_size)
         from .findings import find
 
         found = [dataclasses.replace(f, step=record.step) for f in find(cap) if f.kind != "train_mode"]
         return dataclasses.replace(cap, findings=tuple(found))
+
+
+def _stats(row: list[float]) -> TensorStats | None:
+    """The output statistics of a CALL_FIELDS row, None where it has none."""
+    if row[_C["count"]] != row[_C["count"]]:
+        return None
+    return TensorStats(numel=int(row[_C["numel"]]), count=int(row[_C["count"]]), mean=row[_C["mean"]],
+                       m2=row[_C["m2"]], min=row[_C["min"]], max=row[_C["max"]], zeros=int(row[_C["zeros"]]),
+                       checked=int(row[_C["checked"]]), nan_count=int(row[_C["nan_count"]]),
+                       inf_count=int(row[_C["inf_count"]]))
+
+
+def _param(p, row: list[float]):
+    """A structure's ParamRecord with the norms of a PARAM_FIELDS row."""
+    norm, grad, update, trainable, _, _ = row
+    return type(p)(**{**p.__dict__, "trainable": bool(trainable), "norm": _number(norm), "grad_norm": _number(grad),
+                      "finite": math.isfinite(norm) if norm == norm or p.device != "meta" else None,
+                      "update_ratio": update / norm if update == update and norm == norm and norm > 0 else None})
 
 
 def structure_of(modules: Mapping[str, ModuleReport], total: int, trainable: int) -> Capture:

@@ -26,7 +26,9 @@ rates), ``scalars`` (offset and length of each in the scalar arrays) and ``seen`
 seen, its last step and count). The numbers sit in ``calls.npy``, ``params.npy`` (float64, the rows of
 ``run.CALL_FIELDS`` and ``run.PARAM_FIELDS``), ``counts.npy`` (int32), ``training.npy`` (uint8),
 ``edges.npy``, ``scalar_values.npy`` (float64) and ``scalar_steps.npy`` (int64), the records' rows one after
-another. ``load`` reads the format field and returns a Capture or a Run.
+another. A run merged from the ranks of a job has ``world_size`` in ``run``, ``ranks`` in each record and the
+ranks' rows in ``rank_calls.npy`` and ``rank_params.npy`` (float64), and ``rank_findings``. ``load`` reads the
+format field and returns a Capture or a Run.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ RUN_FORMAT, RUN_VERSION = "layerscope.run", 1
 _JSON = "layerscope.json"
 _ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.int16}
 _RUN_ARRAYS = {"calls": np.float64, "counts": np.int32, "params": np.float64, "training": np.uint8,
-               "edges": np.float64, "scalar_steps": np.int64, "scalar_values": np.float64}
+               "edges": np.float64, "scalar_steps": np.int64, "scalar_values": np.float64, "rank_calls": np.float64,
+               "rank_params": np.float64}
 _FORMATS = {FORMAT: (VERSION, _ARRAYS, "capture"), RUN_FORMAT: (RUN_VERSION, _RUN_ARRAYS, "run")}
 _PICKLE_MAGIC = (b"\x80", b"(", b"c")  # protocol 2+ opcode PROTO, and the first opcodes of protocols 0 and 1
 
@@ -309,9 +312,14 @@ def save_run(run, path: str | os.PathLike) -> None:
         writer.put("counts", r.counts)
         writer.put("params", r.params)
         writer.put("training", r.training.astype(np.uint8))
+        ranks = 0 if r.rank_calls is None else len(r.rank_calls)
+        if ranks:
+            writer.put("rank_calls", r.rank_calls)
+            writer.put("rank_params", r.rank_params)
         records.append(dict(step=r.step, layout=known[id(r.layout)], calls=len(r.calls), bins=r.counts.shape[1],
                             inputs=[_input(i) for i in r.inputs], output_numel=r.output_numel,
-                            grad_scale=r.grad_scale, lrs=list(r.lrs)))
+                            grad_scale=r.grad_scale, lrs=list(r.lrs), ranks=ranks,
+                            findings=[_fields(f) for f in r.findings]))
     scalars = {}
     for name in run.scalar_names:
         steps, values = run.scalars(name)
@@ -319,10 +327,11 @@ def save_run(run, path: str | os.PathLike) -> None:
         writer.put("scalar_values", values)
     head = dict(every=run.every, keep=run.keep, step_count=run.step_count, thresholds=run.thresholds,
                 total_params=structure.total_params, trainable_params=structure.trainable_params,
-                pinned=sorted(run._pinned))
+                pinned=sorted(run._pinned), world_size=run.world_size)
     seen = [[_fields(f), last, count] for f, last, count in run._seen.values()]
     doc = {"format": RUN_FORMAT, "version": RUN_VERSION, "run": head, "modules": modules, "edges": edges,
-           "layouts": layouts, "records": records, "scalars": scalars, "seen": seen}
+           "layouts": layouts, "records": records, "scalars": scalars, "seen": seen,
+           "rank_findings": [_fields(f) for f in run.rank_findings]}
     _write(path, doc, writer)
 
 
@@ -341,6 +350,7 @@ def _load_run(doc: dict, arrays: dict):
         run = Run(structure, every=head["every"], keep=head["keep"], thresholds=head["thresholds"], edges=edges)
         run.step_count = head["step_count"]
         run._pinned = set(head["pinned"])
+        run.world_size = int(head.get("world_size", 1))
         layouts = [tuple((call[0], *(_tuples(v) for v in call[1:])) for call in layout) for layout in doc["layouts"]]
         at = dict.fromkeys(_RUN_ARRAYS, 0)
         params, modules_count = len(run.param_keys), len(structure.modules)
@@ -351,15 +361,21 @@ def _load_run(doc: dict, arrays: dict):
             return values
 
         for r in doc["records"]:
-            calls, bins = int(r["calls"]), int(r["bins"])
-            run.records.append(StepRecord(
+            calls, bins, ranks = int(r["calls"]), int(r["bins"]), int(r.get("ranks", 0))
+            by_rank = {}
+            if ranks:
+                by_rank = dict(
+                    rank_calls=take("rank_calls", ranks * calls * len(CALL_FIELDS)).reshape(ranks, calls, -1),
+                    rank_params=take("rank_params", ranks * params * len(PARAM_FIELDS)).reshape(ranks, params, -1))
+            run.records.append(StepRecord(**by_rank,
                 step=int(r["step"]), layout=layouts[r["layout"]],
                 calls=take("calls", calls * len(CALL_FIELDS)).reshape(calls, len(CALL_FIELDS)),
                 counts=take("counts", calls * bins).reshape(calls, bins),
                 params=take("params", params * len(PARAM_FIELDS)).reshape(params, len(PARAM_FIELDS)),
                 training=take("training", modules_count).astype(bool),
                 inputs=tuple(_load_input(i) for i in r["inputs"]), output_numel=r["output_numel"],
-                grad_scale=r["grad_scale"], lrs=tuple(r["lrs"])))
+                grad_scale=r["grad_scale"], lrs=tuple(r["lrs"]),
+                findings=tuple(Finding(**f) for f in r.get("findings", ()))))
         for name, (offset, size) in doc["scalars"].items():
             steps, values = _slice(arrays, "scalar_steps", offset, size), _slice(arrays, "scalar_values", offset, size)
             for step, value in zip(steps.tolist(), values.tolist()):
@@ -367,6 +383,7 @@ def _load_run(doc: dict, arrays: dict):
         for f, last, count in doc["seen"]:
             finding = Finding(**f)
             run._seen[finding.kind, finding.module] = [finding, last, count]
+        run.rank_findings = tuple(Finding(**f) for f in doc.get("rank_findings", ()))
         return run
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
         raise FormatError(f"the run's records are incomplete or malformed ({type(exc).__name__}: {exc})") from None

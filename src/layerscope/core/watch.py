@@ -27,7 +27,7 @@ from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms
 from .records import InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
-from .stats import StatsBatch, norm
+from .stats import StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
 
@@ -195,6 +195,8 @@ class _Watcher:
                 self.first_row.append(rows.setdefault(id(p), len(self.params)))
                 self.params.append(p)
         self.unique = sorted(set(self.first_row))
+        # DDP and FSDP2 reduce the gradients after the parameters' gradient hooks ran: read .grad at the step
+        self.synced = distributed.syncs_in_backward(self.model)
         self.session = HookSession(self.model, restore=False)
         self.session.add_forward_pre_hook(self.model, self._guard(self._on_forward))
         if self.optimizer is not None:
@@ -269,7 +271,7 @@ class _Watcher:
 
     def _begin(self) -> None:
         cur = self.current = _Sample(HookSession(self.model, restore=False))
-        for row in self.unique:
+        for row in [] if self.synced else self.unique:
             p = self.params[row]
             if p.requires_grad:
                 cur.session.add_grad_hook(p, self._guard(lambda param, row=row: self._on_grad(row, param)))
@@ -279,7 +281,7 @@ class _Watcher:
         g = param.grad
         if self.current is not None and g is not None:
             low = g.dtype in (torch.float16, torch.bfloat16)
-            self.current.grads[row] = torch.linalg.vector_norm(g.detach(), dtype=torch.float32 if low else None)
+            self.current.grads[row] = torch.linalg.vector_norm(local(g).detach(), dtype=torch.float32 if low else None)
 
     def _record_forward(self, args, kwargs) -> None:
         cur = self.current
@@ -373,6 +375,10 @@ class _Watcher:
 
     def _before_update(self) -> None:
         cur = self.current
+        if self.synced:  # the reduced gradients (FSDP2: this rank's shard of them), as the optimizer sees them
+            for row in self.unique:
+                if self.params[row].requires_grad:
+                    self._on_grad(row, self.params[row])
         cur.norms = fast_norms({row: self.params[row] for row in self.unique})
         cur.group = np.full(len(self.params), np.nan)
         if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
@@ -390,7 +396,7 @@ class _Watcher:
         and dtype: [(rows, sample sizes, values)]."""
         groups: dict[tuple, list] = {}
         for row in rows:
-            p = self.params[row].detach()
+            p = local(self.params[row]).detach()
             if p.is_meta or not p.is_floating_point() or p.numel() == 0:
                 continue
             groups.setdefault((p.device, p.dtype), []).append(row)
@@ -401,7 +407,7 @@ class _Watcher:
         return out
 
     def _sample_of(self, p: torch.Tensor) -> torch.Tensor:
-        flat = p.detach().reshape(-1)
+        flat = local(p).detach().reshape(-1)  # a DTensor's own shard: reshaping the DTensor may communicate
         n = flat.numel()
         if n <= self.sample_size:
             return flat
@@ -414,7 +420,7 @@ class _Watcher:
             after = torch.cat([self._sample_of(self.params[row]) for row in rows])
             squares = (after - before).double().square()
             sums = torch.segment_reduce(squares, "sum", lengths=torch.tensor(sizes, device=squares.device))
-            share = torch.tensor([self.params[row].numel() / size for row, size in zip(rows, sizes)],
+            share = torch.tensor([local(self.params[row]).numel() / size for row, size in zip(rows, sizes)],
                                  dtype=torch.float64, device=squares.device)
             for row, value in zip(rows, (sums * share).sqrt()):
                 cur.updates[row] = value
