@@ -248,7 +248,9 @@ def test_nan_gradient_from_sqrt_at_zero_names_the_layer_before_it():
 def test_detach_in_forward_leaves_the_block_before_it_without_gradient():
     cap = capture(Detached(), torch.randn(4, 4))
     f = only(cap, "no_grad")
-    assert (f.severity, f.module) == ("warning", "a")
+    # reported where the gradient is cut (the model's own forward code), listing the starved block
+    assert (f.severity, f.module, f.details["cut_at"]) == ("warning", "", "")
+    assert f.details["modules"] == ["a"] and f.modules == ("", "a")
     assert f.details["parameters"] == 4 * 8 + 8
     assert cap["b"].param_grad_norms["weight"] > 0
 
@@ -314,9 +316,12 @@ def test_vanishing_sigmoid_stack_at_its_first_layers_only():
     model = nn.Sequential(*layers)
     x = torch.randn(8, 32)
     cap = capture(model, x)
-    vanishing = {f.module: f for f in cap.findings if f.kind == "vanishing_grad"}
-    assert {"0", "2", "4"} <= set(vanishing) and "48" not in vanishing and "24" not in vanishing
-    first = vanishing["0"].details
+    (vanishing,) = [f for f in cap.findings if f.kind == "vanishing_grad"]  # the repeats grouped into one
+    names = vanishing.modules
+    assert {"0", "2", "4"} <= set(names) and "48" not in names and "24" not in names
+    assert vanishing.module == "0" and list(vanishing.details["each"]) == list(names)
+    first = vanishing.details
+    assert first["ratio"] == vanishing.details["each"]["0"]["ratio"]
     assert first["ratio"] == pytest.approx(_ratio(model, 0, x), rel=1e-3)
     assert first["ratio"] < first["median_ratio"] * 1e-3
     assert modules_of(cap, "exploding_grad") == []

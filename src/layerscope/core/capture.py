@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -79,9 +80,13 @@ class _Recorder:
     """The forward hooks' state: what each call saw, with statistics deferred to a StatsBatch."""
 
     def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool,
-                 edges: Callable[[str], np.ndarray | None], costs: Costs | None = None):
+                 edges: Callable[[str], np.ndarray | None], costs: Costs | None = None,
+                 progress: Callable[[str, int, int], None] | None = None, modules: int = 0):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
         self.costs = costs
+        self.progress, self.modules = progress, modules  # progress(phase, modules done, modules): see capture()
+        self.ran: set[str] = set()  # modules whose forward ended (progress counts each once)
+        self.graded: set[str] = set()  # modules whose output gradient arrived
         self.calls: list[dict] = []
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
@@ -109,7 +114,12 @@ class _Recorder:
         return counted
 
     def _record(self, name: str, inputs: Any, output: Any, dead_units: bool, edges) -> None:
+        # the hooks are always_call: on the way out of a forward that raised, torch calls them with no output
+        failed = output is None and sys.exc_info()[1] is not None
         ins, outs = _tensors(inputs), _tensors(output)
+        if self.progress is not None and name not in self.ran:
+            self.ran.add(name)
+            self.progress("forward", len(self.ran), self.modules)
         call = dict(
             name=name,
             index=len(self.calls),
@@ -125,6 +135,9 @@ class _Recorder:
             fmap=None,
             grad=None,
             dead=None,
+            failed=failed,
+            in_grad=any(t.requires_grad for t in ins if t.is_floating_point()),
+            out_grad=any(t.requires_grad for t in outs),
         )
         self.calls.append(call)
         t = first_float_tensor(outs)
@@ -148,6 +161,9 @@ class _Recorder:
                     if costs is not None:
                         costs.resume()
                 self.last_grad_call = call
+                if self.progress is not None and call["name"] not in self.graded:
+                    self.graded.add(call["name"])
+                    self.progress("backward", len(self.graded), self.modules)
 
             self.session.add_tensor_hook(t, on_grad)
 
@@ -221,6 +237,9 @@ class _Recorder:
                     feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
                     input_finite=finite(c["inputs"]),
                     output_id=None if stats is None else c["slot"],
+                    failed=c["failed"],
+                    input_requires_grad=c["in_grad"],
+                    output_requires_grad=c["out_grad"],
                 )
             )
         return by_module, summaries
@@ -331,6 +350,7 @@ def capture(
     feature_maps: bool = True,
     sample_size: int = 8192,
     costs: bool | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Capture:
     """Run ``model`` on ``batch`` once with hooks on every module and summarise what each call saw.
 
@@ -355,19 +375,24 @@ def capture(
     default (it adds a dispatch step to every op) and on by default for a meta-device model, whose forward
     then records autograd (on shapes only) so that the saved tensors are seen too. Parameter, gradient,
     buffer and output bytes are always recorded.
+
+    ``progress(phase, done, total)``, if given, is told what the pass has done so far: phase "forward" as each
+    module's forward ends for the first time (``done`` of ``total`` modules), then "backward" as each module's
+    output gradient arrives, then "findings" (0 of 1, then 1 of 1); each phase ends with ``done == total``.
     """
     _check_arguments(model, batch)
     default_bins, edges = _bin_plan(bins)
     with _gc_paused():
         return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size,
-                        costs)
+                        costs, progress)
 
 
 def _cuda_device(model: nn.Module) -> torch.device | None:
     return next((p.device for p in initialised(model) if p.is_cuda), None)
 
 
-def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs) -> Capture:
+def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs,
+             progress=None) -> Capture:
     model, compiled = kinds.unwrap(model)
     entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
     names = {id(m): n for n, m in entries}
@@ -393,18 +418,20 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         if counting:  # the tensors held anyway: their storages are not activation memory
             counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
         recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges,
-                             counter)
+                             counter, progress, len(entries))
         inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
         for name, module in entries:
             if counter is not None:
                 session.add_forward_pre_hook(module, lambda module, args, kwargs, name=name: counter.enter(name))
-            session.add_forward_hook(module, recorder.hook_for(name, module))
+            session.add_forward_hook(module, recorder.hook_for(name, module), always_call=True)
         try:
             with torch.enable_grad() if backward or saving else torch.no_grad(), \
                     counter.mode() if counter is not None else contextlib.nullcontext():
                 with counter.saving() if saving else contextlib.nullcontext():
                     output = call_model(model, batch_run)
                 session.remove_forward_hooks()  # a loss_fn that calls submodules must not add calls to the record
+                if progress is not None:
+                    progress("forward", len(entries), len(entries))
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
@@ -416,6 +443,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                             grads = distributed.backward(loss, before, batch)
                         else:
                             grads = kinds.param_grads(loss, params)
+                        if progress is not None:
+                            progress("backward", len(entries), len(entries))
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -500,4 +529,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         model=model,
         batch=batch,
     )
-    return dataclasses.replace(cap, findings=tuple(find(cap)))
+    if progress is not None:
+        progress("findings", 0, 1)
+    cap = dataclasses.replace(cap, findings=tuple(find(cap)))
+    if progress is not None:
+        progress("findings", 1, 1)
+    return cap
