@@ -194,6 +194,8 @@ def findings(cap) -> list[str]:
     for f in cap.findings:
         lines += textwrap.wrap(f"{f.severity:<7}  {text.display_name(f.module)}: {f.message}", WIDTH,
                                initial_indent="  ", subsequent_indent=" " * 11)
+        if f.fix:
+            lines += textwrap.wrap(f.fix, WIDTH, initial_indent=" " * 11, subsequent_indent=" " * 11)
     return lines
 
 

@@ -22,13 +22,14 @@ import traitlets
 from torch import nn
 
 from .. import plots
-from ..core import Capture
+from ..core import Capture, kinds
 from ..core import capture as run_capture
 from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
 from ..core.rerun import Rerun, cam_layer, input_size
 from ..plots.cost import cost_parts
 from . import rows, text
+from .progress import Progress
 from .tree import TreeWidget
 
 TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Cost", "Findings", "Summary")
@@ -189,20 +190,12 @@ class ModelInspector(widgets.VBox):
         self._drawn.clear()
 
     def _capture(self) -> None:
-        ids = set(map(id, self._model.modules()))
-        progress = _progress(len(ids))
-
-        def tick(module, args, output) -> None:  # returns None: the output stays as it was
-            if id(module) in ids:
-                progress.update()
-
-        handle = nn.modules.module.register_module_forward_hook(tick)
+        modules = sum(1 for _ in kinds.unwrap(self._model)[0].named_modules())
+        progress = Progress(modules, self._backward, PROGRESS_DELAY)
         try:
             self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
-                                    backward=self._backward, costs=self._costs)
+                                    backward=self._backward, costs=self._costs, progress=progress)
         finally:
-            handle.remove()
-            progress.update(max(0, progress.total - progress.n))
             progress.close()
 
     def _select_initial(self, keep: str | None = None) -> None:
@@ -372,6 +365,10 @@ class ModelInspector(widgets.VBox):
         if call is None:
             self._stats.value = text.note("This module was never called in this pass.")
             return
+        if call.failed:
+            _shown(self._hist, False)
+            self._stats.value = text.failed_call(call, self._cap.error)
+            return
         self._show(self._hist, "histogram", report.name, self._call.value)
         self._stats.value = text.stats(call)
 
@@ -405,7 +402,9 @@ class ModelInspector(widgets.VBox):
 
     def _gradients(self) -> None:
         report, call = self._report_call()
-        self._grad_text.value = text.gradients(report, call, self._cap.backward)
+        loss = text.loss_note(self._cap)
+        self._grad_text.value = (text.note(loss, "ls-note ls-loss") if loss else "") + \
+            text.gradients(report, call, self._cap.backward)
         _shown(self._grad_image, self._cap.backward)
         if self._cap.backward:
             self._show(self._grad_image, "gradient_flow", report.name)
@@ -494,8 +493,10 @@ class ModelInspector(widgets.VBox):
         with self._quietly():
             self._findings.options = [(text.finding_label(f), i) for i, f in enumerate(findings)]
             self._findings.value = None
+            self._findings.rows = min(max(len(findings), 2), 10)
         _shown(self._findings, bool(findings))
-        self._finding_detail.value = ""
+        self._finding_detail.value = text.finding(findings[0]) if findings else ""  # the first, until one is picked
+        self._tabs.set_title(FINDINGS, f"{TABS[FINDINGS]} ({len(findings)})" if findings else TABS[FINDINGS])
 
     def _on_finding(self, change) -> None:
         if self._quiet or change["new"] is None:
@@ -558,8 +559,3 @@ def decoded_tokens(tokenizer: Any, batch: Any, item: int) -> list[str] | None:
         return [str(t) for t in tokenizer.convert_ids_to_tokens(row)]
     return [str(tokenizer.decode([i])) for i in row]
 
-
-def _progress(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="layerscope: capturing", unit="module", delay=PROGRESS_DELAY, leave=False)
