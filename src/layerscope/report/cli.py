@@ -162,7 +162,7 @@ def table(cap) -> list[str]:
         s = call.stats if call is not None else None
         cells.append([
             name or "(model)", report.type_name, str(len(report.calls)),
-            text.dims(call.output_shapes, sep="x") if call is not None else "not called",
+            "not called" if call is None else "failed" if call.failed else text.dims(call.output_shapes, sep="x"),
             _fit(s.mean, 9) if s else "", _fit(s.std, 8) if s else "",
             _fit(s.zero_fraction, 6, percent=True) if s else "",
             _fit(call.grad_output_norm, 8) if call is not None else "", human(report.num_params),

@@ -26,15 +26,15 @@ class Progress:
         if self.bar is None:
             if time.monotonic() - self.start < self.delay:
                 return
-            self._open()
+            self._open(phase)
         self.bar.set_description(f"layerscope: {PHASES[phase]}", refresh=False)
         self.bar.update(self.n - self.bar.n)
 
-    def _open(self) -> None:
+    def _open(self, phase: str) -> None:
         from tqdm.auto import tqdm
         from tqdm.notebook import tqdm_notebook
 
-        options = dict(total=self.total, desc="layerscope", unit="step", leave=False)
+        options = dict(total=self.total, initial=self.n, desc=f"layerscope: {PHASES[phase]}", unit="step", leave=False)
         if issubclass(tqdm, tqdm_notebook):
             from IPython.display import display
 
