@@ -499,3 +499,14 @@ def tree_rows_of(cap):
     from layerscope.widget.tree import tree_rows
 
     return tree_rows(cap)
+
+
+def test_refresh_after_inserting_a_layer_keeps_the_same_module_selected():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4 * 8 * 8, 10))  # no flatten
+    inspector = on_page(ModelInspector(model, torch.randn(2, 1, 8, 8)))
+    assert inspector.selected == "2" and inspector.capture.error.module == "2"
+    linear = model[2]
+    model.insert(2, nn.Flatten())  # the fix: the linear layer is "3" now
+    inspector.refresh()
+    assert inspector.capture.error is None
+    assert inspector.selected == "3" and inspector.capture["3"].type_name == "Linear" and model[3] is linear

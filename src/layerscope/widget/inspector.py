@@ -116,17 +116,21 @@ class ModelInspector(widgets.VBox):
         self.selected = name
 
     def refresh(self, batch: Any = None) -> None:
-        """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
+        """Capture again, on ``batch`` if given (else on the same batch), keeping the selection on the same module
+        (by what it is: after a layer was inserted before it, it is selected under its new name). The inspector
+        then shows the new capture; to keep the old one on the page too, make a new ModelInspector instead."""
         if self._model is None:
             raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
         with self._lock:
+            selected = self._modules.get(self.selected)
             if batch is not None:
                 self._batch = batch
                 self._rerun = Rerun(self._model, batch)
             self._given = None
             self._forget()
             self._run()
-            self._select_initial(keep=self.selected)
+            names = {id(m): n for n, m in self._modules.items()}
+            self._select_initial(keep=names.get(id(selected), self.selected))
 
     def save_html(self, path) -> None:
         """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
@@ -178,6 +182,8 @@ class ModelInspector(widgets.VBox):
             self._cap = self._given
         else:
             self._capture()
+        # the modules by name as they were captured: refresh() follows the selected one to its new name
+        self._modules = dict(kinds.unwrap(self._model)[0].named_modules()) if self._model is not None else {}
         self._captured_at = time.time()  # when the capture ended (the browser test times the tree from here)
         cap = self._cap
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
