@@ -113,7 +113,8 @@ def test_debugging_checklist():
     assert "refresh(" not in code
     assert count(nb, WIDGET) >= 19
     views = [o["data"].get("text/html", "") for o in outputs(nb) if WIDGET in o.get("data", {})]
-    assert "Forward failed:" in views[0] and "shape mismatch" in views[0]  # the missing flatten, still broken
+    # the missing flatten, still broken in the first inspector
+    assert "Forward failed:" in views[0] and "expects the last dimension to be 1568" in views[0]
     assert sum("No findings" in v for v in views) >= 9  # the fixed models
     assert re.search(r"^warning +no_grad +1: The gradient is cut at 1 \(NumpyClip\)", text, re.MULTILINE)
 

@@ -57,7 +57,7 @@ def _findings(cap: Capture) -> str:
     findings = cap.findings
     if not findings:
         return "<p>No findings: nothing in this pass looked wrong.</p>"
-    items = "".join(f"<li>{html.escape(text.finding_label(f))}: {html.escape(f.message)}"
+    items = "".join(f"<li>{html.escape(text.finding_line(f))}"
                     + (f"<br><i>{html.escape(f.fix)}</i>" if f.fix else "") + "</li>" for f in findings[:MAX_FINDINGS])
     more = f"<p>and {len(findings) - MAX_FINDINGS:,} more.</p>" if len(findings) > MAX_FINDINGS else ""
     n = len(findings)

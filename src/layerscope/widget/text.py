@@ -300,6 +300,13 @@ def finding_label(f) -> str:
     return f"{f.severity} · {where} · {str(f.kind).replace('_', ' ')}"
 
 
+def finding_line(f) -> str:
+    """One finding as one line of plain text with its whole message (for lists that wrap: the report, the static
+    view)."""
+    where = " · ".join(filter(None, [_where(f), _rank(f)]))
+    return f"{f.severity} · {where} · {f.message}"
+
+
 def finding(f) -> str:
     """One finding in full: severity, kind, the modules it lists, its message and its fix line (text wraps)."""
     severity = str(f.severity)
