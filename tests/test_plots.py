@@ -187,10 +187,12 @@ def test_gradient_flow_plots_autograd_norms_in_execution_order(squeeze):
     fig = plots.gradient_flow(cap)
     ax = fig.axes[0]
     (dots,) = [c for c in ax.collections if isinstance(c, PathCollection)]
-    np.testing.assert_allclose(dots.get_offsets()[:, 1], norms, rtol=1e-4)  # float32 accumulation
-    np.testing.assert_array_equal(dots.get_offsets()[:, 0], np.arange(26))
-    assert [t.get_text() for t in ax.get_xticklabels()] == order
-    assert ax.get_yscale() == "log"
+    np.testing.assert_allclose(dots.get_offsets()[:, 0], norms, rtol=1e-4)  # float32 accumulation
+    np.testing.assert_array_equal(dots.get_offsets()[:, 1], np.arange(26))
+    assert [t.get_text() for t in ax.get_yticklabels()] == order  # every name fits, one row each
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (25.5, -0.5)  # the first layer on top
+    assert {t.get_fontsize() for t in ax.get_yticklabels()} == {9} and not any(
+        t.get_rotation() for t in ax.get_yticklabels())
     assert len({tuple(c) for c in dots.get_facecolors()}) == 1  # no findings: one colour
     png(fig)
 
@@ -201,7 +203,7 @@ def test_gradient_flow_colours_findings_and_shades_the_highlight(squeeze):
                 Finding("dead_relu", "features.4")]
     fig = plots.gradient_flow(replace(cap, findings=findings), highlight="features.4.expand3x3")
     ax = fig.axes[0]
-    names = [t.get_text() for t in ax.get_xticklabels()]
+    names = [t.get_text() for t in ax.get_yticklabels()]
     (dots,) = [c for c in ax.collections if isinstance(c, PathCollection)]
     colours = [tuple(c) for c in dots.get_facecolors()]
     for name, colour in zip(names, colours):
@@ -211,7 +213,7 @@ def test_gradient_flow_colours_findings_and_shades_the_highlight(squeeze):
     assert colours.count(to_rgba(COLORS["vanishing_grad"])) == 3  # the fire module's three convs
     (band,) = [p for p in ax.patches]
     x = names.index("features.4.expand3x3")
-    assert (band.get_x(), band.get_x() + band.get_width()) == (x - 0.5, x + 0.5)
+    assert (band.get_y(), band.get_y() + band.get_height()) == (x - 0.5, x + 0.5)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["gradient norm", "vanishing", "exploding"]
     png(fig)
@@ -226,15 +228,31 @@ def test_gradient_flow_marks_zero_missing_and_frozen_gradients():
     cap = layerscope.capture(model, torch.randn(3, 4), target=torch.tensor([0, 1, 1]))
     fig = plots.gradient_flow(cap)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "3", "4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "2", "3", "4"]
     normal, *marks = [c for c in ax.collections if isinstance(c, PathCollection)]
     # layer 2 sees only zeros, so its weight gradient is zero but its bias gradient is not
     expected = [math.hypot(*[v for v in cap[n].param_grad_norms.values()]) for n in ("2", "3")]
-    np.testing.assert_allclose(normal.get_offsets()[:, 1], expected)
+    np.testing.assert_allclose(normal.get_offsets()[:, 0], expected)
     assert cap["0"].param_grad_norms == {"weight": 0.0, "bias": 0.0}
-    where = {t.get_text(): m.get_offsets()[:, 0].tolist()
+    where = {t.get_text(): m.get_offsets()[:, 1].tolist()
              for t, m in zip(ax.get_legend().get_texts()[1:], marks)}
     assert where == {"zero gradient": [0], "frozen": [3]}
+    png(fig)
+
+
+def test_gradient_flow_thins_the_names_of_a_large_model_and_names_the_highlight():
+    from torchvision.models import resnet50
+
+    cap = layerscope.capture(resnet50(weights=None).eval(), torch.randn(1, 3, 64, 64))
+    layers = [n for n, r in cap.modules.items() if r.num_own_params and r.calls]
+    assert len(layers) == 107  # 53 convs, 53 batch norms and fc
+    fig = plots.gradient_flow(cap, highlight="layer3.2")
+    ax = fig.axes[0]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    assert 30 <= len(names) <= 48 and "layer3.2.conv1" in names and set(names) <= set(layers)
+    rows = ax.get_yticks()
+    inches = fig.get_size_inches()[1] * ax.get_position().height / len(layers)  # per layer row
+    assert min(np.diff(rows)) * inches * 72 >= 9  # 9 pt names never overlap
     png(fig)
 
 

@@ -3,6 +3,7 @@ saved notebook keeps, and the command line. (The page itself is tested in test_r
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -77,8 +78,15 @@ def test_the_document_holds_every_record_the_page_shows(squeezenet_report):
     assert hist["edges"] == pytest.approx([call.histogram.edges[0], call.histogram.edges[-1]], rel=1e-15)
     assert np.allclose(np.linspace(*hist["edges"], 65), call.histogram.edges, rtol=1e-12, atol=1e-12)
     assert hist["notes"] == [f"sampled {call.histogram.sampled:,} of {55 * 55 * 64:,} values"]
-    grads = dict((p, g) for p, g, _ in m["grads"])
+    grads = dict((p, g) for p, g, _, _ in m["grads"])
     assert grads == {k: f"{v:.4g}" for k, v in report.param_grad_norms.items()}
+    ratios = {p: r for p, _, _, r in m["grads"]}  # grad / norm, as the findings judge a layer
+    weight = report.params["weight"]
+    assert ratios["weight"] == f"{weight.grad_norm / weight.norm:.3g}"
+    scale = cap.output_numel if cap.loss_kind == "sum" else 1  # the findings divide a "sum" loss out
+    own = [q for q in report.params.values() if q.trainable]
+    layer = math.hypot(*[q.grad_norm for q in own]) / scale / math.hypot(*[q.norm for q in own])
+    assert m["ratio"].startswith(f"{layer:.3g}")
     assert m["calls"][0]["grad"] == f"{call.grad_output_norm:.4g}"
     assert doc["summary"] == cap.summary() and "1,235,496" in doc["summary"]
     flow = doc["gradient_flow"]
@@ -240,10 +248,14 @@ def test_a_saved_notebook_keeps_the_static_view(tmp_path):
     saved = nbformat.read(tmp_path / "saved.ipynb", as_version=4)
     # the inspector's own output (a capture over PROGRESS_DELAY, such as the first one that counts FLOPs while
     # torch loads its dispatch machinery, also leaves a closed progress bar before it)
-    [output] = [o for o in saved.cells[2].outputs if o["output_type"] == "execute_result"]
-    data = output["data"]
-    assert "application/vnd.jupyter.widget-view+json" in data  # the live widget where widgets run
-    fallback = data["text/html"]  # and for GitHub and nbviewer
+    outputs = saved.cells[2].outputs
+    [k] = [i for i, o in enumerate(outputs) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+           and o["data"]["text/plain"].startswith("ModelInspector(")]
+    widget, static = outputs[k]["data"], outputs[k + 1]["data"]  # the live widget, then the static copy after it
+    assert "text/html" not in widget  # one static view, not two, where HTML is shown (GitHub, untrusted notebooks)
+    fallback = static["text/html"]
+    assert fallback.startswith("<style>") and "Error" not in fallback.split("</style>")[0]
+    fallback = fallback.split("</style>", 1)[1]  # the style hides one output or the other in Jupyter
     assert 'class="layerscope-static"' in fallback and "<script" not in fallback and "<img" not in fallback
     assert "<code>block</code> ModuleDict" in fallback and "<code>&lt;img src=x onerror=alert(1)&gt;</code>" in fallback
     namespace: dict = {}

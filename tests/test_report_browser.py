@@ -151,18 +151,27 @@ def test_squeezenet_report_works_like_the_inspector(browser, squeezenet):
     expect(page.locator(".ls-grads")).to_contain_text(f"{grads['weight']:.4g}")
     dots = page.locator("svg.ls-gradient-flow circle.ls-dot")
     expect(dots).to_have_count(len(doc["gradient_flow"]["layers"]))
-    drawn = dots.evaluate_all("dots => dots.map((d) => [d.dataset.name, Number(d.dataset.norm), d.cy.baseVal.value])")
-    assert [name for name, _, _ in drawn] == [layer[0] for layer in doc["gradient_flow"]["layers"]]
-    slope, offset = np.polyfit([np.log10(n) for _, n, _ in drawn], [y for _, _, y in drawn], 1)
-    assert slope < 0  # a log axis, larger norms higher up
-    for _, norm, y in drawn:
-        assert y == pytest.approx(slope * np.log10(norm) + offset, abs=1e-3)
+    drawn = dots.evaluate_all("dots => dots.map((d) => [d.dataset.name, Number(d.dataset.norm), d.cx.baseVal.value,"
+                              " d.cy.baseVal.value])")
+    assert [name for name, *_ in drawn] == [layer[0] for layer in doc["gradient_flow"]["layers"]]
+    slope, offset = np.polyfit([np.log10(n) for _, n, _, _ in drawn], [x for _, _, x, _ in drawn], 1)
+    assert slope > 0  # a log axis, larger norms further right
+    for _, norm, x, _ in drawn:
+        assert x == pytest.approx(slope * np.log10(norm) + offset, abs=1e-3)
+    rows = [y for *_, y in drawn]
+    assert rows == sorted(rows) and len(set(np.round(np.diff(rows), 6))) == 1  # one row each, from the top
+    names = page.locator("svg.ls-gradient-flow text.ls-layer")  # every name fits at 26 layers, none overlap
+    expect(names).to_have_count(len(drawn))
+    boxes = names.evaluate_all("ts => ts.map((t) => { const b = t.getBBox(); return [b.y, b.height]; })")
+    assert all(b[0] + b[1] <= a[0] + 0.5 for b, a in zip(boxes, boxes[1:])) and min(h for _, h in boxes) >= 11
     band = page.locator("svg.ls-gradient-flow rect.ls-highlight")  # the selected layer is shaded
     expect(band).to_have_count(1)
     here = next(d for d in drawn if d[0] == "features.3.expand3x3")
-    left, width = band.evaluate("r => [r.x.baseVal.value, r.width.baseVal.value]")
-    cx = dots.nth([d[0] for d in drawn].index("features.3.expand3x3")).evaluate("d => d.cx.baseVal.value")
-    assert left < cx < left + width and width < 640 / len(drawn) + 1e-6 and here[1] > 0
+    top, height = band.evaluate("r => [r.y.baseVal.value, r.height.baseVal.value]")
+    assert top < here[3] < top + height and height == pytest.approx(rows[1] - rows[0]) and here[1] > 0
+    expect(page.locator(".ls-grads")).to_contain_text(
+        f"{grads['weight'] / cap['features.3.expand3x3'].params['weight'].norm:.3g}")  # grad / norm
+    expect(page.locator(".ls-out-grad")).to_contain_text("what the findings judge")
     page.screenshot(path=ARTIFACTS / "report-gradients.png")
 
     view.tab("Explain").click()

@@ -24,7 +24,16 @@ from layerscope import plots
 from layerscope.core import cam as core_cam
 from layerscope.core.records import human, human_bytes
 from layerscope.widget import ModelInspector, text
-from layerscope.widget.inspector import ACTIVATIONS, COST, EXPLAIN, FEATURE_MAPS, FINDINGS, GRADIENTS, SUMMARY
+from layerscope.widget.inspector import (
+    ACTIVATIONS,
+    ALL_HEADS,
+    COST,
+    EXPLAIN,
+    FEATURE_MAPS,
+    FINDINGS,
+    GRADIENTS,
+    SUMMARY,
+)
 from layerscope.widget.progress import Progress
 from layerscope.widget.tree import COLUMNS, FIELDS, TreeWidget
 
@@ -283,6 +292,75 @@ def test_grad_cam_once_per_layer_and_class(squeezenet, monkeypatch):
     assert original(model, batch).layer in inspector._ex_note.value
 
 
+def test_explain_controls_start_with_a_value_and_follow_the_item():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+    batch = torch.randn(2, 3, 16, 16)
+    batch[1] *= -3
+    target = torch.tensor([3, 7])
+    inspector = on_page(ModelInspector(model.eval(), batch, target=target))
+    inspector.select("0")
+    inspector._tabs.selected_index = EXPLAIN
+    with torch.no_grad():
+        probs = model(batch).double().softmax(1)
+    spread = (-(probs * probs.log()).sum(1) / math.log(1000)).tolist()
+    assert spread[0] > 0.99 > spread[1]  # item 0 near uniform (untrained), item 1 less so
+    assert inspector._ex_item.value == 0 and inspector._ex_class.value == int(probs[0].argmax())
+    assert "True label (target): <b>3</b>" in inspector._ex_top.value
+    assert "close to uniform" in inspector._ex_top.value
+    assert inspector._ex_find.layout.display is None and len(inspector._ex_find.options) == 1000
+    inspector._ex_item.value = 1  # the other item: its own top prediction, its own label
+    assert inspector._ex_class.value == int(probs[1].argmax()) != int(probs[0].argmax())
+    assert "True label (target): <b>7</b>" in inspector._ex_top.value
+    assert "close to uniform" not in inspector._ex_top.value
+    inspector._ex_class.value = 5  # a class picked by hand stays while the item does
+    inspector.select("1")
+    assert inspector._ex_class.value == 5
+    inspector._ex_find.value = "42"  # the search box picks a class
+    assert inspector._ex_class.value == 42 and inspector._drawn[EXPLAIN][-2] == 42
+
+
+def test_a_block_with_attention_layers_points_to_them():
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
+    model = nn.Sequential(OrderedDict(enc=nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))).eval()
+    inspector = on_page(ModelInspector(model, torch.randn(1, 4, 8)))
+    inspector.select("enc")
+    inspector._tabs.selected_index = EXPLAIN
+    note = inspector._ex_note.value
+    assert "holds attention layers" in note and "enc.layers.0.self_attn, enc.layers.1.self_attn" in note
+    assert "image batch" not in note
+
+
+def test_a_click_arriving_while_a_panel_draws_is_drawn_not_swallowed():
+    # the user's change lands (on another thread) while the panel is drawing: the draw in progress must not
+    # record the new value as drawn, so the user's event draws it once it has the lock
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+    batch = torch.randn(2, 3, 16, 16)
+    batch[1] *= -3  # the two items have different top classes
+    inspector = on_page(ModelInspector(model.eval(), batch))
+    inspector.select("0")
+    original = inspector._explain_cam
+    clicked = []
+
+    def slow(name):
+        original(name)
+        if not clicked:
+            clicked.append(1)
+            user = threading.Thread(target=setattr, args=(inspector._ex_item, "value", 1))
+            user.start()
+            user.join(timeout=0.5)  # it waits for the lock the draw holds
+            clicked.append(user)
+
+    inspector._explain_cam = slow
+    inspector._tabs.selected_index = EXPLAIN
+    clicked[1].join()
+    with torch.no_grad():
+        second = int(model(batch)[1].argmax())
+    assert inspector._drawn[EXPLAIN][3:5] == (1, second)  # item 1 drawn, with its own class
+    assert inspector._ex_class.value == second
+
+
 def test_attention_heads_and_tokens():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
@@ -291,7 +369,8 @@ def test_attention_heads_and_tokens():
     inspector = on_page(ModelInspector(model, torch.randn(1, 4, 8), tokens=tokens))
     inspector.select("block.self_attn")
     inspector._tabs.selected_index = EXPLAIN
-    assert [v for _, v in inspector._ex_head.options] == [None, 0, 1]
+    assert [v for _, v in inspector._ex_head.options] == [ALL_HEADS, 0, 1]
+    assert inspector._ex_head.value == ALL_HEADS  # the picker starts on "all", not blank
     assert inspector._ex_class.layout.display == "none" and inspector._ex_head.layout.display is None
     all_heads = inspector._ex_image.value
     inspector._ex_head.value = 1

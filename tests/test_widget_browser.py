@@ -531,6 +531,209 @@ def test_inspector_on_loaded_captures_in_jupyterlab(server, browser):
     page.context.close()
 
 
+# -- the inspector in a classroom: dark theme, a narrow window, fast clicks, a reopened notebook ------------------
+
+# The contrast ratio (WCAG 2) of an element's text against what is behind it, from the computed colours: the
+# text colour (alpha blended over the background) and the first ancestor background that is not transparent.
+CONTRAST = """
+(el) => {
+  const probe = document.createElement("canvas").getContext("2d");
+  const rgba = (css) => { // any CSS colour (rgb(), color(srgb ...) from color-mix) as [r, g, b, a] in 0..255
+    probe.clearRect(0, 0, 1, 1);
+    probe.fillStyle = "#000"; probe.fillStyle = css; probe.fillRect(0, 0, 1, 1);
+    const [r, g, b, a] = probe.getImageData(0, 0, 1, 1).data;
+    return [r, g, b, a / 255];
+  };
+  let node = el, back = null;
+  while (node && node.nodeType === 1) {
+    const c = rgba(getComputedStyle(node).backgroundColor);
+    if (c[3] > 0.99) { back = c; break; }
+    node = node.parentElement;
+  }
+  back = back || [255, 255, 255, 1];
+  const fore = rgba(getComputedStyle(el).color);
+  for (let up = el; up && up.nodeType === 1; up = up.parentElement) { // a dimmed row dims its text (conservative)
+    fore[3] *= Number(getComputedStyle(up).opacity);
+  }
+  const mixed = fore.slice(0, 3).map((v, i) => v * fore[3] + back[i] * (1 - fore[3]));
+  const lum = (c) => c.map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const [hi, lo] = [lum(mixed), lum(back.slice(0, 3))].sort((a, b) => b - a);
+  return {ratio: (hi + 0.05) / (lo + 0.05), fore: mixed, back: back.slice(0, 3)};
+}
+"""
+
+CLIPPED_TABS = """
+(inspector) => [...inspector.querySelectorAll(".lm-TabBar-tab")].map((tab) => {
+  const label = tab.querySelector(".lm-TabBar-tabLabel");
+  const box = tab.getBoundingClientRect(), outer = inspector.getBoundingClientRect();
+  return [label.textContent, label.scrollWidth, label.clientWidth, box.right <= outer.right + 0.5];
+})
+"""
+
+TWO_ITEMS = """\
+torch.manual_seed(0)
+pair = squeezenet1_1(weights=None).eval()
+ModelInspector(pair, torch.randn(2, 3, 64, 64), target=torch.tensor([3, 7]))
+"""
+
+
+def open_page(browser, server: JupyterServer, path: str, width: int, run: bool = True, sidebar: bool = True):
+    context = browser.new_context(viewport={"width": width, "height": 1000})
+    page = context.new_page()
+    monitor = Monitor(page, server)
+    page.goto(server.page_url(path))
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+        " return k && k.status === 'idle'; }", timeout=60_000)
+    if sidebar:
+        page.evaluate("window.jupyterapp.commands.execute('filebrowser:activate')")  # the file browser open
+    if run:
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return page, monitor
+
+
+def dark(page) -> None:
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+    page.wait_for_function("() => getComputedStyle(document.body).getPropertyValue('--jp-layout-color1')"
+                           ".trim().toLowerCase() !== '#ffffff'")
+
+
+def tabs_whole(inspector) -> list:
+    """The tab titles that are clipped (wider than their label box) or run past the inspector."""
+    return [t for t in inspector.evaluate(CLIPPED_TABS) if t[1] > t[2] or not t[3]]
+
+
+def test_dark_theme_and_a_900_px_window_in_jupyterlab(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    (server.root / "classroom.ipynb").write_text(notebook(SETUP.format(evil=EVIL), SQUEEZENET, BROKEN, TWO_ITEMS))
+    page, monitor = open_page(browser, server, "lab/tree/classroom.ipynb", 900)
+    dark(page)
+    broken = inspector_with(page, "head.1")
+    squeeze = page.locator(".layerscope-inspector").nth(0)
+    expect(page.locator(".layerscope-inspector")).to_have_count(3, timeout=CELL_TIMEOUT)
+    pair = page.locator(".layerscope-inspector").nth(2)
+    expect(row(pair, "classifier")).to_be_visible()
+
+    banner = broken.locator(".ls-error-banner")
+    expect(banner).to_be_visible()
+    found = {"banner": banner.evaluate(CONTRAST),
+             "selected row": row(broken, "head.1").locator(".ls-label").evaluate(CONTRAST)}
+    row(squeeze, "features").click()
+    found["selected row (plain)"] = row(squeeze, "features").locator(".ls-label").evaluate(CONTRAST)
+    print("\nLS contrast (JupyterLab Dark, 900 px):", {k: round(v["ratio"], 2) for k, v in found.items()})
+    for what, c in found.items():
+        assert c["ratio"] >= 4.5, (what, c)
+        assert sum(c["back"]) < 3 * 128, (what, c)  # a dark background in the dark theme, not a pale one
+    broken.scroll_into_view_if_needed()
+    broken.screenshot(path=ARTIFACTS / "lab-dark-900-broken.png")
+
+    for inspector in (squeeze, broken, pair):
+        assert tabs_whole(inspector) == []
+        outer = inspector.evaluate("el => [el.getBoundingClientRect().width, el.parentElement.getBoundingClientRect()"
+                                   ".width, el.scrollWidth, el.clientWidth]")
+        assert outer[0] <= outer[1] + 0.5 and outer[2] <= outer[3] + 1, outer  # nothing runs past the cell
+    tree, panel = (squeeze.locator(sel).evaluate("el => el.getBoundingClientRect().toJSON()")
+                   for sel in (".layerscope-tree", ".ls-panel"))
+    width = squeeze.evaluate("el => el.getBoundingClientRect().width")
+    print(f"LS inspector width at a 900 px window with the file browser open: {width:.0f} px")
+    if width <= 800:
+        assert panel["top"] >= tree["bottom"] - 1  # stacked: the panel under the tree
+
+    # Explain: the pickers start with a value; the true label shows
+    row(pair, "features").locator(".ls-toggle").click()
+    row(pair, "features.12").click()
+    tab(pair, "Explain").click()
+    visible_image(pair, "ls-explain")
+    pickers = pair.locator(".widget-dropdown select").filter(visible=True)
+    expect(pickers).to_have_count(2)  # Item and Class
+    values = pickers.evaluate_all("ss => ss.map((s) => [s.selectedIndex, s.value])")
+    assert len(values) >= 2 and all(i >= 0 for i, _ in values), values  # Item and Class, neither blank
+    expect(pair.locator(".ls-truth")).to_contain_text("3")
+    pair.scroll_into_view_if_needed()
+    pair.screenshot(path=ARTIFACTS / "lab-dark-900-explain.png")
+    tab(pair, "Summary").click()
+    summary = pair.locator("pre.ls-summary")
+    expect(summary).to_contain_text("Total mult-adds (M)")
+    lines = summary.evaluate("el => [el.scrollHeight, parseFloat(getComputedStyle(el).lineHeight),"
+                             " el.textContent.split('\\n').length, el.scrollWidth > el.clientWidth]")
+    assert lines[3]  # scrolls sideways rather than wrapping
+    pair.locator(".ls-summary").evaluate("el => el.scrollTop = 0")
+    pair.screenshot(path=ARTIFACTS / "lab-dark-900-summary.png")
+    assert monitor.problems == []
+    page.context.close()
+
+    page, monitor = open_page(browser, server, "lab/tree/classroom.ipynb", 1400, sidebar=False)
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
+    squeeze = inspector_with(page, "classifier")
+    expect(page.locator(".layerscope-inspector")).to_have_count(3, timeout=CELL_TIMEOUT)
+    expect(row(page.locator(".layerscope-inspector").nth(2), "classifier")).to_be_visible()
+    for inspector in page.locator(".layerscope-inspector").all():
+        assert tabs_whole(inspector) == []
+    light = {"banner": page.locator(".ls-error-banner").evaluate(CONTRAST),
+             "selected row": row(squeeze, "").locator(".ls-label").evaluate(CONTRAST)}
+    print("LS contrast (JupyterLab Light, 1400 px):", {k: round(v["ratio"], 2) for k, v in light.items()})
+    assert all(c["ratio"] >= 4.5 for c in light.values()), light
+    squeeze.screenshot(path=ARTIFACTS / "lab-light-1400.png")
+    assert monitor.problems == []
+    page.context.close()
+
+
+def test_fast_clicks_are_never_lost_in_jupyterlab(server, browser):
+    """Rows and tabs clicked faster than the kernel draws: each round ends on the Explain tab, which must show the
+    last selected module's picture, every time."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    (server.root / "clicks.ipynb").write_text(notebook(SETUP.format(evil=EVIL), SQUEEZENET))
+    page, monitor = open_and_run(browser, server, "lab/tree/clicks.ipynb")
+    squeeze = inspector_with(page, "classifier")
+    row(squeeze, "features").locator(".ls-toggle").click()
+    names = ["features.3", "features.9", "features.12", "features.5", "features.10"]
+    note = squeeze.locator(".ls-note").filter(has_text="Grad-CAM at")
+    for k in range(12):
+        first, last = names[k % len(names)], names[(k + 2) % len(names)]
+        for step in (first, "Explain", "Gradients", last, "Activations", "Explain"):  # no waiting in between
+            (row(squeeze, step) if step.startswith("features") else tab(squeeze, step)).click(no_wait_after=True)
+        expect(squeeze.locator(".ls-header .ls-name")).to_have_text(last)
+        expect(tab(squeeze, "Explain")).to_have_class(re.compile("lm-mod-current"))
+        visible_image(squeeze, "ls-explain")
+        expect(note).to_contain_text(last if last != "features.5" else "Grad-CAM at", timeout=20_000)
+    squeeze.screenshot(path=ARTIFACTS / "lab-fast-clicks.png")
+    assert monitor.problems == []
+    page.context.close()
+
+
+def test_a_reopened_notebook_shows_the_static_view_in_jupyterlab(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    (server.root / "reopen.ipynb").write_text(notebook(SETUP.format(evil=EVIL), BROKEN))
+    page, monitor = open_page(browser, server, "lab/tree/reopen.ipynb", 1400, sidebar=False)
+    live = inspector_with(page, "head.1")
+    expect(live).to_be_visible()
+    expect(page.locator(".layerscope-static")).to_be_hidden()  # in the page, hidden while the widget is live
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty")
+    page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")  # the widgets' models go
+    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.sessionContext.session")
+    assert monitor.problems == []
+    page.context.close()
+    saved = json.loads((server.root / "reopen.ipynb").read_text())
+    assert "application/vnd.jupyter.widget-view+json" in json.dumps(saved["cells"][1]["outputs"])
+
+    page, monitor = open_page(browser, server, "lab/tree/reopen.ipynb", 1400, run=False, sidebar=False)
+    static = page.locator(".layerscope-static")
+    expect(static).to_be_visible(timeout=30_000)
+    expect(static).to_contain_text("Forward failed")
+    expect(static.locator("code", has_text="head")).to_be_visible()
+    error = page.get_by_text("Error displaying widget")
+    expect(error).to_have_count(1, timeout=30_000)  # JupyterLab's message is in the page, hidden by the style
+    expect(error).to_be_hidden()
+    assert page.locator(".layerscope-inspector").count() == 0
+    page.screenshot(path=ARTIFACTS / "lab-reopened.png")
+    page.context.close()
+
+
 FINDINGS_CELLS = (SETUP.format(evil=EVIL), BROKEN, """\
 stack = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
 for p in stack.parameters():

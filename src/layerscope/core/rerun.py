@@ -108,6 +108,10 @@ class Rerun:
     def _compute_attention(self) -> dict:
         return attention_maps(self.model, self.batch)
 
+    def attention_layers(self) -> list[str]:
+        """The modules whose attention weights the model's pass yields (first calls, in call order)."""
+        return [key for key in self._attention() if " (call " not in key]
+
     def attention(self, name: str, call: int) -> torch.Tensor | None:
         """The attention weights [N, heads, Lq, Lk] of a call, if the module is an attention layer."""
         return self._attention().get(call_key(name, call))

@@ -81,6 +81,8 @@ def attention_heatmap(weights, tokens: Sequence[str] | None = None, head: int | 
         _draw(ax, w[i], labels, vmax, False, r == rows - 1 or i + cols >= heads, c == 0)
         ax.set_title(f"head {i}", fontsize=9)
     fig.colorbar(grid.flat[0].collections[0], ax=grid, shrink=0.6, pad=0.01, label="attention weight")
+    fig.supxlabel("key", fontsize=10)
+    fig.supylabel("query", fontsize=10)
     return fig
 
 

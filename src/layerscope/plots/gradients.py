@@ -21,15 +21,29 @@ MISSING = {
     "none": ("no gradient", "0.45"),
     "frozen": ("frozen", "0.7"),
 }
-MAX_LABELS = 48
+ROW = 0.17  # inches per labelled row: 9 pt names one above the other without touching
+HEIGHT = (2.6, 9.0)  # inches: the figure grows with the layers up to this, then the labels are thinned
+
+
+def label_rows(n: int, height: float, keep: list[int]) -> list[int]:
+    """The rows that get a name: every ``step``-th so the names fit in ``height``, with the row nearest to
+    ``keep[0]`` (the highlighted block's first layer) moved onto it."""
+    fits = max(1, round((height - 1.4) / ROW))
+    step = max(1, math.ceil(n / fits))
+    rows = list(range(0, n, step))
+    if keep and keep[0] not in rows:
+        rows[min(range(len(rows)), key=lambda k: abs(rows[k] - keep[0]))] = keep[0]
+    return sorted(rows)
 
 
 def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | None = None) -> Figure:
-    """Per-layer gradient norms on a log axis, in execution order. Layers named by vanishing/exploding
-    findings are coloured, layers whose gradient is zero, missing or frozen are marked at the bottom,
-    and ``highlight`` (a module name, or a block containing several layers) is shaded."""
+    """Per-layer gradient norms on a log axis, one row per layer in execution order from the top (module names
+    on the y axis, thinned on large models). Layers named by vanishing/exploding findings are coloured, layers
+    whose gradient is zero, missing or frozen are marked at the left edge, and ``highlight`` (a module name, or
+    a block containing several layers) is shaded and named."""
     layers = layer_gradients(capture) if capture.backward else []
-    fig, ax = axes_or_new(ax, 3.8)
+    height = min(max(HEIGHT[0], 1.4 + ROW * len(layers)), HEIGHT[1])
+    fig, ax = axes_or_new(ax, height if layers else 2.6)
     ax.set_title("Gradient flow" + (f" (loss: {capture.loss_kind})" if capture.loss_kind else ""), loc="left")
     if not layers:
         why = "no layer with parameters was called" if capture.backward else "no gradients were computed"
@@ -39,15 +53,17 @@ def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | 
         ax.set_axis_off()
         return fig
     kind_of = flagged(capture, [name for name, _, _ in layers])
-    x = np.arange(len(layers))
+    y = np.arange(len(layers))
     norms = np.array([np.nan if n is None else n for _, n, _ in layers])
     positive = (norms > 0) & np.isfinite(norms)
-    ax.plot(x[positive], norms[positive], color="0.75", linewidth=1, zorder=1)
-    kinds = [kind_of.get(name, "normal") for name, _, _ in layers]
-    ax.scatter(x[positive], norms[positive], c=[COLORS[k] for k, p in zip(kinds, positive) if p], s=28, zorder=2)
-    ax.set_yscale("log")
     shown = norms[positive]
-    ax.set_ylim(*((shown.min() / 3, shown.max() * 3) if len(shown) else (1e-8, 1)))  # at least a decade
+    lo, hi = (shown.min() / 3, shown.max() * 3) if len(shown) else (1e-8, 1)  # at least a decade
+    kinds = [kind_of.get(name, "normal") for name, _, _ in layers]
+    colours = [COLORS[k] for k, p in zip(kinds, positive) if p]
+    ax.hlines(y[positive], lo, shown, colors=colours, linewidth=2, alpha=0.45, zorder=1)
+    ax.scatter(shown, y[positive], c=colours, s=24, zorder=2)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
     handles = [Line2D([], [], color=COLORS[k], marker="o", linestyle="", label=LABELS[k])
                for k in COLORS if k in {k for k, p in zip(kinds, positive) if p}]
     marks: dict[str, list[int]] = {}
@@ -57,18 +73,18 @@ def gradient_flow(capture: Capture, *, highlight: str | None = None, ax: Axes | 
             marks.setdefault(why, []).append(i)
     for key, where in marks.items():
         label, color = MISSING[key]
-        ax.scatter(where, [0.03] * len(where), marker="x", color=color, transform=ax.get_xaxis_transform(),
+        ax.scatter([0.015] * len(where), where, marker="x", color=color, transform=ax.get_yaxis_transform(),
                    s=36, zorder=3, clip_on=False)
         handles.append(Line2D([], [], color=color, marker="x", linestyle="", label=label))
-    if highlight is not None:
-        inside = [i for i, (name, _, _) in enumerate(layers) if owns(highlight, name)]
-        if inside:
-            ax.axvspan(min(inside) - 0.5, max(inside) + 0.5, color="#F2C14E", alpha=0.35, zorder=0, linewidth=0)
-    step = max(1, math.ceil(len(layers) / MAX_LABELS))
-    ax.set_xticks(x[::step], [name or "<root>" for name, _, _ in layers[::step]], rotation=90, fontsize=7)
-    ax.set_xlim(-0.5, len(layers) - 0.5)
-    ax.set_ylabel("L2 norm of the layer's\nparameter gradients")
-    ax.grid(axis="y", which="major", color="0.9")
+    inside = [i for i, (name, _, _) in enumerate(layers) if highlight is not None and owns(highlight, name)]
+    if inside:
+        ax.axhspan(min(inside) - 0.5, max(inside) + 0.5, color="#F2C14E", alpha=0.35, zorder=0, linewidth=0)
+    ticks = label_rows(len(layers), height, inside)
+    ax.set_yticks(ticks, [layers[i][0] or "<root>" for i in ticks], fontsize=9)
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # the first layer on top
+    ax.set_xlabel("L2 norm of the layer's parameter gradients (log scale)")
+    ax.grid(axis="x", which="major", color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(handles=handles, fontsize=8, loc="best", frameon=False)
+    ax.legend(handles=handles, fontsize=9, loc="lower right", bbox_to_anchor=(1, 1), ncols=len(handles),
+              frameon=False, borderaxespad=0.2)
     return fig

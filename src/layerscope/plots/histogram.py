@@ -38,16 +38,19 @@ def activation_histogram(call_record: CallRecord, *, title: str | None = None, a
     ax.spines[["top", "right"]].set_visible(False)
     zeros = f"{stats.zero_fraction:.1%}" if stats.exact else f"≈{stats.zero_fraction:.1%} (sampled)"
     lines = [
-        f"mean {stats.mean:.4g}   std {stats.std:.4g}",
-        f"min {stats.min:.4g}   max {stats.max:.4g}",
+        f"mean {stats.mean:.4g}",
+        f"std {stats.std:.4g}",
+        f"min {stats.min:.4g}",
+        f"max {stats.max:.4g}",
         f"zeros {zeros}",
     ]
     if hist.sampled < stats.numel - stats.nan_count - stats.inf_count:
         lines.append(f"sampled {hist.sampled:,} of {stats.numel:,} values")
     if hist.rebinned:
         lines.append("bins merged across ranks (approx.)")
-    ax.text(0.98, 0.97, "\n".join(lines), ha="right", va="top", transform=ax.transAxes, fontsize=9,
-            family="monospace", bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="0.8"))
+    # beside the bars, not over them (constrained layout makes room for it)
+    ax.text(1.02, 1.0, "\n".join(lines), ha="left", va="top", transform=ax.transAxes, fontsize=10,
+            linespacing=1.5, bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.8"))
     if not stats.finite:
         bad = [f"{n:,} {kind}" for n, kind in ((stats.nan_count, "NaN"), (stats.inf_count, "Inf")) if n]
         ax.text(1.0, 1.02, " and ".join(bad) + " values (not binned)", ha="right", va="bottom", transform=ax.transAxes,

@@ -2,6 +2,6 @@
 the command line (``cli``). Reads records only; imports no widget library."""
 
 from .html import save_html
-from .static import static_html
+from .static import notebook_fallback, static_html
 
-__all__ = ["save_html", "static_html"]
+__all__ = ["notebook_fallback", "save_html", "static_html"]

@@ -96,6 +96,7 @@ def _module(cap: Capture, report: ModuleReport, maps: _Maps) -> dict:
         "header": text.header_rows(report, None, cap),
         "calls": [_call(cap, report, c, maps) for c in report.calls],
         "grads": text.gradient_rows(report),
+        "ratio": text.layer_ratio(report, cap),
     }
 
 

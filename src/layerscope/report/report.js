@@ -134,57 +134,72 @@ function owns(module, name) { // as core/gradflow.py: the layer is the module or
   return name === module || (module !== "" && name.startsWith(`${module}.`));
 }
 
-// Per-layer gradient norms on a log axis in execution order, as plots.gradient_flow draws them: layers named
-// by vanishing/exploding findings coloured, layers without a norm marked at the bottom, ``selected`` shaded.
+// Per-layer gradient norms on a log axis, one row per layer in execution order from the top, as
+// plots.gradient_flow draws them: module names on the left (thinned on large models, the selected block's first
+// layer always named), layers named by vanishing/exploding findings coloured, layers without a norm marked at
+// the left edge, ``selected`` shaded.
 function gradientFlow(g, selected) {
-  const W = 640, H = 250, left = 64, right = 14, top = 30, bottom = 34;
+  const W = 640, left = 170, right = 14, top = 30, bottom = 40, label = 14; // px per name, at least
+  const n = g.layers.length;
+  const rowH = n ? Math.max(3, Math.min(16, 640 / n)) : 0;
+  const H = n ? top + n * rowH + bottom : 120;
   const svg = shape("svg", { class: "ls-gradient-flow", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" });
   svg.setAttribute("aria-label", g.title);
-  svg.append(shape("text", { x: left, y: 16, class: "ls-svg-title" }, g.title));
-  const n = g.layers.length;
+  svg.append(shape("text", { x: 4, y: 16, class: "ls-svg-title" }, g.title));
   if (!n) {
     svg.append(shape("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "ls-tick" }, g.why));
     return svg;
   }
-  const x = (i) => left + ((i + 0.5) / n) * (W - left - right);
+  const y = (i) => top + (i + 0.5) * rowH;
   const norms = g.layers.map((l) => l[1]).filter((v) => v !== null);
   const lo = norms.length ? Math.log10(Math.min(...norms) / 3) : -8;
   const hi = norms.length ? Math.log10(Math.max(...norms) * 3) : 0;
-  const y = (v) => top + (1 - (Math.log10(v) - lo) / (hi - lo)) * (H - top - bottom);
+  const x = (v) => left + ((Math.log10(v) - lo) / (hi - lo)) * (W - left - right);
   const inside = g.layers.map((l, i) => (owns(selected, l[0]) ? i : -1)).filter((i) => i >= 0);
   if (inside.length) {
-    const half = (W - left - right) / n / 2;
-    svg.append(shape("rect", { x: x(inside[0]) - half, y: top, width: x(inside[inside.length - 1]) - x(inside[0]) +
-      2 * half, height: H - top - bottom, class: "ls-highlight" }));
+    svg.append(shape("rect", { x: left, y: y(inside[0]) - rowH / 2, width: W - left - right,
+      height: (inside[inside.length - 1] - inside[0] + 1) * rowH, class: "ls-highlight" }));
   }
   const step = Math.max(1, Math.ceil((hi - lo) / 6)); // decades between labelled grid lines
   for (let k = Math.ceil(lo / step) * step; k <= Math.floor(hi); k += step) {
-    svg.append(shape("line", { x1: left, x2: W - right, y1: y(10 ** k), y2: y(10 ** k), class: "ls-grid" }));
-    svg.append(shape("text", { x: left - 6, y: y(10 ** k) + 4, "text-anchor": "end", class: "ls-tick" }, `1e${k}`));
+    svg.append(shape("line", { x1: x(10 ** k), x2: x(10 ** k), y1: top, y2: H - bottom, class: "ls-grid" }));
+    svg.append(shape("text", { x: x(10 ** k), y: H - bottom + 14, "text-anchor": "middle", class: "ls-tick" },
+      `1e${k}`));
   }
-  const points = g.layers.map((l, i) => [l[1], i]).filter(([v]) => v !== null);
-  svg.append(shape("polyline", { points: points.map(([v, i]) => `${x(i)},${y(v)}`).join(" "), class: "ls-line" }));
+  const every = Math.ceil(label / rowH); // rows between names
+  const named = new Set();
+  for (let i = 0; i < n; i += every) named.add(i);
+  if (inside.length && !named.has(inside[0])) {
+    const near = Math.round(inside[0] / every) * every;
+    named.delete(Math.min(near, Math.floor((n - 1) / every) * every));
+    named.add(inside[0]);
+  }
   const seen = new Set();
   g.layers.forEach(([name, norm, why, kind], i) => {
-    const label = name || "(model)";
+    const text = name || "(model)";
+    if (named.has(i)) {
+      svg.append(shape("text", { x: left - 6, y: y(i) + 4, "text-anchor": "end", class: "ls-tick ls-layer" }, text));
+    }
     let mark;
     if (norm !== null) {
-      mark = shape("circle", { cx: x(i), cy: y(norm), r: 3, class: `ls-dot ls-dot-${kind || "normal"}` });
+      svg.append(shape("line", { x1: left, x2: x(norm), y1: y(i), y2: y(i),
+        class: `ls-stem ls-dot-${kind || "normal"}` }));
+      mark = shape("circle", { cx: x(norm), cy: y(i), r: 3, class: `ls-dot ls-dot-${kind || "normal"}` });
       mark.dataset.norm = String(norm);
-      mark.append(shape("title", {}, `${label}: ${fmt(norm)}`));
+      mark.append(shape("title", {}, `${text}: ${fmt(norm)}`));
       if (kind) seen.add(kind);
     } else {
-      mark = shape("text", { x: x(i), y: H - bottom + 4, "text-anchor": "middle", class: `ls-miss ls-miss-${why}` },
+      mark = shape("text", { x: left + 6, y: y(i) + 4, "text-anchor": "middle", class: `ls-miss ls-miss-${why}` },
         "×");
-      mark.append(shape("title", {}, `${label}: ${FLOW_LABELS[why]}`));
+      mark.append(shape("title", {}, `${text}: ${FLOW_LABELS[why]}`));
       seen.add(why);
     }
     mark.dataset.name = name;
     svg.append(mark);
   });
   svg.append(shape("line", { x1: left, x2: left, y1: top, y2: H - bottom, class: "ls-axis" }));
-  svg.append(shape("text", { x: (left + W - right) / 2, y: H - 6, "text-anchor": "middle", class: "ls-tick" },
-    `${n} layers with parameters, in execution order`));
+  svg.append(shape("text", { x: W / 2, y: H - 8, "text-anchor": "middle", class: "ls-tick" },
+    `gradient norm (log scale) of the ${n} layers with parameters, in execution order from the top`));
   let at = W - right;
   for (const key of [...seen].reverse()) {
     const t = shape("text", { x: at, y: 16, "text-anchor": "end", class: `ls-tick ls-key-${key}` }, FLOW_LABELS[key]);
@@ -348,9 +363,11 @@ async function main() {
     if (!doc.backward) {
       return [note("No gradients: the capture ran without a backward pass, or the pass failed before it.")];
     }
-    const out = [m.grads.length ? table(m.grads, "ls-grads", ["parameter", "grad norm", "norm"])
+    const out = [m.grads.length ? table(m.grads, "ls-grads", ["parameter", "grad norm", "norm", "grad / norm"])
       : note("This module has no parameters of its own.")];
-    out.push(table([["output grad norm", c ? c.grad : "-"]], "ls-out-grad"));
+    const pairs = [["output grad norm", c ? c.grad : "-"]];
+    if (m.ratio !== null) pairs.push(["layer grad / weight (what the findings judge)", m.ratio]);
+    out.push(table(pairs, "ls-out-grad"));
     out.push(gradientFlow(doc.gradient_flow, model.get("selected")));
     return out;
   }

@@ -74,3 +74,21 @@ def static_html(cap: Capture) -> str:
         f"<p><b>{html.escape(text.failed(cap.error))}</b> {html.escape(cap.error.message)}</p>"
     tree = f"<details open><summary>Module tree</summary>{_tree(cap)}</details>"
     return f'<div class="layerscope-static">{lead}{banner}{tree}{_findings(cap)}</div>'
+
+
+# In JupyterLab and Notebook 7 (trusted outputs keep their style): the static copy hides while the output before it
+# holds a live inspector, and hides that output while it holds none (a saved notebook reopened without a kernel
+# shows "Error displaying widget: model not found" there).
+FALLBACK_STYLE = (
+    "<style>"
+    ".jp-OutputArea-child:has(.layerscope-inspector) + .jp-OutputArea-child:has(.layerscope-static)"
+    "{display:none}"
+    ".jp-OutputArea-child:not(:has(.layerscope-inspector)):not(:has(.layerscope-static))"
+    ":has(+ .jp-OutputArea-child .layerscope-static){display:none}"
+    "</style>"
+)
+
+
+def notebook_fallback(cap: Capture) -> str:
+    """The static view as the notebook output after the widget (see ``ModelInspector._ipython_display_``)."""
+    return FALLBACK_STYLE + static_html(cap)

@@ -48,6 +48,9 @@ def _shown(widget: widgets.DOMWidget, visible: bool) -> None:
 
 
 NEEDS_MODEL = "this capture has no model to run (it was loaded from a file)"
+ALL_HEADS = -1  # the Head picker's value for "all heads" (None would show as a blank picker)
+FIND_FROM = 20  # classes from which the Explain tab offers a search box
+UNIFORM = 0.99  # predictions whose entropy is above this share of the most possible get a note (untrained model)
 
 
 class ModelInspector(widgets.VBox):
@@ -79,8 +82,11 @@ class ModelInspector(widgets.VBox):
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
         self.tokenizer = tokenizer
         # Events can arrive on more than one thread (ipykernel 7): one lock runs them one at a time, and "quiet"
-        # (set while panels set their own controls, whose events are not user input) is per thread.
+        # (set while panels set their own controls, whose events are not user input) is per thread. A user's
+        # event counts itself in _events before it waits for the lock, so a draw in progress knows that what it
+        # drew is stale and the event draws again once it has the lock (it is never taken for the panel's own).
         self._lock, self._local = threading.RLock(), threading.local()
+        self._events = 0
         self._displayed = False  # panels are drawn once a tree view says it is on a page
         self._drawn: dict[int, tuple] = {}
         self._figure = functools.lru_cache(maxsize=256)(self._draw_figure)
@@ -93,9 +99,12 @@ class ModelInspector(widgets.VBox):
         self._build_tabs()
         right = widgets.VBox([self._header, self._tabs], layout=widgets.Layout(flex="1", min_width="0"))
         right.add_class("ls-panel")
-        super().__init__([self._banner, widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))])
+        body = widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))
+        body.add_class("ls-body")  # tree.css lays it out as a column when the inspector is narrow
+        super().__init__([self._banner, body])
         self.add_class("layerscope-inspector")
         self._run()
+        self.tree.observe(self._count, "selected")  # a click in the tree: counted before the link passes it on
         traitlets.link((self.tree, "selected"), (self, "selected"))
         self.observe(self._on_selected, "selected")
         self._tabs.observe(self._on_input, "selected_index")
@@ -143,14 +152,17 @@ class ModelInspector(widgets.VBox):
                                    class_names=self.class_names) if cams else None
         save_html(self._cap, path, explain=explain)
 
-    def _repr_mimebundle_(self, **kwargs):
-        """The widget, and for viewers that cannot run widgets (a saved notebook on GitHub or nbviewer) the tree
-        and the findings as static HTML."""
-        from ..report import static_html
+    def _ipython_display_(self) -> None:
+        """Two outputs: the widget, then the tree and the findings as static HTML for every place the widget
+        cannot be drawn: a saved notebook reopened in JupyterLab or Notebook 7 (whose widget output would say
+        "Error displaying widget: model not found": the static output's style hides that output and shows itself,
+        while a live inspector above it hides it), GitHub and nbviewer (which show the HTML)."""
+        from IPython.display import display
 
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/html"] = static_html(self._cap)
-        return bundle
+        from ..report import notebook_fallback
+
+        display(super()._repr_mimebundle_(), raw=True)
+        display({"text/html": notebook_fallback(self._cap), "text/plain": ""}, raw=True)
 
     def close(self) -> None:
         """Close every widget of the inspector (layouts included) and drop the cached pictures."""
@@ -193,6 +205,7 @@ class ModelInspector(widgets.VBox):
         self._list_findings()
         with self._quietly():
             self._ex_class.options = []
+        self._ex_class_item = None
         self._drawn.clear()
 
     def _capture(self) -> None:
@@ -236,7 +249,11 @@ class ModelInspector(widgets.VBox):
         self._ex_item = widgets.Dropdown(description="Item", layout=small("160px"))
         self._ex_class = widgets.Dropdown(description="Class", layout=small("300px"))
         self._ex_head = widgets.Dropdown(description="Head", layout=small("200px"))
-        self._ex_controls = widgets.HBox([self._ex_item, self._ex_class, self._ex_head])
+        self._ex_find = widgets.Combobox(placeholder="Find a class", ensure_option=True, layout=small("220px"))
+        self._ex_find.observe(self._on_find, "value")
+        self._ex_class_item = None  # the item whose top prediction the Class picker was set to
+        self._ex_controls = widgets.HBox([self._ex_item, self._ex_class, self._ex_find, self._ex_head],
+                                         layout=widgets.Layout(flex_flow="row wrap"))
         explain = widgets.VBox([self._ex_note, self._ex_controls, self._ex_image, self._ex_top])
 
         for control in (self._call, self._fm_item, self._ex_item, self._ex_class, self._ex_head):
@@ -244,6 +261,7 @@ class ModelInspector(widgets.VBox):
         self._cost_note, self._cost_image, self._cost_table = widgets.HTML(), _image("ls-cost"), widgets.HTML()
         cost = widgets.VBox([self._cost_note, self._cost_image, self._cost_table])
         self._findings_note, self._finding_detail, self._summary = widgets.HTML(), widgets.HTML(), widgets.HTML()
+        self._summary.add_class("ls-summary-box")  # as wide as the panel: the table scrolls inside it
         self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
         self._findings.observe(self._on_finding, "value")
         findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
@@ -271,8 +289,13 @@ class ModelInspector(widgets.VBox):
         finally:
             self._local.quiet = quiet
 
+    def _count(self, change=None) -> None:
+        if not self._quiet:
+            self._events += 1
+
     def _on_input(self, change=None) -> None:
         if not self._quiet:
+            self._events += 1  # before the lock: a draw running on another thread will not record its state
             with self._lock:
                 self._draw()
 
@@ -283,6 +306,7 @@ class ModelInspector(widgets.VBox):
                 self._draw()
 
     def _on_selected(self, change=None) -> None:
+        self._count()  # select() from code, or the tree (counted twice then: only a change in the count matters)
         with self._lock:
             report = self._cap[self.selected]
             with self._quietly():
@@ -317,10 +341,13 @@ class ModelInspector(widgets.VBox):
         tab = self._tabs.selected_index or 0
         if not self._displayed or self._drawn.get(tab) == self._state(tab):
             return
+        events = self._events
         with self._quietly():
             [self._activations, self._feature_maps, self._gradients, self._explain, self._cost, lambda: None,
              self._summary_tab][tab]()
-        self._drawn[tab] = self._state(tab)
+        # the state after the panel set its own controls; not recorded when a user's event came in meanwhile (its
+        # control may already hold the new value the panel did not draw): that event then draws again
+        self._drawn[tab] = self._state(tab) if self._events == events else None
 
     def _report_call(self):
         report = self._cap[self.selected]
@@ -410,7 +437,7 @@ class ModelInspector(widgets.VBox):
         report, call = self._report_call()
         loss = text.loss_note(self._cap)
         self._grad_text.value = (text.note(loss, "ls-note ls-loss") if loss else "") + \
-            text.gradients(report, call, self._cap.backward)
+            text.gradients(report, call, self._cap.backward, self._cap)
         _shown(self._grad_image, self._cap.backward)
         if self._cap.backward:
             self._show(self._grad_image, "gradient_flow", report.name)
@@ -427,6 +454,7 @@ class ModelInspector(widgets.VBox):
             weights = self._attention_for(name, self._call.value or 0)
             _shown(self._ex_head, weights is not None)
             _shown(self._ex_class, weights is None)
+            _shown(self._ex_find, weights is None and len(self._ex_class.options) > FIND_FROM)
             if weights is not None:
                 self._explain_attention(name, weights)
             else:
@@ -441,6 +469,12 @@ class ModelInspector(widgets.VBox):
         _shown(self._ex_controls, ok)
         _shown(self._ex_image, ok)
         if not ok:
+            inside = self._attention_inside(name)
+            if inside:
+                self._ex_note.value = text.note(
+                    f"{text.display_name(name)} holds attention layers: select one to see its weights "
+                    f"({', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''}).")
+                return
             why = "the model failed" if self._cap.error is not None else \
                 "it needs an image batch (N, C, H, W) as input and class scores (N, classes) as output"
             self._ex_note.value = text.note(f"No Grad-CAM here: {why}.")
@@ -450,8 +484,13 @@ class ModelInspector(widgets.VBox):
         top = torch.topk(probs, min(5, len(probs)))
         if len(self._ex_class.options) != len(probs):
             self._ex_class.options = [(text.class_label(i, self.class_names), i) for i in range(len(probs))]
-            self._ex_class.value = int(top.indices[0])
-        self._ex_top.value = text.predictions(zip(top.indices.tolist(), top.values.tolist()), self.class_names)
+            self._ex_find.options = [label for label, _ in self._ex_class.options]
+            _shown(self._ex_find, len(probs) > FIND_FROM)
+        if self._ex_class_item != item:  # a new item: explain its own top prediction
+            self._ex_class.value, self._ex_class_item = int(top.indices[0]), item
+        spread = float(-(probs * probs.clamp_min(1e-300).log()).sum() / math.log(len(probs))) if len(probs) > 1 else 0
+        self._ex_top.value = text.predictions(zip(top.indices.tolist(), top.values.tolist()), self.class_names,
+                                              truth=self._true_label(item), uniform=spread > UNIFORM)
         _, call = self._report_call()
         layer = name if cam_layer(call, len(image), input_size(self._batch)) else None
         cls = self._ex_class.value
@@ -465,11 +504,14 @@ class ModelInspector(widgets.VBox):
         n, heads = weights.shape[:2]
         _shown(self._ex_controls, True)
         item = self._item(self._ex_item, n)
-        options = [("all", None)] + [(str(h), h) for h in range(heads)]
+        options = [("all", ALL_HEADS)] + [(str(h), h) for h in range(heads)]
         if list(self._ex_head.options) != options:
             self._ex_head.options = options
+        if self._ex_head.value is None:
+            self._ex_head.value = ALL_HEADS
         self._ex_note.value = text.note(f"Attention weights of {name}, item {item}")
-        self._show(self._ex_image, "attention", name, self._call.value, item, self._ex_head.value)
+        head = None if self._ex_head.value == ALL_HEADS else self._ex_head.value
+        self._show(self._ex_image, "attention", name, self._call.value, item, head)
 
     def _cost(self) -> None:
         counted = self._cap.flops is not None
@@ -507,6 +549,7 @@ class ModelInspector(widgets.VBox):
     def _on_finding(self, change) -> None:
         if self._quiet or change["new"] is None:
             return
+        self._events += 1
         with self._lock:
             finding = self._cap.findings[change["new"]]
             self._finding_detail.value = text.finding(finding)
@@ -541,8 +584,34 @@ class ModelInspector(widgets.VBox):
     def _item(dropdown: widgets.Dropdown, n: int) -> int:
         if len(dropdown.options) != n:
             dropdown.options = list(range(n))
+        if dropdown.value is None and n:
+            dropdown.value = 0  # a picker never shows blank
         _shown(dropdown, n > 1)
         return dropdown.value or 0
+
+    def _on_find(self, change) -> None:
+        """A class picked in the search box: the Class picker takes it (and the panel redraws for it)."""
+        labels = [label for label, _ in self._ex_class.options]
+        if self._quiet or change["new"] not in labels:
+            return
+        self._ex_class.value = self._ex_class.options[labels.index(change["new"])][1]
+
+    def _true_label(self, item: int) -> int | None:
+        """Item ``item``'s class in ``target``, when the target is one class index per item."""
+        t = self._target
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and item < len(t):
+            return int(t[item])
+        return None
+
+    def _attention_inside(self, name: str) -> list[str]:
+        """The attention layers in module ``name`` (not itself), as the Explain tab can show them."""
+        if self._cap.error is not None:
+            return []
+        try:
+            keys = self._rerun.attention_layers()
+        except Exception:  # noqa: BLE001 - the model fails on the re-run: there is nothing to point to
+            return []
+        return [k for k in keys if k != name and (not name or k.startswith(name + "."))]
 
 
 def input_ids(batch: Any) -> torch.Tensor | None:

@@ -234,21 +234,44 @@ def norm(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def gradient_rows(report: ModuleReport) -> list[tuple[str, str, str]]:
-    """(parameter, gradient norm, norm) for each parameter the module holds itself."""
-    return [(local, norm(p.grad_norm), norm(p.norm)) for local, p in report.params.items()]
+def ratio(grad: float | None, weight: float | None) -> str:
+    """A gradient norm over a weight norm, as the findings judge it ('-' when either is missing or 0)."""
+    return "-" if grad is None or not weight else f"{grad / weight:.3g}"
 
 
-def gradients(report: ModuleReport, call: CallRecord | None, backward: bool) -> str:
+def gradient_rows(report: ModuleReport) -> list[tuple[str, str, str, str]]:
+    """(parameter, gradient norm, norm, grad/weight ratio) for each parameter the module holds itself."""
+    return [(local, norm(p.grad_norm), norm(p.norm), ratio(p.grad_norm, p.norm)) for local, p in report.params.items()]
+
+
+GRAD_COLUMNS = ("parameter", "grad norm", "norm", "grad / norm")
+
+
+def layer_ratio(report: ModuleReport, cap: Capture) -> str | None:
+    """The module's gradient-to-weight ratio over its own trainable parameters, as the vanishing/exploding
+    findings compute it (a "sum" loss divided by the number of outputs it sums); None without gradients."""
+    own = [p for p in report.params.values() if p.trainable and p.grad_norm is not None and p.norm is not None]
+    if not own:
+        return None
+    scale = float(cap.output_numel or 1) if cap.loss_kind == "sum" else 1.0
+    grad = sum(p.grad_norm ** 2 for p in own) ** 0.5 / scale
+    weight = sum(p.norm ** 2 for p in own) ** 0.5
+    text = ratio(grad, weight)
+    return text + (f" (loss: sum over {scale:,.0f} outputs, divided out)" if scale != 1 else "")
+
+
+def gradients(report: ModuleReport, call: CallRecord | None, backward: bool, cap: Capture | None = None) -> str:
     if not backward:
         return note(NO_BACKWARD)
     rows = "".join(f"<tr>{''.join(f'<td>{html.escape(v)}</td>' for v in row)}</tr>" for row in gradient_rows(report))
-    params = (
-        f'<table class="ls-table ls-grads"><tr><th>parameter</th><th>grad norm</th><th>norm</th></tr>{rows}</table>'
-        if rows else note(NO_OWN_PARAMS)
-    )
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in GRAD_COLUMNS)
+    params = f'<table class="ls-table ls-grads"><tr>{head}</tr>{rows}</table>' if rows else note(NO_OWN_PARAMS)
     out = norm(call.grad_output_norm) if call else "-"
-    return params + table([("output grad norm", out)], "ls-out-grad")
+    pairs = [("output grad norm", out)]
+    layer = layer_ratio(report, cap) if cap is not None else None
+    if layer is not None:
+        pairs.append(("layer grad / weight (what the findings judge)", layer))
+    return params + table(pairs, "ls-out-grad")
 
 
 def failed_call(call: CallRecord, err=None) -> str:
@@ -271,10 +294,18 @@ def error(err) -> str:
 
 
 
-def predictions(pairs: Iterable[tuple[int, float]], class_names) -> str:
-    """The top classes of one item, with their softmax probabilities."""
+def predictions(pairs: Iterable[tuple[int, float]], class_names, truth: int | None = None,
+                uniform: bool = False) -> str:
+    """The top classes of one item, with their softmax probabilities; the true class when known, and a note when
+    the predictions are near uniform (an untrained model)."""
     rows = [(class_label(k, class_names), f"{p:.2%}") for k, p in pairs]
-    return "<b>Top predictions</b>" + table(rows, "ls-top5")
+    out = "<b>Top predictions</b>" + table(rows, "ls-top5")
+    if truth is not None:
+        out += f'<div class="ls-truth">True label (target): <b>{html.escape(class_label(truth, class_names))}</b></div>'
+    if uniform:
+        out += note("The predictions are close to uniform, as from an untrained model: Grad-CAM then shows what "
+                    "random weights react to, not what the model has learned.")
+    return out
 
 
 def class_label(index: int, class_names) -> str:
