@@ -507,6 +507,9 @@ def test_every_finding_kind_has_a_fix_line():
     kinds = kinds_in_source()
     assert {"shape_mismatch", "device_mismatch", "nan", "inf", "no_grad", "loss_error", "rank_desync",
             "unsupported_ops", "activation_memory"} <= kinds, kinds
+    watched = {"loss_diverged", "loss_flat", "grad_accumulating", "update_too_large", "update_too_small",
+               "param_not_in_optimizer", "eval_mode_training", "dead_units_growing"}  # core/trends.py
+    assert watched <= kinds, watched - kinds
     missing = sorted(k for k in kinds if not FIXES.get(k, "").startswith("Try: "))
     assert not missing, f"finding kinds without a 'Try: ...' line in core/fixes.py: {missing}"
     assert all(len(line) <= 220 for line in FIXES.values())  # one short line each

@@ -14,12 +14,13 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # Seconds per notebook, kernel start included, on the 2-core CI machine (each takes about 10); at most 5 minutes
-# for all four together.
+# for all of them together.
 LIMITS = {
     "01_squeezenet_tour.ipynb": 60,
     "02_debugging_checklist.ipynb": 60,
     "03_gradcam_trained_cnn.ipynb": 60,
     "04_attention.ipynb": 60,
+    "05_watch_training.ipynb": 60,
 }
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -164,3 +165,17 @@ def test_a_progress_bar_leaves_no_widget_in_the_saved_notebook():
     assert len(widgets) == 1  # the inspector only
     blank = [o for o in outputs(nb, "display_data") if o["data"] == {"text/plain": ""}]
     assert len(blank) == 1  # where the bar was: shown, then cleared
+
+
+@pytest.mark.slow
+def test_watch_training():
+    nb = execute("05_watch_training.ipynb")
+    check_clean_run(nb)
+    text = stdout(nb)
+    found = re.findall(r"^(?:error|warning|info) +(\w+) +step", text, re.MULTILINE)
+    assert "loss_diverged" in found and "dead_units_growing" in found
+    assert number(r"broken run: test accuracy (\d+\.\d)%", text) < 30
+    assert number(r"fixed run: test accuracy (\d+\.\d)%", text) > 95
+    assert text.count("No findings.") == 1  # the fixed run
+    assert number(r"dead share of relu2's channels: at most (\d+)%", text) < 20
+    assert count(nb, WIDGET) >= 2 and count(nb, "image/png") >= 1

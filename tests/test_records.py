@@ -38,7 +38,8 @@ def same(a, b, where="capture"):
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), where
+        nan = a.dtype.kind == "f"
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=nan), where
     elif isinstance(a, Mapping):
         assert isinstance(b, Mapping) and list(a) == list(b), where
         for k in a:

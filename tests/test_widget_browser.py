@@ -167,7 +167,8 @@ def browser():
         chromium.close()
 
 
-def open_and_run(browser, server: JupyterServer, path: str, noise: tuple[str, ...] = ()):
+def open_and_run(browser, server: JupyterServer, path: str, noise: tuple[str, ...] = (), wait: bool = True):
+    """Open a notebook and run all its cells; with ``wait``, return once they have all run."""
     context = browser.new_context(viewport={"width": 1500, "height": 1100})
     context.add_init_script(WATCH_TREES)
     page = context.new_page()
@@ -179,7 +180,8 @@ def open_and_run(browser, server: JupyterServer, path: str, noise: tuple[str, ..
         " return k && k.status === 'idle'; }", timeout=60_000)
     if "lab/" in path:
         page.evaluate("window.jupyterapp.shell.collapseLeft()")  # room for the inspector
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    run_all = "window.jupyterapp.commands.execute('notebook:run-all-cells')"  # its promise ends with the last cell
+    page.evaluate(run_all if wait else f"() => {{ {run_all}; }}")
     return page, monitor
 
 
@@ -527,6 +529,76 @@ def test_inspector_on_loaded_captures_in_jupyterlab(server, browser):
     row(loaded_evil, "blocks").locator(".ls-toggle").click()
     expect(loaded_evil.locator(".ls-row").nth(2).locator(".ls-label")).to_have_text(EVIL)
     assert page.locator('img[src="x"]').count() == 0
+    assert monitor.problems == []
+    page.context.close()
+
+
+RUN_SETUP = """\
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layerscope
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+run = layerscope.watch(model, opt, every=1)
+layerscope.ModelInspector(run)
+"""
+
+RUN_TRAIN = """\
+with run:
+    for step in range(40):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        run.log(loss=loss)
+        time.sleep(0.2)
+print("LS-DONE", run.step_count)
+"""
+
+# The step the slider shows, and whether the training cell has printed that it is done.
+READOUT = """
+(inspector) => [inspector.querySelector('.ls-step .widget-readout')?.textContent?.trim(),
+                [...document.querySelectorAll('.jp-OutputArea-output')].some((o) => o.innerText.includes('LS-DONE'))]
+"""
+
+
+def test_run_inspector_updates_while_the_training_cell_runs(server, browser):
+    """Displayed before the loop, the inspector of a watched run shows new steps while the training cell still runs;
+    afterwards its Over time tab answers a click in the tree."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    (server.root / "watch.ipynb").write_text(notebook(RUN_SETUP, RUN_TRAIN))
+    page, monitor = open_and_run(browser, server, "lab/tree/watch.ipynb", wait=False)
+    inspector = inspector_with(page, "2")
+    live = inspector.evaluate_handle("el => el")
+    seen_live = page.wait_for_function(  # a step between the first and the last while the cell runs
+        f"(el) => {{ const [step, done] = ({READOUT})(el); return !done && Number(step) >= 1 && Number(step) < 39"
+        f" && Number(step); }}", arg=live, timeout=CELL_TIMEOUT).json_value()
+    page.wait_for_function(
+        f"(el) => {{ const img = el.querySelector('img.ls-over-time'); return !({READOUT})(el)[1] && img &&"
+        f" img.complete && img.naturalWidth > 0; }}", arg=live, timeout=CELL_TIMEOUT)  # drawn while training
+    inspector.screenshot(path=ARTIFACTS / "lab-run-live.png")
+    expect(page.locator(".jp-OutputArea-output", has_text="LS-DONE 40")).to_be_visible(timeout=CELL_TIMEOUT)
+    expect(inspector.locator(".ls-step .widget-readout")).to_have_text("39")
+    assert 1 <= seen_live < 39
+    visible_image(inspector, "ls-scalars")
+    expect(tab(inspector, "Over time")).to_be_visible()
+    before = visible_image(inspector, "ls-over-time").get_attribute("src")
+    row(inspector, "1").click()
+    expect(inspector.locator(".ls-header .ls-name")).to_have_text("1")
+    page.wait_for_function("([img, before]) => img.src !== before && img.complete && img.naturalWidth > 0",
+                           arg=[inspector.locator("img.ls-over-time").element_handle(), before])
+    expect(inspector.locator(".ls-over-time")).to_be_visible()
+    expect(inspector).to_contain_text("over the 40 sampled steps kept")
+    inspector.screenshot(path=ARTIFACTS / "lab-run-over-time.png")
+    tab(inspector, "Activations").click()
+    visible_image(inspector, "ls-histogram")
     assert monitor.problems == []
     page.context.close()
 

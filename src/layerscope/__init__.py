@@ -11,6 +11,7 @@ from .core import (
     InputRecord,
     ModuleReport,
     ParamRecord,
+    Run,
     TensorStats,
     attention_maps,
     attention_rollout,
@@ -18,6 +19,7 @@ from .core import (
     gather,
     grad_cam,
     load,
+    watch,
 )
 from .core import find as findings
 
@@ -34,6 +36,7 @@ __all__ = [
     "InputRecord",
     "ModuleReport",
     "ParamRecord",
+    "Run",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
@@ -42,6 +45,7 @@ __all__ = [
     "gather",
     "grad_cam",
     "load",
+    "watch",
     "ModelInspector",
 ]
 

@@ -8,8 +8,10 @@ from .distributed import gather
 from .findings import find
 from .hooks import HookSession
 from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .run import Run, StepRecord
 from .stats import Histogram, TensorStats
 from .store import FormatError, load
+from .watch import watch
 
 __all__ = [
     "CAMResult",
@@ -23,6 +25,8 @@ __all__ = [
     "InputRecord",
     "ModuleReport",
     "ParamRecord",
+    "Run",
+    "StepRecord",
     "TensorStats",
     "attention_maps",
     "attention_rollout",
@@ -31,4 +35,5 @@ __all__ = [
     "gather",
     "grad_cam",
     "load",
+    "watch",
 ]

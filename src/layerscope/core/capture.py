@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import gc
 import math
-import sys
-import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -21,22 +19,11 @@ from . import diagnose, distributed, kinds, traits
 from .costs import Costs
 from .findings import find
 from .hooks import HookSession
-from .nested import call_inputs, call_model, first_float_tensor, iter_tensors, map_tensors, shape_tree
-from .records import CallRecord, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, local, norm
+from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
+from .recorder import Recorder, dtype_name, norms
+from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
+from .stats import StatsBatch, local
 from .tree import initialised, module_tree, uninitialised
-
-FEATURE_CHANNELS = 16
-FEATURE_SIZE = 64
-FEATURE_DTYPE = torch.bfloat16  # feature maps are pictures: 3 significant digits, float32's range, half the bytes
-
-
-def pool_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Feature maps [C, H, W] averaged down to at most FEATURE_SIZE x FEATURE_SIZE (a float copy either way)."""
-    if maps.shape[-2] > FEATURE_SIZE or maps.shape[-1] > FEATURE_SIZE:
-        size = (min(maps.shape[-2], FEATURE_SIZE), min(maps.shape[-1], FEATURE_SIZE))
-        return F.adaptive_avg_pool2d(maps.float(), size)
-    return maps.float().clone() if maps.dtype == torch.float32 else maps.float()
 
 
 def _check_arguments(model: Any, batch: Any) -> None:
@@ -74,188 +61,6 @@ def _bin_plan(bins: Any) -> tuple[int, Callable[[str], np.ndarray | None]]:
         return 64, fixed.get
     edges = _edges(bins, "bins")
     return len(edges) - 1, lambda name: edges
-
-
-class _Recorder:
-    """The forward hooks' state: what each call saw, with statistics deferred to a StatsBatch."""
-
-    def __init__(self, session: HookSession, stats: StatsBatch, grads: bool, feature_maps: bool,
-                 edges: Callable[[str], np.ndarray | None], costs: Costs | None = None,
-                 progress: Callable[[str, int, int], None] | None = None, modules: int = 0):
-        self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
-        self.costs = costs
-        self.progress, self.modules = progress, modules  # progress(phase, modules done, modules): see capture()
-        self.ran: set[str] = set()  # modules whose forward ended (progress counts each once)
-        self.graded: set[str] = set()  # modules whose output gradient arrived
-        self.calls: list[dict] = []
-        self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
-        self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
-        self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
-
-    def hook_for(self, name: str, module: nn.Module) -> Callable:
-        dead_units = "relu" in traits.class_traits(module)
-        edges = self.edges(name)
-
-        def hook(module, args, kwargs, output):
-            self._record(name, call_inputs(args, kwargs), output, dead_units, edges)
-
-        costs = self.costs
-        if costs is None:
-            return hook
-
-        def counted(module, args, kwargs, output):
-            costs.leave(name)
-            costs.pause()  # what the recorder computes on the outputs is not the model's cost
-            try:
-                hook(module, args, kwargs, output)
-            finally:
-                costs.resume()
-
-        return counted
-
-    def _record(self, name: str, inputs: Any, output: Any, dead_units: bool, edges) -> None:
-        # the hooks are always_call: on the way out of a forward that raised, torch calls them with no output
-        failed = output is None and sys.exc_info()[1] is not None
-        ins, outs = _tensors(inputs), _tensors(output)
-        if self.progress is not None and name not in self.ran:
-            self.ran.add(name)
-            self.progress("forward", len(self.ran), self.modules)
-        call = dict(
-            name=name,
-            index=len(self.calls),
-            input_shapes=tuple(inputs.shape) if type(inputs) is torch.Tensor else shape_tree(inputs),
-            output_shapes=tuple(output.shape) if type(output) is torch.Tensor else shape_tree(output),
-            input_dtypes=_unique(t.dtype for t in ins),
-            output_dtypes=_unique(t.dtype for t in outs),
-            input_devices=_unique(t.device for t in ins),
-            output_devices=_unique(t.device for t in outs),
-            inputs=self._inputs(ins, outs),
-            out_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
-            slot=None,
-            fmap=None,
-            grad=None,
-            dead=None,
-            failed=failed,
-            in_grad=any(t.requires_grad for t in ins if t.is_floating_point()),
-            out_grad=any(t.requires_grad for t in outs),
-        )
-        self.calls.append(call)
-        t = first_float_tensor(outs)
-        if t is None:
-            return
-        call["slot"] = self._slot(t, edges)
-        x = local(t)  # a DTensor's own shard: what this rank holds
-        if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
-            call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
-        if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
-            dims = [d for d in range(x.dim()) if d != 1]
-            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
-            call["units"] = x.shape[1]
-        if self.grads and t.requires_grad:
-            def on_grad(g, call=call, costs=self.costs):
-                if costs is not None:
-                    costs.pause()
-                try:
-                    call["grad"] = norm(g)
-                finally:
-                    if costs is not None:
-                        costs.resume()
-                self.last_grad_call = call
-                if self.progress is not None and call["name"] not in self.graded:
-                    self.graded.add(call["name"])
-                    self.progress("backward", len(self.graded), self.modules)
-
-            self.session.add_tensor_hook(t, on_grad)
-
-    def _inputs(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list | None:
-        """How to tell whether a call's floating-point inputs were finite: the StatsBatch slots of inputs that
-        were summarised as they are (an earlier module's output), and deferred checks for the rest; None when
-        it cannot be told (an input the module changed in place, or a meta tensor)."""
-        known = []
-        for t in ins:
-            if not t.is_floating_point():
-                continue
-            if t.is_meta:
-                return None
-            seen = self.summarised.get(id(t))
-            try:
-                version = t._version
-            except RuntimeError:  # inference tensors keep no version counter
-                version = None
-            if seen is not None and seen[0]() is t and seen[1] == version:
-                known.append(("slot", seen[2]))
-            elif any(t is o for o in outs):
-                return None  # changed in place by the module: what it received is gone
-            else:
-                known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(local(t).detach()).all())
-        return known
-
-    def _slot(self, t: torch.Tensor, edges=None) -> int:
-        """Summarise ``t``, unless this very tensor was summarised before and not changed in place since
-        (containers and identities such as Dropout in eval pass on the tensor they got)."""
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter
-            return self.stats.add(t, edges)
-        seen = self.summarised.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1] == version and seen[3] is edges:
-            return seen[2]
-        slot = self.stats.add(t, edges)
-        self.summarised[id(t)] = (weakref.ref(t), version, slot, edges)
-        return slot
-
-    def records(self) -> tuple[dict[str, list[CallRecord]], list]:
-        """The call records by module, and the StatsBatch summaries (by slot)."""
-        summaries = self.stats.results()
-        checks = torch.stack([c.cpu() for c in self.checks]).tolist() if self.checks else []
-
-        def finite(inputs: list | None) -> bool | None:
-            if inputs is None:
-                return None
-            flags = [summaries[i][0].finite if how == "slot" and summaries[i] else checks[i] if how == "check"
-                     else True for how, i in inputs]
-            return all(flags)
-
-        by_module: dict[str, list[CallRecord]] = {}
-        for c in self.calls:
-            stats, hist = summaries[c["slot"]] if c["slot"] is not None and summaries[c["slot"]] else (None, None)
-            by_module.setdefault(c["name"], []).append(
-                CallRecord(
-                    index=c["index"],
-                    input_shapes=c["input_shapes"],
-                    output_shapes=c["output_shapes"],
-                    input_dtypes=c["input_dtypes"],
-                    output_dtypes=c["output_dtypes"],
-                    input_devices=c["input_devices"],
-                    output_devices=c["output_devices"],
-                    stats=stats,
-                    histogram=hist,
-                    grad_output_norm=None if c["grad"] is None else float(c["grad"]),
-                    dead_units=None if c["dead"] is None else int(c["dead"]),
-                    units=c.get("units"),
-                    feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
-                    input_finite=finite(c["inputs"]),
-                    output_id=None if stats is None else c["slot"],
-                    failed=c["failed"],
-                    input_requires_grad=c["in_grad"],
-                    output_requires_grad=c["out_grad"],
-                )
-            )
-        return by_module, summaries
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [value] if type(value) is torch.Tensor else list(iter_tensors(value))
-
-
-def _unique(items) -> tuple[str, ...]:
-    """Sorted unique names of dtypes or devices ('float32', 'cpu')."""
-    return tuple(sorted({str(item).removeprefix("torch.") for item in items}))
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def float_inputs(batch: Any) -> list[tuple[str, torch.Tensor]]:
@@ -309,18 +114,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     return "None" if value is None else type(value).__name__
-
-
-def _norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:
-    """The norm of each tensor, by key, copied to the CPU once per device."""
-    norms: dict[torch.device, dict[int, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if not t.is_meta:
-            norms.setdefault(t.device, {})[key] = norm(t)
-    values = {}
-    for group in norms.values():
-        values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
-    return values
 
 
 @contextlib.contextmanager
@@ -417,9 +210,10 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             kinds.buffers_to_meta(model)
         if counting:  # the tensors held anyway: their storages are not activation memory
             counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
-        recorder = _Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), backward, feature_maps, edges,
-                             counter, progress, len(entries))
-        inputs = [(where, t, recorder._slot(t)) for where, t in float_inputs(batch_run)]
+        recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
+                            feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter,
+                            progress=progress, modules=len(entries))
+        inputs = [(where, t, recorder.summarise(t)) for where, t in float_inputs(batch_run)]
         for name, module in entries:
             if counter is not None:
                 session.add_forward_pre_hook(module, lambda module, args, kwargs, name=name: counter.enter(name))
@@ -463,7 +257,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
     cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
     elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
-    grad_norms = _norms({k: g for k, g in grads.items() if g is not None})
+    grad_norms = norms({k: g for k, g in grads.items() if g is not None})
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
@@ -471,7 +265,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
     rank, world = distributed.process()
     with torch.no_grad():
-        param_norms = _norms(held if grads or nonfinite else {})
+        param_norms = norms(held if grads or nonfinite else {})
         checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
     finite = {key: math.isfinite(value) for key, value in param_norms.items()}
     constant_sum = traits.sums_to_constant(entries)
@@ -488,7 +282,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                key: ParamRecord(shape=tuple(p.shape), dtype=_dtype(p), device=str(p.device),
+                key: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
                                  trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
                                  grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
                                  offloaded=id(p) in elsewhere, checksum=checksums.get(id(p)),
@@ -513,7 +307,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         backward=bool(grads),
         error=error,
         inputs=tuple(
-            InputRecord(where=where, shape=tuple(t.shape), dtype=_dtype(t), device=str(t.device),
+            InputRecord(where=where, shape=tuple(t.shape), dtype=dtype_name(t), device=str(t.device),
                         stats=summaries[slot][0] if summaries[slot] else None)
             for where, t, slot in inputs
         ),

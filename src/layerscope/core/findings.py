@@ -82,7 +82,8 @@ def find(
     found = [*look.forward_error(), *batch, *nonfinite]
     if not bad_batch and not nonfinite:  # else the loss and the gradients only echo the NaN/Inf
         found += look.loss()
-        if cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
+        # a watched step knows its loss only when the loop logged it; its gradients are real either way
+        if cap.error is None and cap.loss_kind is not None and (_finite(cap.loss) or cap.loss is None and cap.backward):
             found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.dead(dead_fraction), *look.saturated(saturated_fraction, saturated_margin)]
     found += [*look.frozen(), *look.unused(), *look.train_mode(), *look.model_kind()]
@@ -273,7 +274,8 @@ class _Look:
         if loss is None or _finite(loss):
             return []
         how = {"cross_entropy": "cross-entropy with the target", "loss_fn": "your loss_fn",
-               "model_loss": "the loss the model returned", "sum": "sum of the outputs"}[self.cap.loss_kind]
+                "model_loss": "the loss the model returned", "sum": "sum of the outputs",
+                "training": "your training loss"}[self.cap.loss_kind]
         message = (f"The loss ({how}) is {loss} although every module's output is finite: the loss computation "
                    f"made it (log of 0 or of a negative number, division by zero, a target out of range).")
         return [Finding("nonfinite_loss", "error", "", message, {"loss": loss, "loss_kind": self.cap.loss_kind})]

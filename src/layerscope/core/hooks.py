@@ -1,4 +1,5 @@
-"""One object owns every hook put on a model during a pass and puts the model back as it was."""
+"""One object owns every hook put on a model (during a pass, or over training steps) and, for a pass, puts
+the model back as it was."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ class HookSession:
     lazy module's buffer, which has none before its first call).
 
     Removing twice is harmless. Exceptions are never swallowed.
+
+    With ``restore=False`` (watching training, where the model must go on changing) it only owns the hooks:
+    nothing is saved on entry and nothing is put back on exit.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, restore: bool = True):
         self.model = model
+        self.restores = restore
         self._forward: list = []
         self._tensor: list = []
         self._training: list[tuple[nn.Module, bool]] = []
@@ -30,6 +35,8 @@ class HookSession:
         self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> HookSession:
+        if not self.restores:
+            return self
         self._training = [(m, m.training) for m in self.model.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
         self._buffers = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items()]
@@ -51,6 +58,19 @@ class HookSession:
 
     def add_tensor_hook(self, tensor: torch.Tensor, hook: Callable) -> None:
         self._tensor.append(tensor.register_hook(hook))
+
+    def add_grad_hook(self, param: torch.Tensor, hook: Callable) -> None:
+        """``hook(param)`` after each backward has added its gradient into ``param.grad``."""
+        self._tensor.append(param.register_post_accumulate_grad_hook(hook))
+
+    def add_global_forward_hook(self, hook: Callable) -> None:
+        """``hook(module, args, kwargs, output)`` after the forward of every module of the process (filter by
+        module), removed with the forward hooks. Raises TypeError on a torch whose global hooks take no kwargs."""
+        self._forward.append(nn.modules.module.register_module_forward_hook(hook, with_kwargs=True))
+
+    def add_step_hooks(self, optimizer: torch.optim.Optimizer, pre: Callable, post: Callable) -> None:
+        """``pre(optimizer, args, kwargs)`` and ``post(...)`` around each ``optimizer.step()``."""
+        self._tensor += [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
 
     def remove_forward_hooks(self) -> None:
         handles, self._forward = self._forward, []

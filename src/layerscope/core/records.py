@@ -114,6 +114,7 @@ class ParamRecord:
     shard: tuple[int, int] | None = None  # a DTensor's piece on this rank: (index, number of pieces)
     checksum: int | None = None  # distributed capture: its bits summed as integers, equal on identical replicas
     per_rank: tuple[ParamRecord | None, ...] | None = None  # merged capture: each rank's own record
+    update_ratio: float | None = None  # ||w after - w before|| / ||w before|| of an optimizer step (watch only)
 
     @property
     def numel(self) -> int:
@@ -205,9 +206,11 @@ class Finding:
     """One answer of the checklist: what (``kind``), how bad (``severity``: "error", "warning" or
     "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch; ``rank``, the
     rank it was found on in a merged capture of a distributed job, None for the whole job or a single process),
-    one plain sentence with the numbers that prove it, and those numbers in ``details``. ``fix`` is one short
-    line on what to try ("Try: ..."), by default the kind's line in ``core.fixes.FIXES``. A finding that groups
-    near-identical ones of several modules names them all in ``details["modules"]`` (``module`` is the first)."""
+    one plain sentence with the numbers that prove it, and those numbers in ``details``. ``step`` is the
+    training step it was first seen at, for the findings of a watched run (None for one pass). ``fix`` is one
+    short line on what to try ("Try: ..."), by default the kind's line in ``core.fixes.FIXES``. A finding that
+    groups near-identical ones of several modules names them all in ``details["modules"]`` (``module`` is the
+    first)."""
 
     kind: str
     severity: str
@@ -215,6 +218,7 @@ class Finding:
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
     rank: int | None = None
+    step: int | None = None
     fix: str = ""
 
     def __post_init__(self):
@@ -244,7 +248,8 @@ class Capture:
     total_params: int
     trainable_params: int
     loss: float | None
-    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "model_loss" | "sum"; None when no loss was computed
+    loss_kind: str | None  # "loss_fn" | "cross_entropy" | "model_loss" | "sum" | "training" (a watched step);
+    # None when no loss was computed
     backward: bool  # True when gradients were computed
     error: CaptureError | None
     findings: tuple[Finding, ...] = ()
@@ -281,7 +286,8 @@ class Capture:
         if self.summary_text is not None:
             return self.summary_text
         if self.model is None:
-            return "No torchinfo summary: it was not computed before this capture was saved."
+            return ("No torchinfo summary: it was not computed before this capture was saved (the steps of a watched "
+                    "run have none: watch runs no extra pass of the model).")
         from .summary import summary
 
         return summary(self.model, self.batch)

@@ -11,10 +11,10 @@ from torch import nn
 
 from . import cam
 from .attention import attention_maps
-from .capture import FEATURE_CHANNELS, pool_maps
 from .hooks import HookSession
 from .kinds import unwrap
 from .nested import call_model, first_float_tensor
+from .recorder import FEATURE_CHANNELS, pool_maps
 from .records import CallRecord, call_key
 
 

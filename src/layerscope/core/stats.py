@@ -295,11 +295,14 @@ class _Group:
 class StatsBatch:
     """Collects tensors during a pass; ``results()`` gives one (TensorStats, Histogram) per ``add``."""
 
-    def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192):
+    def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192,
+                 edges: dict | None = None):
         self.bins, self.small, self.budget, self.sample_size = bins, small, budget, sample_size
         self._slots: list = []  # per add: None, or [numel, vec, row, counts, fixed-edges counts or None]
         self._groups: dict[tuple, _Group] = {}
-        self._edges: dict[int, tuple] = {}  # id(edges) -> (edges, checked copy, {(device, dtype): bounds})
+        # id(edges) -> (edges, checked copy, {(device, dtype): bounds}); ``edges`` shares it between batches (the
+        # sampled steps of a run bin on the same edges every time)
+        self._edges: dict[int, tuple] = {} if edges is None else edges
 
     def add(self, t: torch.Tensor, edges=None) -> int:
         """Queue ``t`` for summary; returns its slot in ``results()``. With ``edges`` (increasing float64
@@ -309,7 +312,8 @@ class StatsBatch:
         if x is None:
             self._slots.append(None)
         elif x.numel() <= self.small:
-            fixed = None if edges is None else self._fixed(x.reshape(-1), edges)
+            # fixed edges: binned with the rest of its buffer (see _summarise), against these thresholds
+            fixed = None if edges is None else [None, *self._bounds(x, edges)]
             self._slots.append([x.numel(), None, None, None, fixed])
             key = (x.device, x.dtype, x.numel())
             group = self._groups.get(key)
@@ -323,8 +327,8 @@ class StatsBatch:
             self._slots.append(self._summarise_large(x, edges))
         return slot
 
-    def _fixed(self, values: torch.Tensor, edges) -> tuple[torch.Tensor, np.ndarray]:
-        """Counts of ``values`` on fixed edges (on the device, see _bin), and the edges as float64."""
+    def _bounds(self, values: torch.Tensor, edges) -> tuple[np.ndarray, torch.Tensor]:
+        """The edges as checked float64, and their _thresholds in the values' dtype on their device (cached)."""
         known = self._edges.get(id(edges))
         if known is None or known[0] is not edges:  # keeping ``edges`` referenced keeps its id unique
             known = self._edges[id(edges)] = (edges, _check_edges(edges), {})
@@ -332,12 +336,40 @@ class StatsBatch:
         if bounds is None:
             bounds = torch.from_numpy(_thresholds(known[1], values.dtype)).to(values.device)
             known[2][values.device, values.dtype] = bounds
-        return _bin(values, bounds), known[1]
+        return known[1], bounds
+
+    def _fixed(self, values: torch.Tensor, edges) -> tuple[torch.Tensor, np.ndarray]:
+        """Counts of ``values`` on fixed edges (on the device, see _bin), and the edges as float64."""
+        checked, bounds = self._bounds(values, edges)
+        return _bin(values, bounds), checked
+
+    def _bin_rows(self, m: torch.Tensor, slots: list[int]) -> None:
+        """The fixed-edges histograms of a buffer's rows: one search and one count for all rows whose edges have
+        the same number of bins (see _bin)."""
+        by_size: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            fixed = self._slots[slot][4]
+            if fixed is not None:
+                by_size.setdefault(len(fixed[2]), []).append(i)
+        for size, rows in by_size.items():
+            bounds = torch.stack([self._slots[slots[i]][4][2] for i in rows])
+            idx = torch.searchsorted(bounds, m[rows] if len(rows) < len(m) else m)  # bounds strictly below
+            idx += torch.arange(0, len(rows) * (size + 1), size + 1, device=idx.device)[:, None]
+            flat, total = idx.reshape(-1), len(rows) * (size + 1)
+            if flat.device.type == "cpu":
+                counts = torch.bincount(flat, minlength=total)
+            else:  # no sync, unlike bincount
+                counts = torch.zeros(total, dtype=torch.long, device=flat.device)
+                counts.scatter_add_(0, flat, torch.ones_like(flat))
+            for row, i in zip(counts.view(len(rows), size + 1), rows):
+                fixed = self._slots[slots[i]][4]
+                self._slots[slots[i]][4] = (row, fixed[1])
 
     def _summarise(self, group: _Group) -> None:
         """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
         or Inf one by one. One copy to the CPU (which rows are which) besides the results."""
         m = group.buffer[: len(group.slots)]
+        self._bin_rows(m, group.slots)
         mn, mx = m.amin(1), m.amax(1)
         finite = torch.isfinite(mn) & torch.isfinite(mx)
         if m.dtype == torch.float32:

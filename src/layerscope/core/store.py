@@ -16,6 +16,17 @@ Loading reads JSON and raw numpy arrays only (``allow_pickle=False``): a member 
 array of Python objects, or any member not listed above is refused with a ``FormatError``, before anything
 in the file is used. A loaded Capture has ``output``, ``model`` and ``batch`` None, and its error's
 ``exception`` None (the exception's type name, message and traceback text are kept).
+
+A watched run (``Run.save``) is a zip of the same kind with ``"format": "layerscope.run"`` (version 1): its
+``layerscope.json`` holds ``run`` (every, keep, step count, thresholds, parameter counts, pinned steps),
+``modules`` (the module tree as ModuleReports without calls), ``edges`` (each module's histogram edges: offset and
+length in ``edges.npy``), ``layouts`` (the calls of a step: module index, shapes, dtypes, devices), ``records``
+(per sampled step: its step, layout, number of histogram bins, inputs, output size, gradient scale and learning
+rates), ``scalars`` (offset and length of each in the scalar arrays) and ``seen`` (each one-pass finding as first
+seen, its last step and count). The numbers sit in ``calls.npy``, ``params.npy`` (float64, the rows of
+``run.CALL_FIELDS`` and ``run.PARAM_FIELDS``), ``counts.npy`` (int32), ``training.npy`` (uint8),
+``edges.npy``, ``scalar_values.npy`` (float64) and ``scalar_steps.npy`` (int64), the records' rows one after
+another. ``load`` reads the format field and returns a Capture or a Run.
 """
 
 from __future__ import annotations
@@ -35,9 +46,12 @@ from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, Mo
 from .stats import Histogram, TensorStats
 
 FORMAT, VERSION = "layerscope.capture", 2  # 2: the cost fields (FLOPs and bytes per module); 1 reads as before
+RUN_FORMAT, RUN_VERSION = "layerscope.run", 1
 _JSON = "layerscope.json"
 _ARRAYS = {"counts": np.int64, "edges": np.float64, "feature_maps": np.int16}
-_MEMBERS = {_JSON, *(f"{name}.npy" for name in _ARRAYS)}
+_RUN_ARRAYS = {"calls": np.float64, "counts": np.int32, "params": np.float64, "training": np.uint8,
+               "edges": np.float64, "scalar_steps": np.int64, "scalar_values": np.float64}
+_FORMATS = {FORMAT: (VERSION, _ARRAYS, "capture"), RUN_FORMAT: (RUN_VERSION, _RUN_ARRAYS, "run")}
 _PICKLE_MAGIC = (b"\x80", b"(", b"c")  # protocol 2+ opcode PROTO, and the first opcodes of protocols 0 and 1
 
 
@@ -50,12 +64,13 @@ def _fields(obj) -> dict[str, Any]:
 
 
 class _Writer:
-    def __init__(self):
-        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
-        self.sizes = dict.fromkeys(_ARRAYS, 0)
+    def __init__(self, arrays: dict = _ARRAYS):
+        self.arrays = arrays
+        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+        self.sizes = dict.fromkeys(arrays, 0)
 
     def put(self, name: str, values: np.ndarray) -> int:
-        flat = np.ascontiguousarray(values, dtype=_ARRAYS[name]).reshape(-1)
+        flat = np.ascontiguousarray(values, dtype=self.arrays[name]).reshape(-1)
         offset = self.sizes[name]
         self.parts[name].append(flat)
         self.sizes[name] += flat.size
@@ -106,13 +121,15 @@ def save(cap: Capture, path) -> None:
     if cap.error is not None:
         head["error"] = {k: v for k, v in _fields(cap.error).items() if k != "exception"}
     head["findings"] = [_fields(f) for f in cap.findings]
-    head["inputs"] = [dict(_fields(i), stats=_stats_fields(i.stats), per_rank=_per_rank(i.per_rank, _stats_fields))
-                      for i in cap.inputs]
-    doc = {"format": FORMAT, "version": VERSION, "capture": head, "modules": modules}
+    head["inputs"] = [_input(i) for i in cap.inputs]
+    _write(path, {"format": FORMAT, "version": VERSION, "capture": head, "modules": modules}, writer)
+
+
+def _write(path, doc: dict, writer: _Writer) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr(_JSON, json.dumps(doc, default=_plain, separators=(",", ":")))
         for name, parts in writer.parts.items():
-            values = np.concatenate(parts) if parts else np.zeros(0, dtype=_ARRAYS[name])
+            values = np.concatenate(parts) if parts else np.zeros(0, dtype=writer.arrays[name])
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, values, allow_pickle=False)
             zf.writestr(f"{name}.npy", buffer.getvalue())
@@ -139,23 +156,24 @@ def _read(zf: zipfile.ZipFile) -> tuple[dict, dict[str, np.ndarray]]:
         if name.endswith((".pkl", ".pickle", ".pt", ".pth")) or head in _PICKLE_MAGIC:
             raise FormatError(f"the file holds a pickle ({name!r}); layerscope files never do, so it was not loaded "
                               f"(loading a pickle can run any code)")
-    unknown = sorted(set(names) - _MEMBERS)
-    if unknown:
-        raise FormatError(f"the file holds {', '.join(map(repr, unknown))}, which a layerscope capture never has; "
-                          f"it was not loaded")
     if _JSON not in names:
-        raise FormatError(f"not a layerscope capture: it has no {_JSON}")
+        raise FormatError(f"not a layerscope file: it has no {_JSON}")
     try:
         doc = json.loads(zf.read(_JSON))
     except ValueError as exc:
         raise FormatError(f"{_JSON} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise FormatError("not a layerscope capture (its format field is missing or different)")
-    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        raise FormatError(f"this capture has format version {doc.get('version')!r}; this layerscope reads up to "
-                          f"version {VERSION}: upgrade layerscope to open it")
+    if not isinstance(doc, dict) or doc.get("format") not in _FORMATS:
+        raise FormatError("not a layerscope capture or run (its format field is missing or different)")
+    version, spec, what = _FORMATS[doc["format"]]
+    if not isinstance(doc.get("version"), int) or doc["version"] > version:
+        raise FormatError(f"this {what} has format version {doc.get('version')!r}; this layerscope reads up to "
+                          f"version {version}: upgrade layerscope to open it")
+    unknown = sorted(set(names) - {_JSON, *(f"{name}.npy" for name in spec)})
+    if unknown:
+        raise FormatError(f"the file holds {', '.join(map(repr, unknown))}, which a layerscope {what} never has; "
+                          f"it was not loaded")
     arrays = {}
-    for name, dtype in _ARRAYS.items():
+    for name, dtype in spec.items():
         member = f"{name}.npy"
         if member not in names:
             arrays[name] = np.zeros(0, dtype=dtype)
@@ -239,10 +257,11 @@ def _module(d: dict, arrays: dict) -> ModuleReport:
     return ModuleReport(**d)
 
 
-def load(path) -> Capture:
-    """Read a capture written by ``Capture.save`` (from a path or a binary file object). Reads JSON and numbers
-    only, never a pickle, so a file from someone else cannot run code. ``output``, ``model`` and ``batch`` are
-    None on the capture it returns."""
+def load(path):
+    """Read a capture written by ``Capture.save`` (a Capture) or a run written by ``Run.save`` (a Run), from a
+    path or a binary file object. Reads JSON and numbers only, never a pickle, so a file from someone else cannot
+    run code. ``output``, ``model`` and ``batch`` are None on a capture it returns; a loaded run has no model to
+    watch."""
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -250,15 +269,104 @@ def load(path) -> Capture:
         raise FormatError(f"{where} is not a layerscope capture (not a zip archive)") from None
     with zf:
         doc, arrays = _read(zf)
+    if doc["format"] == RUN_FORMAT:
+        return _load_run(doc, arrays)
     try:
         head = dict(doc["capture"])
         modules = {m["name"]: _module(m, arrays) for m in doc["modules"]}
         error = head.get("error")
         head["error"] = None if error is None else CaptureError(**dict(error, received=error.get("received")))
         head["findings"] = tuple(Finding(**f) for f in head["findings"])
-        head["inputs"] = tuple(InputRecord(**dict(i, shape=tuple(i["shape"]), stats=_stats(i["stats"]),
-                                                  per_rank=_ranks(i.get("per_rank"), _stats)))
-                               for i in head["inputs"])
+        head["inputs"] = tuple(_load_input(i) for i in head["inputs"])
         return Capture(modules=MappingProxyType(modules), **head)
     except (KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"the capture's records are incomplete or malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _input(i: InputRecord) -> dict[str, Any]:
+    return dict(_fields(i), stats=_stats_fields(i.stats), per_rank=_per_rank(i.per_rank, _stats_fields))
+
+
+def _load_input(d: dict) -> InputRecord:
+    return InputRecord(**dict(d, shape=tuple(d["shape"]), stats=_stats(d["stats"]),
+                              per_rank=_ranks(d.get("per_rank"), _stats)))
+
+
+def save_run(run, path: str | os.PathLike) -> None:
+    """Write a Run (its scalars flushed and its steps' one-pass findings taken) to ``path`` (conventionally .lsr)."""
+    writer = _Writer(_RUN_ARRAYS)
+    structure = run.structure
+    modules = [writer.module(m) for m in structure.modules.values()]
+    edges = {name: [writer.put("edges", e), len(e)] for name, e in run.edges.items()}
+    layouts: list = []
+    known: dict[int, int] = {}
+    records = []
+    for r in run.records:
+        if id(r.layout) not in known:
+            known[id(r.layout)] = len(layouts)
+            layouts.append([list(call) for call in r.layout])
+        writer.put("calls", r.calls)
+        writer.put("counts", r.counts)
+        writer.put("params", r.params)
+        writer.put("training", r.training.astype(np.uint8))
+        records.append(dict(step=r.step, layout=known[id(r.layout)], calls=len(r.calls), bins=r.counts.shape[1],
+                            inputs=[_input(i) for i in r.inputs], output_numel=r.output_numel,
+                            grad_scale=r.grad_scale, lrs=list(r.lrs)))
+    scalars = {}
+    for name in run.scalar_names:
+        steps, values = run.scalars(name)
+        scalars[name] = [writer.put("scalar_steps", steps), len(steps)]
+        writer.put("scalar_values", values)
+    head = dict(every=run.every, keep=run.keep, step_count=run.step_count, thresholds=run.thresholds,
+                total_params=structure.total_params, trainable_params=structure.trainable_params,
+                pinned=sorted(run._pinned))
+    seen = [[_fields(f), last, count] for f, last, count in run._seen.values()]
+    doc = {"format": RUN_FORMAT, "version": RUN_VERSION, "run": head, "modules": modules, "edges": edges,
+           "layouts": layouts, "records": records, "scalars": scalars, "seen": seen}
+    _write(path, doc, writer)
+
+
+def _load_run(doc: dict, arrays: dict):
+    from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
+
+    try:
+        head = doc["run"]
+        modules = {m["name"]: _module(m, arrays) for m in doc["modules"]}
+        structure = structure_of(modules, head["total_params"], head["trainable_params"])
+        edges = {}
+        for name, (offset, size) in doc["edges"].items():
+            e = _slice(arrays, "edges", offset, size)
+            e.flags.writeable = False
+            edges[name] = e
+        run = Run(structure, every=head["every"], keep=head["keep"], thresholds=head["thresholds"], edges=edges)
+        run.step_count = head["step_count"]
+        run._pinned = set(head["pinned"])
+        layouts = [tuple((call[0], *(_tuples(v) for v in call[1:])) for call in layout) for layout in doc["layouts"]]
+        at = dict.fromkeys(_RUN_ARRAYS, 0)
+        params, modules_count = len(run.param_keys), len(structure.modules)
+
+        def take(name: str, size: int) -> np.ndarray:
+            values = _slice(arrays, name, at[name], size)
+            at[name] += size
+            return values
+
+        for r in doc["records"]:
+            calls, bins = int(r["calls"]), int(r["bins"])
+            run.records.append(StepRecord(
+                step=int(r["step"]), layout=layouts[r["layout"]],
+                calls=take("calls", calls * len(CALL_FIELDS)).reshape(calls, len(CALL_FIELDS)),
+                counts=take("counts", calls * bins).reshape(calls, bins),
+                params=take("params", params * len(PARAM_FIELDS)).reshape(params, len(PARAM_FIELDS)),
+                training=take("training", modules_count).astype(bool),
+                inputs=tuple(_load_input(i) for i in r["inputs"]), output_numel=r["output_numel"],
+                grad_scale=r["grad_scale"], lrs=tuple(r["lrs"])))
+        for name, (offset, size) in doc["scalars"].items():
+            steps, values = _slice(arrays, "scalar_steps", offset, size), _slice(arrays, "scalar_values", offset, size)
+            for step, value in zip(steps.tolist(), values.tolist()):
+                run._add_scalar(name, step, value)
+        for f, last, count in doc["seen"]:
+            finding = Finding(**f)
+            run._seen[finding.kind, finding.module] = [finding, last, count]
+        return run
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise FormatError(f"the run's records are incomplete or malformed ({type(exc).__name__}: {exc})") from None

@@ -8,9 +8,11 @@ from .cost import cost_breakdown
 from .filters import conv_filters
 from .gradients import gradient_flow
 from .histogram import activation_histogram
+from .over_time import activation_heatmap, module_over_time, scalars_over_time
 from .parameters import parameter_breakdown
 
 __all__ = [
+    "activation_heatmap",
     "activation_histogram",
     "attention_heatmap",
     "attention_rollout_overlay",
@@ -19,5 +21,7 @@ __all__ = [
     "cost_breakdown",
     "feature_maps",
     "gradient_flow",
+    "module_over_time",
     "parameter_breakdown",
+    "scalars_over_time",
 ]

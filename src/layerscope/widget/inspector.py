@@ -22,18 +22,20 @@ import traitlets
 from torch import nn
 
 from .. import plots
-from ..core import Capture, kinds
+from ..core import Capture, Run, kinds
 from ..core import capture as run_capture
-from ..core.capture import FEATURE_CHANNELS
 from ..core.nested import first_float_tensor
+from ..core.recorder import FEATURE_CHANNELS
 from ..core.rerun import Rerun, cam_layer, input_size
 from ..plots.cost import cost_parts
 from . import rows, text
 from .progress import Progress
+from .steps import StepsBar, Throttle
 from .tree import TreeWidget
 
 TABS = ("Activations", "Feature maps", "Gradients", "Explain", "Cost", "Findings", "Summary")
-ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, COST, FINDINGS, SUMMARY = range(len(TABS))
+ACTIVATIONS, FEATURE_MAPS, GRADIENTS, EXPLAIN, COST, FINDINGS, SUMMARY = range(len(TABS))  # of a capture's inspector
+OVER_TIME = "Over time"  # a run's inspector has this tab first
 PROGRESS_DELAY = 1.0  # seconds a capture may take before it shows a progress bar
 
 
@@ -47,7 +49,7 @@ def _shown(widget: widgets.DOMWidget, visible: bool) -> None:
     widget.layout.display = None if visible else "none"
 
 
-NEEDS_MODEL = "this capture has no model to run (it was loaded from a file)"
+NEEDS_MODEL = "this capture has no model to run (it was loaded from a file, or is a step of a watched run)"
 ALL_HEADS = -1  # the Head picker's value for "all heads" (None would show as a blank picker)
 FIND_FROM = 20  # classes from which the Explain tab offers a search box
 UNIFORM = 0.99  # predictions whose entropy is above this share of the most possible get a note (untrained model)
@@ -61,6 +63,11 @@ class ModelInspector(widgets.VBox):
     that records can draw; Grad-CAM, attention and feature-map pages past the stored sample need the
     model, and say so when the capture has none.
 
+    ``ModelInspector(run)`` shows a watched run (``layerscope.watch``): the tree with the badges of the
+    findings over time, the logged scalars over the steps with a step cursor, an "Over time" tab for the selected
+    module, and the other tabs for the sampled step under the cursor. Displayed before the loop, it follows the
+    run as it trains (at most a few updates a second).
+
     ``target``, ``loss_fn``, ``backward`` and ``costs`` go to ``layerscope.capture`` (the inspector counts FLOPs
     and activation memory by default: the tree can show them and the Cost tab draws where they go);
     ``class_names`` label predictions, ``mean``/``std`` un-normalise the image under Grad-CAM, ``tokens``
@@ -71,12 +78,16 @@ class ModelInspector(widgets.VBox):
 
     selected = traitlets.Unicode("")
 
-    def __init__(self, model: nn.Module | Capture, batch: Any = None, *, target: Any = None, loss_fn=None,
+    def __init__(self, model: nn.Module | Capture | Run, batch: Any = None, *, target: Any = None, loss_fn=None,
                  class_names=None, mean=None, std=None, tokens=None, tokenizer=None, backward: bool = True,
                  costs: bool = True):
         self._given = model if isinstance(model, Capture) else None
+        self._watched = model if isinstance(model, Run) else None
         if self._given is not None:
             model, batch = self._given.model, self._given.batch
+        if self._watched is not None:
+            model = batch = None  # the model has moved on since the sampled steps: nothing re-runs it
+        self._step: int | None = None  # the sampled step under the cursor (a run only)
         self._model, self._batch, self._target, self._backward = model, batch, target, backward
         self._loss_fn, self._costs = loss_fn, costs
         self.class_names, self.mean, self.std, self.tokens = class_names, mean, std, tokens
@@ -101,7 +112,8 @@ class ModelInspector(widgets.VBox):
         right.add_class("ls-panel")
         body = widgets.HBox([self.tree, right], layout=widgets.Layout(width="100%"))
         body.add_class("ls-body")  # tree.css lays it out as a column when the inspector is narrow
-        super().__init__([self._banner, body])
+        self._steps = StepsBar() if self._watched is not None else None
+        super().__init__([self._banner, *([self._steps] if self._steps else []), body])
         self.add_class("layerscope-inspector")
         self._run()
         self.tree.observe(self._count, "selected")  # a click in the tree: counted before the link passes it on
@@ -110,13 +122,32 @@ class ModelInspector(widgets.VBox):
         self._tabs.observe(self._on_input, "selected_index")
         self.tree.on_msg(self._on_tree_message)
         self._select_initial()
+        if self._watched is not None:
+            self._throttle = Throttle()
+            self._steps.slider.observe(self._on_step_chosen, "value")
+            self._watched.on_step(self._on_run_step)
 
     # -- public -------------------------------------------------------------------------------------
 
     @property
     def capture(self):
-        """The Capture on show."""
+        """The Capture on show (for a run: the sampled step under the cursor)."""
         return self._cap
+
+    @property
+    def step(self) -> int | None:
+        """The sampled step under the cursor (a run only; None before the first sampled step)."""
+        return self._step
+
+    def show_step(self, step: int) -> None:
+        """Move the cursor to the sampled step nearest ``step`` (a run only)."""
+        if self._watched is None:
+            raise ValueError("show_step() is for an inspector of a watched run")
+        steps = self._watched.steps
+        if not len(steps):
+            raise ValueError("the run has no sampled step yet")
+        self._steps.follow = False
+        self._steps.slider.value = int(steps[abs(steps - step).argmin()])
 
     def select(self, name: str) -> None:
         """Select module ``name`` (a ``named_modules()`` name; "" is the model itself)."""
@@ -127,7 +158,12 @@ class ModelInspector(widgets.VBox):
     def refresh(self, batch: Any = None) -> None:
         """Capture again, on ``batch`` if given (else on the same batch), keeping the selection on the same module
         (by what it is: after a layer was inserted before it, it is selected under its new name). The inspector
-        then shows the new capture; to keep the old one on the page too, make a new ModelInspector instead."""
+        then shows the new capture; to keep the old one on the page too, make a new ModelInspector instead. A
+        run's inspector shows the run's steps so far."""
+        if self._watched is not None:
+            with self._lock:
+                self._refresh_run(done=True)
+            return
         if self._model is None:
             raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
         with self._lock:
@@ -161,6 +197,10 @@ class ModelInspector(widgets.VBox):
 
         from ..report import notebook_fallback
 
+        if self._watched is not None:
+            # displayed before the training cell: while that cell runs the kernel reads no message from the page
+            # (not even the tree's "shown"), so a run's inspector draws its panels from now on
+            self._displayed = True
         display(super()._repr_mimebundle_(), raw=True)
         display({"text/html": notebook_fallback(self._cap), "text/plain": ""}, raw=True)
 
@@ -185,12 +225,20 @@ class ModelInspector(widgets.VBox):
         size = f"{len(cap.modules)} modules" if cap is not None else "no capture"
         failed = ", failed" if cap is not None and cap.error is not None else ""
         what = type(self._model).__name__ if self._model is not None else "loaded capture"
+        if self._watched is not None:
+            what, failed = "run", f", step {self._step}"
         return f"ModelInspector({what}, {size}{failed}, selected={self.selected!r})"
 
     # -- capture ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._given is not None:
+        if self._watched is not None:
+            steps = self._watched.steps
+            self._step = int(steps[-1]) if len(steps) else None
+            self._cap = self._step_capture()
+            self._steps.set_steps([int(s) for s in steps], self._step)
+            self._steps.describe(self._watched)
+        elif self._given is not None:
             self._cap = self._given
         else:
             self._capture()
@@ -201,7 +249,7 @@ class ModelInspector(widgets.VBox):
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
         _shown(self._banner, cap.error is not None)
         self.tree.marked = cap.error.module if cap.error is not None else None
-        self.tree.rows = rows.tree_rows(cap)
+        self.tree.rows = rows.tree_rows(cap, self._all_findings())
         self._list_findings()
         with self._quietly():
             self._ex_class.options = []
@@ -265,8 +313,16 @@ class ModelInspector(widgets.VBox):
         self._findings = widgets.Select(rows=14, layout=widgets.Layout(width="100%"))
         self._findings.observe(self._on_finding, "value")
         findings = widgets.VBox([self._findings_note, self._findings, self._finding_detail])
-        self._tabs.children = [activations, feature_maps, gradients, explain, cost, findings, self._summary]
-        self._tabs.titles = TABS
+        self._over_note, self._over_image = widgets.HTML(), _image("ls-over-time")
+        over_time = widgets.VBox([self._over_note, self._over_image])
+        pages = [activations, feature_maps, gradients, explain, cost, findings, self._summary]
+        self._titles = ((OVER_TIME,) if self._watched is not None else ()) + TABS
+        self._tabs.children = ([over_time] if self._watched is not None else []) + pages
+        self._tabs.titles = self._titles
+
+    def tab_index(self, title: str) -> int:
+        """The position of the tab called ``title`` ("Over time" comes first for a run)."""
+        return self._titles.index(title)
 
     def _descendants(self):
         stack = [self]
@@ -303,6 +359,8 @@ class ModelInspector(widgets.VBox):
         if content.get("event") == "shown":
             with self._lock:
                 self._displayed = True
+                if self._watched is not None:
+                    self._draw_scalars()
                 self._draw()
 
     def _on_selected(self, change=None) -> None:
@@ -323,14 +381,17 @@ class ModelInspector(widgets.VBox):
 
     def _state(self, tab: int) -> tuple:
         """What a tab's content depends on: it is redrawn only when this changes."""
-        if tab == FINDINGS or tab == SUMMARY:
+        title = self._titles[tab]
+        if title in ("Findings", "Summary"):
             return (id(self._cap),)
+        if title == OVER_TIME:
+            return (self._watched._version, self.selected, self._step)
         base = (id(self._cap), self.selected, self._call.value)
-        if tab == FEATURE_MAPS:
+        if title == "Feature maps":
             return base + (self._fm_item.value, self._fm_page)
-        if tab == EXPLAIN:
+        if title == "Explain":
             return base + (self._ex_item.value, self._ex_class.value, self._ex_head.value)
-        if tab == COST:
+        if title == "Cost":
             return (id(self._cap), self.selected)
         return base
 
@@ -341,10 +402,12 @@ class ModelInspector(widgets.VBox):
         tab = self._tabs.selected_index or 0
         if not self._displayed or self._drawn.get(tab) == self._state(tab):
             return
+        panels = {"Activations": self._activations, "Feature maps": self._feature_maps, "Gradients": self._gradients,
+                  "Explain": self._explain, "Cost": self._cost, "Findings": lambda: None, "Summary": self._summary_tab,
+                  OVER_TIME: self._over_time}
         events = self._events
         with self._quietly():
-            [self._activations, self._feature_maps, self._gradients, self._explain, self._cost, lambda: None,
-             self._summary_tab][tab]()
+            panels[self._titles[tab]]()
         # the state after the panel set its own controls; not recorded when a user's event came in meanwhile (its
         # control may already hold the new value the panel did not draw): that event then draws again
         self._drawn[tab] = self._state(tab) if self._events == events else None
@@ -356,11 +419,16 @@ class ModelInspector(widgets.VBox):
 
     # -- panels -------------------------------------------------------------------------------------
 
-    def _draw_figure(self, kind: str, name: str, *key) -> bytes:
-        """PNG bytes of one figure (cached: revisiting a module or a page costs nothing)."""
+    def _draw_figure(self, step: int | None, kind: str, name: str, *key) -> bytes:
+        """PNG bytes of one figure (cached: revisiting a module or a page costs nothing); ``step`` is the sampled
+        step a run's figure is of, so that each step has its own."""
         return text.png(self._make_figure(kind, name, *key))
 
     def _make_figure(self, kind: str, name: str, *key):
+        if kind == "over_time":
+            return plots.module_over_time(self._watched, name, step=self._step)
+        if kind == "scalars":
+            return plots.scalars_over_time(self._watched, step=self._step)
         report = self._cap[name]
         if kind == "histogram":
             return plots.activation_histogram(report.calls[key[0]])
@@ -389,7 +457,7 @@ class ModelInspector(widgets.VBox):
         raise ValueError(f"unknown figure kind {kind!r}")
 
     def _show(self, image: widgets.Image, *key) -> None:
-        image.value = self._figure(*key)
+        image.value = self._figure(self._step, *key)
         _shown(image, True)
 
     def _activations(self) -> None:
@@ -412,7 +480,11 @@ class ModelInspector(widgets.VBox):
             _shown(control, spatial)
         _shown(self._fm_image, spatial)
         if not spatial:
-            self._fm_note.value = text.note("This module has no spatial (N, C, H, W) output to show.")
+            shape = call.output_shapes if call is not None else None
+            kept = self._watched is None or not (isinstance(shape, tuple) and len(shape) == 4)
+            self._fm_note.value = text.note("This module has no spatial (N, C, H, W) output to show." if kept else
+                                            "A watched run keeps no feature maps of its steps: capture() one batch "
+                                            "to see them.")
             return
         n, channels = call.output_shapes[:2]
         pages = math.ceil(channels / FEATURE_CHANNELS)
@@ -517,8 +589,10 @@ class ModelInspector(widgets.VBox):
         counted = self._cap.flops is not None
         _shown(self._cost_image, counted)
         if not counted:
-            self._cost_note.value = text.note("FLOPs and activation memory were not counted in this capture: "
-                                              "capture(model, batch, costs=True) counts them.")
+            how = "capture(model, batch, costs=True) counts them"
+            watched = self._watched is not None
+            why = f"a watched run adds no counting to training steps; {how} for one pass" if watched else how
+            self._cost_note.value = text.note(f"FLOPs and activation memory were not counted in this capture: {why}.")
             self._cost_table.value = ""
             return
         parent, _ = cost_parts(self._cap, self.selected)
@@ -531,13 +605,75 @@ class ModelInspector(widgets.VBox):
     def _summary_tab(self) -> None:
         self._summary.value = text.summary(self._cap)
 
+    def _over_time(self) -> None:
+        run, name = self._watched, self.selected
+        has = bool(run.records)
+        _shown(self._over_image, has)
+        if not has:
+            self._over_note.value = text.note("No sampled step yet: the pictures come with the first step.")
+            return
+        self._over_note.value = text.note(f"{text.display_name(name)} over the {len(run.records)} sampled steps kept "
+                                          f"(its first call in each); the red line is step {self._step}.")
+        self._show(self._over_image, "over_time", name, run._version)
+
+    # -- a watched run ------------------------------------------------------------------------------
+
+    def _step_capture(self) -> Capture:
+        run = self._watched
+        return run.at(self._step) if self._step is not None else run.structure
+
+    def _all_findings(self):
+        return self._watched.findings if self._watched is not None else self._cap.findings
+
+    def _on_run_step(self, run: Run, done: bool) -> None:
+        """Called by the run after each step (from the training loop): update when due."""
+        if self._throttle.due(done):
+            started = time.monotonic()
+            with self._lock:
+                self._refresh_run(done)
+            self._throttle.ran(started)
+
+    def _refresh_run(self, done: bool) -> None:
+        run = self._watched
+        steps = [int(s) for s in run.steps]
+        if steps and (self._steps.follow or self._step not in steps):
+            self._step = steps[-1] if self._steps.follow else min(steps, key=lambda s: abs(s - self._step))
+        with self._quietly():
+            self._steps.set_steps(steps, self._step)
+        self._steps.describe(run)
+        self._cap = self._step_capture()
+        tree = rows.tree_rows(self._cap, run.findings)
+        if tree != self.tree.rows:
+            self.tree.rows = tree
+            self._list_findings()
+        self._draw_scalars()
+        self._draw()
+
+    def _draw_scalars(self) -> None:
+        if self._displayed and self._watched.scalar_names:
+            self._steps.image.value = self._figure(self._step, "scalars", "", self._watched._version)
+        _shown(self._steps.image, bool(self._watched.scalar_names))
+
+    def _on_step_chosen(self, change) -> None:
+        if self._quiet or change["new"] in (None, -1):
+            return
+        with self._lock:
+            steps = self._watched.steps
+            self._steps.follow = bool(len(steps)) and change["new"] == steps[-1]
+            self._step = change["new"]
+            self._cap = self._step_capture()
+            self._on_selected()
+            self._draw_scalars()
+
     def _list_findings(self) -> None:
         """All findings in one list box (one widget however many there are); picking one selects its module."""
-        findings = self._cap.findings
+        findings = self._listed = self._all_findings()
         counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}" for s in ("error", "warning", "info"))
+        where = "its module and step" if self._watched is not None else "its module"
+        nothing = "the run" if self._watched is not None else "this pass"
         self._findings_note.value = text.note(
-            f"{len(findings)} finding{'s' * (len(findings) != 1)} ({counts}); pick one to select its module."
-            if findings else "No findings: nothing in this pass looked wrong.")
+            f"{len(findings)} finding{'s' * (len(findings) != 1)} ({counts}); pick one to select {where}."
+            if findings else f"No findings: nothing in {nothing} looked wrong.")
         with self._quietly():
             self._findings.options = [(text.finding_label(f), i) for i, f in enumerate(findings)]
             self._findings.value = None
@@ -551,8 +687,10 @@ class ModelInspector(widgets.VBox):
             return
         self._events += 1
         with self._lock:
-            finding = self._cap.findings[change["new"]]
+            finding = self._listed[change["new"]]
             self._finding_detail.value = text.finding(finding)
+            if self._watched is not None and finding.step is not None and len(self._watched.steps):
+                self.show_step(finding.step)
             self.select(finding.module)
 
     # -- on-demand computations (cached) ---------------------------------------------------------------

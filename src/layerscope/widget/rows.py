@@ -20,17 +20,18 @@ FIELDS = ("name", "label", "type", "params", "parent", "called", "errors", "warn
 COLUMNS = ("params", "flops", "memory")  # parameters, forward FLOPs, activation memory (bytes saved for backward)
 
 
-def tree_rows(cap: Capture) -> list[list]:
+def tree_rows(cap: Capture, findings=None) -> list[list]:
     """One row per module in ``named_modules()`` order (parents before children), as short lists.
 
-    ``errors``/``warnings``/``infos`` count the findings (and the capture error) on a module and below it, each
-    finding once: a grouped finding counts on every module it lists and once on the modules around them.
+    ``errors``/``warnings``/``infos`` count the findings (``cap.findings``, or ``findings``: a run's over time)
+    and the capture error on a module and below it, each finding once: a grouped finding counts on every module
+    it lists and once on the modules around them.
     """
     names = list(cap.modules)
     index = {name: i for i, name in enumerate(names)}
     parents = [index[r.parent] if r.parent is not None else -1 for r in cap.modules.values()]
     counts = {"error": [0] * len(names), "warning": [0] * len(names), "info": [0] * len(names)}
-    marks = [(f.modules, f.severity) for f in cap.findings]
+    marks = [(f.modules, f.severity) for f in (cap.findings if findings is None else findings)]
     if cap.error is not None and not any(severity == "error" for _, severity in marks):
         marks.append(((cap.error.module,), "error"))  # findings name the error already, when there are any
     for modules, severity in marks:

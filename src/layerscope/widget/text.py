@@ -324,17 +324,22 @@ def _where(f) -> str:
     return display_name(f.module) + (f" +{len(modules) - 1} more" if len(modules) > 1 else "")
 
 
+def _step(f) -> str:
+    return "" if getattr(f, "step", None) is None else f"step {f.step}"
+
+
 def finding_label(f) -> str:
     """One short line of plain text for the findings list (a <select> shows it as text, on one line): severity,
-    where and what; the message and the fix line are in ``finding``."""
-    where = " · ".join(filter(None, [_where(f), _rank(f)]))
+    where (and, over a run, the step it was first seen at) and what; the message and the fix line are in
+    ``finding``."""
+    where = " · ".join(filter(None, [_step(f), _where(f), _rank(f)]))
     return f"{f.severity} · {where} · {str(f.kind).replace('_', ' ')}"
 
 
 def finding_line(f) -> str:
     """One finding as one line of plain text with its whole message (for lists that wrap: the report, the static
     view)."""
-    where = " · ".join(filter(None, [_where(f), _rank(f)]))
+    where = " · ".join(filter(None, [_step(f), _where(f), _rank(f)]))
     return f"{f.severity} · {where} · {f.message}"
 
 
@@ -342,12 +347,13 @@ def finding(f) -> str:
     """One finding in full: severity, kind, the modules it lists, its message and its fix line (text wraps)."""
     severity = str(f.severity)
     rank = f' <span class="ls-rank">({html.escape(_rank(f))})</span>' if _rank(f) else ""
+    step = "" if getattr(f, "step", None) is None else f' <span class="ls-step-of">at step {int(f.step)}</span>'
     modules = getattr(f, "modules", (f.module,))
     listed = "" if len(modules) < 2 else \
         f'<div class="ls-finding-modules">Modules: {html.escape(", ".join(map(display_name, modules)))}</div>'
     fix = f'<div class="ls-fix">{html.escape(str(f.fix))}</div>' if getattr(f, "fix", "") else ""
     return (f'<div class="ls-finding-full"><span class="ls-finding ls-finding-{html.escape(severity)}">'
-            f'{html.escape(severity)}</span> <span class="ls-kind">{html.escape(str(f.kind))}</span>{rank} · '
+            f'{html.escape(severity)}</span> <span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}{step} · '
             f'<span class="ls-where">{html.escape(display_name(f.module))}</span>: {html.escape(str(f.message))}'
             f'{listed}{fix}</div>')
 
