@@ -91,7 +91,10 @@ def test_forward_error_names_the_innermost_module_and_keeps_earlier_records():
     assert err.phase == "forward" and err.module == "block.1" and err.module_type == "Boom"
     assert isinstance(err.exception, RuntimeError) and "boom" in err.message
     assert len(cap["pre"].calls) == 1 and len(cap["block.0"].calls) == 1
-    assert cap["block.1"].calls == () and cap[""].calls == ()
+    # the failed calls are recorded, innermost first, after the calls that returned: what they got, no output
+    failed = [(name, c.index, c.input_shapes, c.output_shapes, c.stats) for name, c in cap.calls if c.failed]
+    assert failed == [("block.1", 2, (2, 4), None, None), ("block", 3, (2, 4), None, None), ("", 4, (2, 4), None, None)]
+    assert not any(c.failed for name, c in cap.calls if name in ("pre", "block.0"))
     assert no_hooks_left(model)
 
 

@@ -1,15 +1,19 @@
 """Findings: one small broken model per kind, each checked for its kind, its module and its numbers,
 and healthy torchvision models that must give no error or warning."""
 
+import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+import layerscope
 from layerscope import Finding, capture
-from layerscope.core.findings import find
+from layerscope.core.findings import find, group
 
 
 def only(cap, kind: str) -> Finding:
@@ -248,7 +252,9 @@ def test_nan_gradient_from_sqrt_at_zero_names_the_layer_before_it():
 def test_detach_in_forward_leaves_the_block_before_it_without_gradient():
     cap = capture(Detached(), torch.randn(4, 4))
     f = only(cap, "no_grad")
-    assert (f.severity, f.module) == ("warning", "a")
+    # reported where the gradient is cut (the model's own forward code), listing the starved block
+    assert (f.severity, f.module, f.details["cut_at"]) == ("warning", "", "")
+    assert f.details["modules"] == ["a"] and f.modules == ("", "a")
     assert f.details["parameters"] == 4 * 8 + 8
     assert cap["b"].param_grad_norms["weight"] > 0
 
@@ -314,9 +320,12 @@ def test_vanishing_sigmoid_stack_at_its_first_layers_only():
     model = nn.Sequential(*layers)
     x = torch.randn(8, 32)
     cap = capture(model, x)
-    vanishing = {f.module: f for f in cap.findings if f.kind == "vanishing_grad"}
-    assert {"0", "2", "4"} <= set(vanishing) and "48" not in vanishing and "24" not in vanishing
-    first = vanishing["0"].details
+    (vanishing,) = [f for f in cap.findings if f.kind == "vanishing_grad"]  # the repeats grouped into one
+    names = vanishing.modules
+    assert {"0", "2", "4"} <= set(names) and "48" not in names and "24" not in names
+    assert vanishing.module == "0" and list(vanishing.details["each"]) == list(names)
+    first = vanishing.details
+    assert first["ratio"] == vanishing.details["each"]["0"]["ratio"]
     assert first["ratio"] == pytest.approx(_ratio(model, 0, x), rel=1e-3)
     assert first["ratio"] < first["median_ratio"] * 1e-3
     assert modules_of(cap, "exploding_grad") == []
@@ -468,3 +477,133 @@ def test_sum_loss_after_layernorm_behind_dropout_is_flat_not_exploding():
     assert "flat_loss" in kinds and not kinds & {"exploding_grad", "vanishing_grad"}
     flat = next(f for f in cap.findings if f.kind == "flat_loss")
     assert flat.module == "158"  # the last LayerNorm: the Dropout after it passes the same tensor on
+
+
+# -- fix lines, grouped repeats, where a gradient is cut -----------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "layerscope"
+
+
+def kinds_in_source() -> set[str]:
+    """Every finding kind the rules can make, read off the source: Finding("kind", ...), the mismatch kinds, the
+    phases' "<phase>_error", "nan"/"inf", and kinds picked from tuples (("update_too_large", ...), ...)."""
+    found = set()
+    for path in (SRC / "core").rglob("*.py"):
+        code = path.read_text()
+        found |= set(re.findall(r'Finding\(\s*"([a-z_]+)"', code))
+        found |= set(re.findall(r'_mismatch\(\s*"([a-z_]+)"', code))
+        found |= set(re.findall(r'for kind, [^\n]*in \(\("([a-z_]+)"', code))
+        found |= set(re.findall(r'\("([a-z_]+)", lambda', code))
+        if 'Finding(f"{err.phase}_error"' in code:
+            found |= {f"{phase}_error" for phase in ("loss", "backward")}  # "forward" goes to the kinds below
+        if 'kind = "nan" if' in code:
+            found |= {"nan", "inf"}
+    return found
+
+
+def test_every_finding_kind_has_a_fix_line():
+    from layerscope.core.fixes import FIXES
+
+    kinds = kinds_in_source()
+    assert {"shape_mismatch", "device_mismatch", "nan", "inf", "no_grad", "loss_error", "rank_desync",
+            "unsupported_ops", "activation_memory"} <= kinds, kinds
+    watched = {"loss_diverged", "loss_flat", "grad_accumulating", "update_too_large", "update_too_small",
+               "param_not_in_optimizer", "eval_mode_training", "dead_units_growing"}  # core/trends.py
+    assert watched <= kinds, watched - kinds
+    missing = sorted(k for k in kinds if not FIXES.get(k, "").startswith("Try: "))
+    assert not missing, f"finding kinds without a 'Try: ...' line in core/fixes.py: {missing}"
+    assert all(len(line) <= 220 for line in FIXES.values())  # one short line each
+    # made findings carry it, also when built by hand; an explicit fix wins
+    assert Finding("nan", "error", "0", "m").fix == FIXES["nan"]
+    assert Finding("nan", "error", "0", "m", fix="Try: this.").fix == "Try: this."
+
+
+def test_fix_lines_and_grouped_findings_survive_save_and_load(tmp_path):
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
+    for p in model.parameters():
+        nn.init.normal_(p, std=1.5)
+    cap = capture(model, torch.randn(8, 64))
+    path = tmp_path / "c.lsc"
+    cap.save(path)
+    back = layerscope.load(path)
+    assert [(f.kind, f.module, f.fix, f.modules, f.message) for f in back.findings] == \
+        [(f.kind, f.module, f.fix, f.modules, f.message) for f in cap.findings]
+    assert all(f.fix.startswith("Try: ") for f in back.findings)
+
+
+def test_repeats_of_one_kind_are_one_finding_listing_the_modules():
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
+    for p in model.parameters():
+        nn.init.normal_(p, std=1.5)
+    x = torch.randn(8, 64)
+    cap = capture(model, x)
+    (exploding,) = [f for f in cap.findings if f.kind == "exploding_grad"]
+    names = exploding.modules
+    assert len(names) >= 3 and names[0] == exploding.module == "0"  # the first to run leads
+    assert list(names) == sorted(names, key=int)  # in execution order
+    for name in names:  # each module's own numbers are kept, and they are right
+        assert exploding.details["each"][name]["ratio"] == pytest.approx(_ratio(model, int(name), x), rel=1e-3)
+        assert exploding.details["each"][name]["ratio"] > 1e4
+    assert f"The same holds for {len(names) - 1} more modules: 1, 2" in exploding.message
+    ungrouped = find(dataclasses.replace(cap, findings=()))
+    assert [f.modules for f in ungrouped] == [f.modules for f in cap.findings]  # find() groups the same way
+    # the tree badges every module listed, and counts the finding once on the model around them
+    from layerscope.widget.rows import FIELDS, tree_rows
+
+    rows = {r[0]: dict(zip(FIELDS, r)) for r in tree_rows(cap)}
+    assert all(rows[n]["warnings"] >= 1 for n in names)
+    assert rows[""]["warnings"] == sum(f.severity == "warning" for f in cap.findings)
+
+
+def test_kinds_found_once_per_input_or_op_are_not_grouped():
+    a = Finding("input_range", "warning", "", "a", {"input": "[0]"})
+    b = Finding("input_range", "warning", "", "b", {"input": "[1]"})
+    c, d = Finding("dead_activation", "warning", "1", "c"), Finding("dead_activation", "warning", "3", "d")
+    got = group([a, b, c, d])
+    assert got[:2] == [a, b] and len(got) == 3 and got[2].modules == ("1", "3")
+
+
+class Detach(nn.Module):
+    def forward(self, x):
+        return x.detach()
+
+
+def test_a_detach_module_is_where_the_gradient_is_cut():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), Detach(), nn.Linear(8, 2))
+    cap = capture(model, torch.randn(3, 4))
+    f = only(cap, "no_grad")
+    assert (f.module, f.details["cut_at"], f.details["modules"]) == ("3", "3", ["0", "2"])
+    assert "cut at 3 (Detach)" in f.message and "its input carries gradient, its output none" in f.message
+    assert f.details["parameters"] == 4 * 8 + 8 + 8 * 8 + 8
+    calls = {n: r.calls[0] for n, r in cap.modules.items() if r.calls}
+    assert (calls["3"].input_requires_grad, calls["3"].output_requires_grad) == (True, False)
+    assert (calls["0"].input_requires_grad, calls["0"].output_requires_grad) == (False, True)  # the batch has none
+    assert cap["4"].param_grad_norms["weight"] > 0
+
+
+class NoGradBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.backbone(x)
+        return self.head(h)
+
+
+def test_a_block_run_under_no_grad_is_where_the_gradient_is_cut():
+    cap = capture(NoGradBackbone(), torch.randn(3, 4))
+    f = only(cap, "no_grad")
+    assert f.module == "backbone" and "ran under torch.no_grad()" in f.message
+
+
+def test_an_all_nan_output_says_no_finite_values():
+    from layerscope.widget import text
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    cap = capture(model, torch.randn(2, 4))
+    rows = dict(text.stats_rows(cap["0"].calls[0]))
+    assert rows["NaN"] == "8" and {rows[k] for k in ("mean", "std", "min", "max")} == {"no finite values"}

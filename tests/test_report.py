@@ -315,7 +315,7 @@ def test_cli_on_a_broken_model_exits_1_with_the_error_first(tmp_path):
     assert f"Forward failed: {message}" in body
     assert f"1 finding (1 error, 0 warning, 0 info): error head.0: {message}" in body
     assert max(map(len, lines)) <= 100
-    assert re.search(r"^head\.0 +Linear +0 not called +15\.7K$", out.stdout, re.MULTILINE)
+    assert re.search(r"^head\.0 +Linear +1 failed +15\.7K$", out.stdout, re.MULTILINE)  # its failed call
     doc, _ = html.read((tmp_path / "b.html").read_text())
     assert doc["error"]["message"] == message
     assert layerscope.load(tmp_path / "b.lsc").error.message == message

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 import traitlets
 from matplotlib.image import imread
 from torch import nn
@@ -33,6 +34,7 @@ from layerscope.widget.inspector import (
     GRADIENTS,
     SUMMARY,
 )
+from layerscope.widget.progress import Progress
 from layerscope.widget.tree import COLUMNS, FIELDS, TreeWidget
 
 EVIL = "<img src=x onerror=alert(1)>"
@@ -409,8 +411,19 @@ def test_broken_model_selects_and_marks_the_failing_module():
     assert inspector.tree.expanded == ["", "head"]
     assert html.escape(err.message) in inspector._banner.value and inspector._banner.layout.display is None
     row = dict(zip(FIELDS, inspector.tree.rows[list(inspector.capture.modules).index("head.1")]))
-    assert row["errors"] == 1 and row["called"] is False
-    assert "never called" in inspector._stats.value
+    assert row["errors"] == 1 and row["called"] is True  # its failed call is recorded, not greyed out
+    (call,) = inspector.capture["head.1"].calls
+    assert call.failed and call.input_shapes == (2, 8 * 14 * 14) and call.output_shapes is None
+    assert call.stats is None and call.input_requires_grad is True
+    header = dict(text.header_rows(inspector.capture["head.1"], call))
+    assert header["Calls"] == "1 (failed)" and header["Shapes"].startswith("(2, 1568) → failed")
+    assert "Calls</th><td>1 (failed)" in inspector._header.value
+    assert "This call failed: it received (2, 1568) (float32 on cpu)" in inspector._stats.value
+    assert "never called" not in inspector._stats.value
+    # the modules around it raised too: their calls are failed, after the ones that returned
+    outer = inspector.capture
+    assert [c.failed for c in outer["head"].calls] == [True] == [c.failed for c in outer[""].calls]
+    assert inspector.capture["head"].calls[0].index > call.index > inspector.capture["features.2"].calls[0].index
     inspector._tabs.selected_index = EXPLAIN
     assert "the model failed" in inspector._ex_note.value
 
@@ -420,12 +433,15 @@ def test_findings_tab_lists_findings_and_selects_their_module():
     inspector._tabs.selected_index = FINDINGS
     findings = inspector.capture.findings
     assert [label for label, _ in inspector._findings.options] == \
-        [f"{f.severity} · {f.module or text.ROOT_LABEL} · {f.message}" for f in findings]
+        [f"{f.severity} · {f.module or text.ROOT_LABEL} · {f.kind.replace('_', ' ')}" for f in findings]
     assert f"{len(findings)} finding" in inspector._findings_note.value and "1 error" in inspector._findings_note.value
+    assert inspector._tabs.titles[FINDINGS] == f"Findings ({len(findings)})"
+    assert html.escape(findings[0].message) in inspector._finding_detail.value  # the first, in full, until a pick
     inspector.select("")
     inspector._findings.value = 0  # a click on the first finding
     assert inspector.selected == findings[0].module == "head.1"
     assert html.escape(findings[0].message) in inspector._finding_detail.value
+    assert findings[0].fix.startswith("Try: ") and html.escape(findings[0].fix) in inspector._finding_detail.value
 
 
 def test_a_thousand_findings_stay_one_widget():
@@ -434,7 +450,8 @@ def test_a_thousand_findings_stay_one_widget():
         nn.init.constant_(linear.bias, -100.0)  # every ReLU dead: one dead_activation finding each
     model = nn.Sequential(*[m for b in blocks for m in b]).eval()
     inspector = ModelInspector(model, torch.randn(4, 32), backward=False)
-    assert len(inspector.capture.findings) >= 100
+    (dead,) = [f for f in inspector.capture.findings if f.kind == "dead_activation"]  # grouped into one
+    assert len(dead.modules) == 250
     assert len(inspector._findings.options) == len(inspector.capture.findings)
     assert sum(1 for _ in inspector._descendants()) < 40  # the inspector's size does not grow with the model
 
@@ -488,7 +505,30 @@ def test_progress_bar_only_for_a_slow_capture(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(inspector_module, "PROGRESS_DELAY", 0.0)
     ModelInspector(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 4))
-    assert re.search(r"layerscope: capturing: .*\| [0-4]/4 ", capsys.readouterr().err)  # one step per module
+    err = capsys.readouterr().err
+    # 4 modules: their forwards, their output gradients, then the findings: 9 steps, never past them
+    steps = [(int(n), int(total)) for n, total in re.findall(r"layerscope: [a-z ]+: .*?\| *(\d+)/(\d+) ", err)]
+    assert steps and {total for _, total in steps} == {9} and all(n <= 9 for n, _ in steps)
+
+
+def test_progress_counts_forward_then_backward_then_findings_and_ends_at_its_total():
+    model = torchvision.models.resnet18(weights=None).eval()  # reuses its ReLUs: more calls (69) than modules (68)
+    modules = len(list(model.named_modules()))
+    bar = Progress(modules, backward=True, delay=3600.0)  # never drawn: counts only
+    seen = []
+
+    def progress(phase, done, total):
+        seen.append(phase)
+        bar(phase, done, total)
+        assert bar.n <= bar.total
+        steps.append(bar.n)
+
+    steps = []
+    cap = layerscope.capture(model, torch.randn(1, 3, 64, 64), progress=progress)
+    assert len(cap.calls) > modules
+    assert steps == sorted(steps) and steps[-1] == bar.total == 2 * modules + 1
+    assert list(dict.fromkeys(seen)) == ["forward", "backward", "findings"]
+    bar.close()
 
 
 def test_repr_close_and_lazy_export(squeezenet):
@@ -538,3 +578,14 @@ def tree_rows_of(cap):
     from layerscope.widget.tree import tree_rows
 
     return tree_rows(cap)
+
+
+def test_refresh_after_inserting_a_layer_keeps_the_same_module_selected():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4 * 8 * 8, 10))  # no flatten
+    inspector = on_page(ModelInspector(model, torch.randn(2, 1, 8, 8)))
+    assert inspector.selected == "2" and inspector.capture.error.module == "2"
+    linear = model[2]
+    model.insert(2, nn.Flatten())  # the fix: the linear layer is "3" now
+    inspector.refresh()
+    assert inspector.capture.error is None
+    assert inspector.selected == "3" and inspector.capture["3"].type_name == "Linear" and model[3] is linear

@@ -330,7 +330,7 @@ def test_inspector_in_jupyterlab(server, browser):
     expect(broken.locator(".ls-banner")).to_contain_text("head.1 (Linear, in_features=100)")
     expect(row(broken, "head.1")).to_have_class(re.compile("ls-selected"))
     expect(row(broken, "head.1")).to_have_class(re.compile("ls-marked"))
-    expect(row(broken, "head.1")).to_have_class(re.compile("ls-uncalled"))  # greyed: it never returned
+    expect(row(broken, "head.1")).not_to_have_class(re.compile("ls-uncalled"))  # its failed call is recorded
     expect(row(broken, "head.1").locator(".ls-badge-error")).to_have_text("1")
     expect(broken.locator(".ls-header")).to_contain_text("head.1")
     broken.screenshot(path=ARTIFACTS / "lab-broken.png")
@@ -804,4 +804,47 @@ def test_a_reopened_notebook_shows_the_static_view_in_jupyterlab(server, browser
     expect(error).to_be_hidden()
     assert page.locator(".layerscope-inspector").count() == 0
     page.screenshot(path=ARTIFACTS / "lab-reopened.png")
+    page.context.close()
+
+
+FINDINGS_CELLS = (SETUP.format(evil=EVIL), BROKEN, """\
+stack = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
+for p in stack.parameters():
+    nn.init.normal_(p, std=1.5)
+exploding = ModelInspector(stack, torch.randn(8, 64))
+exploding
+""")
+
+
+def test_failed_call_grouped_findings_and_fix_lines_in_jupyterlab(server, browser):
+    """The module that raised shows its failed call and the input it got; nine-odd exploding layers are one finding
+    listing them, badged on each; the finding's fix line is on the page; the Findings tab has its count."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    (server.root / "findings.ipynb").write_text(notebook(*FINDINGS_CELLS))
+    page, monitor = open_and_run(browser, server, "lab/tree/findings.ipynb")
+
+    broken = inspector_with(page, "head")
+    header = broken.locator(".ls-header")
+    expect(header).to_contain_text("1 (failed)")
+    expect(header).to_contain_text("(2, 1568) → failed")
+    expect(broken.locator(".ls-failed-call")).to_contain_text("it received (2, 1568) (float32 on cpu)")
+    assert "ls-uncalled" not in (row(broken, "head.1").get_attribute("class") or "")
+    tab(broken, "Findings (1)").click()
+    expect(broken.locator(".ls-fix")).to_contain_text("Try: ")
+    broken.screenshot(path=ARTIFACTS / "lab-failed-call.png")
+
+    stack = inspector_with(page, "11")
+    tab(stack, "Findings").click()
+    detail = stack.locator(".ls-finding-full")
+    expect(detail).to_contain_text("exploding_grad")
+    expect(detail).to_contain_text("more modules")
+    expect(detail.locator(".ls-fix")).to_contain_text("Try: lower the initial weights")
+    box, panel = detail.bounding_box(), stack.locator(".ls-panel").bounding_box()
+    assert box["x"] + box["width"] <= panel["x"] + panel["width"] + 1  # wraps inside the panel
+    listed = [o for o in stack.locator(".widget-select option").all_inner_texts() if "exploding" in o]
+    assert len(listed) == 1 and "more" in listed[0]  # one finding for all of them
+    badged = [n for n in map(str, range(12)) if row(stack, n).locator(".ls-badge-warning").count()]
+    assert len(badged) >= 3 and "0" in badged
+    stack.screenshot(path=ARTIFACTS / "lab-grouped-findings.png")
+    assert monitor.problems == []
     page.context.close()

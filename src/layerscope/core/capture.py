@@ -143,6 +143,7 @@ def capture(
     feature_maps: bool = True,
     sample_size: int = 8192,
     costs: bool | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Capture:
     """Run ``model`` on ``batch`` once with hooks on every module and summarise what each call saw.
 
@@ -167,19 +168,24 @@ def capture(
     default (it adds a dispatch step to every op) and on by default for a meta-device model, whose forward
     then records autograd (on shapes only) so that the saved tensors are seen too. Parameter, gradient,
     buffer and output bytes are always recorded.
+
+    ``progress(phase, done, total)``, if given, is told what the pass has done so far: phase "forward" as each
+    module's forward ends for the first time (``done`` of ``total`` modules), then "backward" as each module's
+    output gradient arrives, then "findings" (0 of 1, then 1 of 1); each phase ends with ``done == total``.
     """
     _check_arguments(model, batch)
     default_bins, edges = _bin_plan(bins)
     with _gc_paused():
         return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size,
-                        costs)
+                        costs, progress)
 
 
 def _cuda_device(model: nn.Module) -> torch.device | None:
     return next((p.device for p in initialised(model) if p.is_cuda), None)
 
 
-def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs) -> Capture:
+def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps, sample_size, costs,
+             progress=None) -> Capture:
     model, compiled = kinds.unwrap(model)
     entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
     names = {id(m): n for n, m in entries}
@@ -205,18 +211,21 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         if counting:  # the tensors held anyway: their storages are not activation memory
             counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
         recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
-                            feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter)
+                            feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter,
+                            progress=progress, modules=len(entries))
         inputs = [(where, t, recorder.summarise(t)) for where, t in float_inputs(batch_run)]
         for name, module in entries:
             if counter is not None:
                 session.add_forward_pre_hook(module, lambda module, args, kwargs, name=name: counter.enter(name))
-            session.add_forward_hook(module, recorder.hook_for(name, module))
+            session.add_forward_hook(module, recorder.hook_for(name, module), always_call=True)
         try:
             with torch.enable_grad() if backward or saving else torch.no_grad(), \
                     counter.mode() if counter is not None else contextlib.nullcontext():
                 with counter.saving() if saving else contextlib.nullcontext():
                     output = call_model(model, batch_run)
                 session.remove_forward_hooks()  # a loss_fn that calls submodules must not add calls to the record
+                if progress is not None:
+                    progress("forward", len(entries), len(entries))
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
@@ -228,6 +237,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                             grads = distributed.backward(loss, before, batch)
                         else:
                             grads = kinds.param_grads(loss, params)
+                        if progress is not None:
+                            progress("backward", len(entries), len(entries))
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
             if phase == "forward":
                 error = diagnose.forward_error(exc, names, model)
@@ -312,4 +323,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         model=model,
         batch=batch,
     )
-    return dataclasses.replace(cap, findings=tuple(find(cap)))
+    if progress is not None:
+        progress("findings", 0, 1)
+    cap = dataclasses.replace(cap, findings=tuple(find(cap)))
+    if progress is not None:
+        progress("findings", 1, 1)
+    return cap

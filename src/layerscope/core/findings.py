@@ -7,6 +7,7 @@ off the live model, so a capture loaded in another process gives the same findin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -73,7 +74,7 @@ def find(
     if cap.merged:
         from .distributed import merged_findings
 
-        return merged_findings(cap, vanishing_ratio, exploding_ratio)
+        return group(merged_findings(cap, vanishing_ratio, exploding_ratio))
     look = _Look(cap)
     batch = look.batch(input_limit)
     bad_batch = any(f.kind == "input_nonfinite" for f in batch)
@@ -88,7 +89,39 @@ def find(
     found += [*look.frozen(), *look.unused(), *look.train_mode(), *look.model_kind()]
     found += cost_findings.activation_memory(cap, activation_share, activation_floor)
     found += cost_findings.unsupported_ops(cap)
-    return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module)))
+    return group(sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module))))
+
+
+# kinds found per module that come in near-identical repeats (nine exploding layers): grouped into one finding
+GROUPED = ("exploding_grad", "vanishing_grad", "zero_grad", "no_grad", "dead_activation", "saturated_activation",
+           "frozen", "unused_module", "train_mode", "uninitialised")
+LISTED = 6  # modules a grouped finding's message names before "and N more"
+
+
+def group(found: list[Finding]) -> list[Finding]:
+    """The findings with each set of repeats (one kind of GROUPED, one severity and rank, several modules) as one
+    finding at the first of them, in the place of the first: its message is the first one's, followed by the others'
+    names; ``details`` are the first one's, with ``modules`` (all of them, in order) and ``each`` (every module's
+    own details)."""
+    buckets: dict = {}
+    for i, f in enumerate(found):
+        buckets.setdefault((f.kind, f.severity, f.rank) if f.kind in GROUPED else i, []).append(f)
+    out = []
+    for same in buckets.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        first = same[0]
+        names = list(dict.fromkeys(m for f in same for m in f.modules))
+        each = {}
+        for f in same:
+            each.update(f.details.get("each") or {f.module: dict(f.details)})
+        others = [display for display in (m or "<root>" for m in names[1:])]
+        listed = ", ".join(others[:LISTED]) + (f" and {len(others) - LISTED} more" if len(others) > LISTED else "")
+        message = f"{first.message} The same holds for {_plural(len(others), 'more module')}: {listed}."
+        details = {k: v for k, v in first.details.items() if k not in ("modules", "each")}
+        out.append(dataclasses.replace(first, message=message, details={**details, "modules": names, "each": each}))
+    return out
 
 
 class _Look:
@@ -323,7 +356,19 @@ class _Look:
         missing = lambda n: any(grads[n].get(k) is None and not params(n)[k].offloaded for k in trainable[n])
         relevant = lambda n: bool(trainable[n]) and self.cap[n].called
         found = []
-        for name in self.highest(relevant, missing):
+        starved = self.highest(relevant, missing)
+        cut = self._cut(starved) if starved else None
+        if cut is not None:
+            where, why = cut
+            n = sum(self.cap[s].num_trainable for s in starved)
+            names = ", ".join("the model" if s == "" else s for s in starved[:LISTED])
+            more = f" and {len(starved) - LISTED} more" if len(starved) > LISTED else ""
+            who = "it" if starved == [where] else f"{names}{more}"
+            message = (f"The gradient is cut at {self.label(where)}: {why}. So {who} ran in the forward pass, but "
+                       f"{_plural(n, 'trainable parameter value')} received no gradient.")
+            return [Finding("no_grad", "warning", where, message,
+                            {"parameters": n, "cut_at": where, "modules": starved})]
+        for name in starved:
             n = self.cap[name].num_trainable
             what = "the model" if name == "" else self.label(name)
             message = (f"{what} ran in the forward pass, but its {n} trainable parameter values received no "
@@ -331,6 +376,38 @@ class _Look:
                        f"operation without a gradient such as argmax or round).")
             found.append(Finding("no_grad", "warning", name, message, {"parameters": n}))
         return found
+
+    def _cut(self, starved: list[str]) -> tuple[str, str] | None:
+        """Where the gradient of the ``starved`` modules is cut, and why it looks so, read off which calls' inputs and
+        outputs carried gradient: the first outermost module (in execution order, from the first starved call on)
+        whose output carries none although its input did or it holds trainable parameters; else the code of the
+        innermost module around the last starved one that has code of its own (not an nn.Sequential)."""
+        calls = self.cap.calls
+        if not calls or all(c.output_requires_grad is None for _, c in calls):
+            return None  # a capture recorded before these fields were
+        inside = lambda n: any(n == s or not s or n.startswith(s + ".") for s in starved)
+        start = min((c.index for n, c in calls if inside(n)), default=math.inf)
+
+        def cuts(n: str, c: CallRecord) -> bool:
+            return (c.output_requires_grad is False and not c.failed
+                    and (bool(c.input_requires_grad) or self.cap[n].num_trainable > 0))
+
+        flagged = {n for n, c in calls if cuts(n, c)}
+        for name, c in calls:
+            outer = self.cap[name].parent not in flagged
+            if c.index >= start and name in flagged and outer and cuts(name, c):
+                why = ("its input carries gradient, its output none (.detach(), torch.no_grad(), or an operation "
+                       "without a gradient such as argmax or round)") if c.input_requires_grad else \
+                      ("it holds trainable parameters, but its output carries no gradient (it ran under "
+                       "torch.no_grad(), or detaches its output)")
+                return name, why
+        last = max(starved, key=lambda s: max((c.index for n, c in calls if n == s or n.startswith(s + ".")),
+                                              default=-1))
+        for up in self.chain(self.cap[last].parent) if self.cap[last].parent is not None else ():
+            if not self.has(up, "sequential"):
+                return up, (f"its own forward code uses the output of {last} without a gradient (.detach(), "
+                            f"torch.no_grad(), or an operation such as argmax or round)")
+        return None
 
     def _nonfinite_grad(self, broken: list[str], largest: float) -> Finding:
         name = max(broken, key=self.position)  # closest to the loss: the gradient went bad just after it

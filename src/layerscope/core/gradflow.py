@@ -44,6 +44,6 @@ def flagged(capture: Capture, names: list[str]) -> dict[str, str]:
     for finding in capture.findings:
         if finding.kind in FLAGGED:
             for name in names:
-                if owns(finding.module, name):
+                if any(owns(m, name) for m in getattr(finding, "modules", (finding.module,))):
                     kind_of[name] = finding.kind
     return kind_of

@@ -51,8 +51,10 @@ class HookSession:
     def add_forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
         self._forward.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def add_forward_hook(self, module: nn.Module, hook: Callable) -> None:
-        self._forward.append(module.register_forward_hook(hook, with_kwargs=True))
+    def add_forward_hook(self, module: nn.Module, hook: Callable, always_call: bool = False) -> None:
+        """``hook(module, args, kwargs, output)`` after each forward; with ``always_call``, also on the way out of
+        a forward that raised (output None), so that a failed call can be recorded."""
+        self._forward.append(module.register_forward_hook(hook, with_kwargs=True, always_call=always_call))
 
     def add_tensor_hook(self, tensor: torch.Tensor, hook: Callable) -> None:
         self._tensor.append(tensor.register_hook(hook))

@@ -6,6 +6,7 @@ StatsBatch, its output gradient's norm, its dead ReLU units), all still on the d
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -45,12 +46,17 @@ class Recorder:
 
     ``edges(name, tensor)`` gives the fixed histogram edges for a module's output (None: equal bins over
     the tensor's own range). Output-gradient hooks are put on the outputs through ``session`` when
-    ``grads`` is true."""
+    ``grads`` is true. ``progress(phase, modules done, modules)``, if given, is told as each module's forward
+    ends and as each module's output gradient arrives, each module counted once (see ``capture``)."""
 
     def __init__(self, session: HookSession, stats: StatsBatch, *, grads: bool, feature_maps: bool, edges: Edges,
-                 costs: Costs | None = None):
+                 costs: Costs | None = None, progress: Callable[[str, int, int], None] | None = None,
+                 modules: int = 0):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
         self.costs = costs  # capture(costs=True): what the hooks compute is left out of the model's counts
+        self.progress, self.modules = progress, modules
+        self.ran: set[str] = set()  # modules whose forward ended (progress counts each once)
+        self.graded: set[str] = set()  # modules whose output gradient arrived
         self.calls: list[dict] = []
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
@@ -77,8 +83,14 @@ class Recorder:
         return counted
 
     def record(self, name: str, inputs: Any, output: Any, dead_units: bool) -> None:
-        """One call of module ``name`` (``dead_units``: count its dead channels, for ReLUs)."""
+        """One call of module ``name`` (``dead_units``: count its dead channels, for ReLUs). Registered with
+        ``always_call``, a hook is also called on the way out of a forward that raised, with no output: that call
+        is recorded as failed, with its inputs."""
+        failed = output is None and sys.exc_info()[1] is not None
         ins, outs = tensors(inputs), tensors(output)
+        if self.progress is not None and name not in self.ran:
+            self.ran.add(name)
+            self.progress("forward", len(self.ran), self.modules)
         call = dict(
             name=name,
             index=len(self.calls),
@@ -94,6 +106,9 @@ class Recorder:
             fmap=None,
             grad=None,
             dead=None,
+            failed=failed,
+            in_grad=any(t.requires_grad for t in ins if t.is_floating_point()),
+            out_grad=any(t.requires_grad for t in outs),
         )
         self.calls.append(call)
         t = first_float_tensor(outs)
@@ -117,6 +132,9 @@ class Recorder:
                     if costs is not None:
                         costs.resume()
                 self.last_grad_call = call
+                if self.progress is not None and call["name"] not in self.graded:
+                    self.graded.add(call["name"])
+                    self.progress("backward", len(self.graded), self.modules)
 
             self.session.add_tensor_hook(t, on_grad)
 
@@ -196,6 +214,9 @@ class Recorder:
                     feature_maps=None if c["fmap"] is None else c["fmap"].to("cpu", FEATURE_DTYPE),
                     input_finite=input_finite,
                     output_id=None if stats is None else c["slot"],
+                    failed=c["failed"],
+                    input_requires_grad=c["in_grad"],
+                    output_requires_grad=c["out_grad"],
                 )
             )
         return by_module, summaries

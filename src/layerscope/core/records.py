@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fixes import FIXES
 from .stats import Histogram, TensorStats
 
 # What ModuleReport.traits can hold: facts about a module's class (and, for "sums_to_constant", its weights)
@@ -79,6 +80,9 @@ class CallRecord:
     input_finite: bool | None = None  # all floating-point inputs finite; None when not known (e.g. changed in place)
     output_id: int | None = None  # calls that passed on the very same output tensor share this number
     per_rank: tuple[TensorStats | None, ...] | None = None  # merged capture: each rank's stats (None: not on that rank)
+    failed: bool = False  # the call raised: its inputs are recorded, it returned nothing (no output, no stats)
+    input_requires_grad: bool | None = None  # a floating-point input carried gradient (None: not recorded)
+    output_requires_grad: bool | None = None  # an output carried gradient (None: not recorded)
 
     @property
     def has_maps(self) -> bool:
@@ -203,7 +207,10 @@ class Finding:
     "info"), where (``module``, a ``named_modules()`` name, "" for the whole model or its batch; ``rank``, the
     rank it was found on in a merged capture of a distributed job, None for the whole job or a single process),
     one plain sentence with the numbers that prove it, and those numbers in ``details``. ``step`` is the
-    training step it was first seen at, for the findings of a watched run (None for one pass)."""
+    training step it was first seen at, for the findings of a watched run (None for one pass). ``fix`` is one
+    short line on what to try ("Try: ..."), by default the kind's line in ``core.fixes.FIXES``. A finding that
+    groups near-identical ones of several modules names them all in ``details["modules"]`` (``module`` is the
+    first)."""
 
     kind: str
     severity: str
@@ -212,6 +219,19 @@ class Finding:
     details: Mapping[str, Any] = field(default_factory=dict)
     rank: int | None = None
     step: int | None = None
+    fix: str = ""
+
+    def __post_init__(self):
+        if not self.fix:
+            object.__setattr__(self, "fix", FIXES.get(self.kind, ""))
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every module the finding is about: ``module``, and the others of a grouped finding."""
+        listed = self.details.get("modules") if isinstance(self.details, Mapping) else None
+        if not isinstance(listed, (list, tuple)):
+            return (self.module,)
+        return tuple(dict.fromkeys([self.module, *map(str, listed)]))
 
 
 @dataclass(frozen=True, eq=False)

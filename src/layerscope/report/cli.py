@@ -162,7 +162,7 @@ def table(cap) -> list[str]:
         s = call.stats if call is not None else None
         cells.append([
             name or "(model)", report.type_name, str(len(report.calls)),
-            text.dims(call.output_shapes, sep="x") if call is not None else "not called",
+            "not called" if call is None else "failed" if call.failed else text.dims(call.output_shapes, sep="x"),
             _fit(s.mean, 9) if s else "", _fit(s.std, 8) if s else "",
             _fit(s.zero_fraction, 6, percent=True) if s else "",
             _fit(call.grad_output_norm, 8) if call is not None else "", human(report.num_params),
@@ -194,6 +194,8 @@ def findings(cap) -> list[str]:
     for f in cap.findings:
         lines += textwrap.wrap(f"{f.severity:<7}  {text.display_name(f.module)}: {f.message}", WIDTH,
                                initial_indent="  ", subsequent_indent=" " * 11)
+        if f.fix:
+            lines += textwrap.wrap(f.fix, WIDTH, initial_indent=" " * 11, subsequent_indent=" " * 11)
     return lines
 
 

@@ -146,7 +146,8 @@ def document(cap: Capture, *, explain: list[dict] | None = None, title: str | No
         "error": None if err is None else {"lead": text.failed(err), "message": err.message, "module": err.module},
         "backward": cap.backward,
         "findings": [{"severity": f.severity, "module": f.module, "kind": f.kind, "message": f.message,
-                      "label": text.finding_label(f)} for f in cap.findings],
+                      "label": text.finding_line(f), "fix": f.fix, "modules": list(f.modules)}
+                     for f in cap.findings],
         "summary": cap.summary(),
         "gradient_flow": gradient_flow(cap),
         "explain": explain or [],

@@ -411,6 +411,8 @@ async function main() {
         pick.addEventListener("click", () => {
           const badge = make("span", `ls-finding ls-finding-${f.severity}`, f.severity);
           detail.replaceChildren(badge, " ", make("span", "ls-kind", f.kind), `: ${f.message}`);
+          if (f.modules.length > 1) detail.append(make("div", "ls-finding-modules", `Modules: ${f.modules.join(", ")}`));
+          if (f.fix) detail.append(make("div", "ls-fix", f.fix));
           if (index.has(f.module)) model.set("selected", f.module);
           list.querySelectorAll(".ls-picked").forEach((e) => e.classList.remove("ls-picked"));
           pick.classList.add("ls-picked");

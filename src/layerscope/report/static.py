@@ -22,7 +22,9 @@ def _depths(tree: list[list]) -> list[int]:
 
 def _item(row: list) -> str:
     _, label, type_name, params, _, called, errors, warnings = row[:8]
-    marks = [f"{n} {kind}{'s' * (n > 1)}" for n, kind in ((errors, "error"), (warnings, "warning")) if n]
+    infos = row[13] if len(row) > 13 else 0
+    marks = [f"{n} {kind}{'s' * (n > 1)}" for n, kind in ((errors, "error"), (warnings, "warning"), (infos, "info"))
+             if n]
     if not called:
         marks.append("never called")
     tail = f" ({', '.join(marks)})" if marks else ""
@@ -55,7 +57,8 @@ def _findings(cap: Capture) -> str:
     findings = cap.findings
     if not findings:
         return "<p>No findings: nothing in this pass looked wrong.</p>"
-    items = "".join(f"<li>{html.escape(text.finding_label(f))}</li>" for f in findings[:MAX_FINDINGS])
+    items = "".join(f"<li>{html.escape(text.finding_line(f))}"
+                    + (f"<br><i>{html.escape(f.fix)}</i>" if f.fix else "") + "</li>" for f in findings[:MAX_FINDINGS])
     more = f"<p>and {len(findings) - MAX_FINDINGS:,} more.</p>" if len(findings) > MAX_FINDINGS else ""
     n = len(findings)
     return f"<details open><summary>{n} finding{'s' * (n != 1)}</summary><ol>{items}</ol>{more}</details>"

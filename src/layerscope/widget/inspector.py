@@ -22,13 +22,14 @@ import traitlets
 from torch import nn
 
 from .. import plots
-from ..core import Capture, Run
+from ..core import Capture, Run, kinds
 from ..core import capture as run_capture
 from ..core.nested import first_float_tensor
 from ..core.recorder import FEATURE_CHANNELS
 from ..core.rerun import Rerun, cam_layer, input_size
 from ..plots.cost import cost_parts
 from . import rows, text
+from .progress import Progress
 from .steps import StepsBar, Throttle
 from .tree import TreeWidget
 
@@ -155,7 +156,10 @@ class ModelInspector(widgets.VBox):
         self.selected = name
 
     def refresh(self, batch: Any = None) -> None:
-        """Capture again, on ``batch`` if given (else on the same batch), keeping the selection."""
+        """Capture again, on ``batch`` if given (else on the same batch), keeping the selection on the same module
+        (by what it is: after a layer was inserted before it, it is selected under its new name). The inspector
+        then shows the new capture; to keep the old one on the page too, make a new ModelInspector instead. A
+        run's inspector shows the run's steps so far."""
         if self._watched is not None:
             with self._lock:
                 self._refresh_run(done=True)
@@ -163,13 +167,15 @@ class ModelInspector(widgets.VBox):
         if self._model is None:
             raise ValueError(f"refresh() needs a model: {NEEDS_MODEL}")
         with self._lock:
+            selected = self._modules.get(self.selected)
             if batch is not None:
                 self._batch = batch
                 self._rerun = Rerun(self._model, batch)
             self._given = None
             self._forget()
             self._run()
-            self._select_initial(keep=self.selected)
+            names = {id(m): n for n, m in self._modules.items()}
+            self._select_initial(keep=names.get(id(selected), self.selected))
 
     def save_html(self, path) -> None:
         """Write what the inspector shows to one self-contained HTML file that works with no kernel and no
@@ -236,6 +242,8 @@ class ModelInspector(widgets.VBox):
             self._cap = self._given
         else:
             self._capture()
+        # the modules by name as they were captured: refresh() follows the selected one to its new name
+        self._modules = dict(kinds.unwrap(self._model)[0].named_modules()) if self._model is not None else {}
         self._captured_at = time.time()  # when the capture ended (the browser test times the tree from here)
         cap = self._cap
         self._banner.value = text.error(cap.error) if cap.error is not None else ""
@@ -249,20 +257,12 @@ class ModelInspector(widgets.VBox):
         self._drawn.clear()
 
     def _capture(self) -> None:
-        ids = set(map(id, self._model.modules()))
-        progress = _progress(len(ids))
-
-        def tick(module, args, output) -> None:  # returns None: the output stays as it was
-            if id(module) in ids:
-                progress.update()
-
-        handle = nn.modules.module.register_module_forward_hook(tick)
+        modules = sum(1 for _ in kinds.unwrap(self._model)[0].named_modules())
+        progress = Progress(modules, self._backward, PROGRESS_DELAY)
         try:
             self._cap = run_capture(self._model, self._batch, target=self._target, loss_fn=self._loss_fn,
-                                    backward=self._backward, costs=self._costs)
+                                    backward=self._backward, costs=self._costs, progress=progress)
         finally:
-            handle.remove()
-            progress.update(max(0, progress.total - progress.n))
             progress.close()
 
     def _select_initial(self, keep: str | None = None) -> None:
@@ -466,6 +466,10 @@ class ModelInspector(widgets.VBox):
         if call is None:
             self._stats.value = text.note("This module was never called in this pass.")
             return
+        if call.failed:
+            _shown(self._hist, False)
+            self._stats.value = text.failed_call(call, self._cap.error)
+            return
         self._show(self._hist, "histogram", report.name, self._call.value)
         self._stats.value = text.stats(call)
 
@@ -503,7 +507,9 @@ class ModelInspector(widgets.VBox):
 
     def _gradients(self) -> None:
         report, call = self._report_call()
-        self._grad_text.value = text.gradients(report, call, self._cap.backward, self._cap)
+        loss = text.loss_note(self._cap)
+        self._grad_text.value = (text.note(loss, "ls-note ls-loss") if loss else "") + \
+            text.gradients(report, call, self._cap.backward, self._cap)
         _shown(self._grad_image, self._cap.backward)
         if self._cap.backward:
             self._show(self._grad_image, "gradient_flow", report.name)
@@ -671,8 +677,10 @@ class ModelInspector(widgets.VBox):
         with self._quietly():
             self._findings.options = [(text.finding_label(f), i) for i, f in enumerate(findings)]
             self._findings.value = None
+            self._findings.rows = min(max(len(findings), 2), 10)
         _shown(self._findings, bool(findings))
-        self._finding_detail.value = ""
+        self._finding_detail.value = text.finding(findings[0]) if findings else ""  # the first, until one is picked
+        self._tabs.set_title(FINDINGS, f"{TABS[FINDINGS]} ({len(findings)})" if findings else TABS[FINDINGS])
 
     def _on_finding(self, change) -> None:
         if self._quiet or change["new"] is None:
@@ -764,8 +772,3 @@ def decoded_tokens(tokenizer: Any, batch: Any, item: int) -> list[str] | None:
         return [str(t) for t in tokenizer.convert_ids_to_tokens(row)]
     return [str(tokenizer.decode([i])) for i in row]
 
-
-def _progress(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="layerscope: capturing", unit="module", delay=PROGRESS_DELAY, leave=False)

@@ -103,7 +103,16 @@ def header_rows(report: ModuleReport, call: CallRecord | None, cap: Capture | No
     capture, the FLOPs and memory rows give shares of the model's totals."""
     devices = sorted({*report.devices, *(call.output_devices if call else ())})
     dtypes = sorted({*report.dtypes, *(call.output_dtypes if call else ())})
-    shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}" if call else "never called"
+    if call is None:
+        shapes = "never called"
+    elif call.failed:
+        shapes = f"{shape(call.input_shapes)} → failed (raised, no output)"
+    else:
+        shapes = f"{shape(call.input_shapes)} → {shape(call.output_shapes)}"
+    failures = sum(c.failed for c in report.calls)
+    calls = str(len(report.calls))
+    if failures:
+        calls += " (failed)" if failures == len(report.calls) else f" ({failures} failed)"
     params = f"own {count(report.num_own_params)} · total {count(report.num_params)} · " \
              f"trainable {count(report.num_trainable)}"
     cost = flops(report, cap.flops if cap is not None else None)
@@ -114,8 +123,32 @@ def header_rows(report: ModuleReport, call: CallRecord | None, cap: Capture | No
         ("Device", ", ".join(devices) or "-"),
         ("Dtype", ", ".join(dtypes) or "-"),
         ("Shapes", shapes),
-        ("Calls", str(len(report.calls))),
+        ("Calls", calls),
+        *([("Loss", loss_line(cap))] if cap is not None and report.name == "" and cap.loss_kind else []),
     ]
+
+
+LOSSES = {"cross_entropy": "cross-entropy with the target", "loss_fn": "your loss_fn",
+          "model_loss": "the loss the model returned", "sum": "the sum of the outputs (no target given)",
+          "training": "your training loss"}
+
+
+def loss_line(cap: Capture) -> str:
+    """'2.31 · cross-entropy with the target': the loss the gradients are of, in one line."""
+    value = "not computed" if cap.loss is None else f"{cap.loss:.4g}"
+    return f"{value} · {LOSSES.get(cap.loss_kind, str(cap.loss_kind))}"
+
+
+def loss_note(cap: Capture) -> str | None:
+    """What the gradients are gradients of, and, for the stand-in sum, how to pass a real loss."""
+    if not cap.backward or cap.loss_kind is None:
+        return None
+    text = f"Gradients of the loss: {loss_line(cap)}."
+    if cap.loss_kind == "sum":
+        text += (f" With no target, the loss is a stand-in: the sum of the model's {count(cap.output_numel)} output "
+                 f"values, so each gradient says how that sum would change. Pass target=labels (class indices, one per "
+                 f"item) for cross-entropy, or loss_fn=lambda output, batch: ... for your own loss.")
+    return text
 
 
 def header(report: ModuleReport, call: CallRecord | None, cap: Capture | None = None) -> str:
@@ -129,7 +162,13 @@ def header(report: ModuleReport, call: CallRecord | None, cap: Capture | None = 
 NO_FLOAT_OUTPUT = "This call has no floating-point output."
 
 
+NO_FINITE = "no finite values"
+
+
 def _stat_rows(s: TensorStats) -> list[tuple[str, str]]:
+    if s.numel and not s.count:  # every value NaN or Inf: there is nothing to average
+        return [("elements", count(s.numel)), *((k, NO_FINITE) for k in ("mean", "std", "min", "max", "zeros")),
+                ("NaN", count(s.nan_count)), ("Inf", count(s.inf_count))]
     return [
         ("elements", count(s.numel)),
         ("mean", f"{s.mean:.6g}"),
@@ -235,6 +274,15 @@ def gradients(report: ModuleReport, call: CallRecord | None, backward: bool, cap
     return params + table(pairs, "ls-out-grad")
 
 
+def failed_call(call: CallRecord, err=None) -> str:
+    """The Activations panel of a call that raised: what it got, and that it returned nothing."""
+    kind = f"{', '.join(call.input_dtypes) or '-'} on {', '.join(call.input_devices) or '-'}"
+    got = f"{shape(call.input_shapes)} ({kind})"
+    why = f" {err.message}" if err is not None else ""
+    return note(f"This call failed: it received {got} and raised before returning, so it has no output to "
+                f"show.{why}", "ls-note ls-warn ls-failed-call")
+
+
 def failed(err) -> str:
     """The banner's lead: 'Forward failed:', 'Backward failed:', ..."""
     return f"{err.phase.capitalize()} failed:"
@@ -270,19 +318,44 @@ def _rank(f) -> str:
     return "" if getattr(f, "rank", None) is None else f"rank {f.rank}"
 
 
+def _where(f) -> str:
+    """'conv1', or 'conv1 +8 more' for a grouped finding."""
+    modules = getattr(f, "modules", (f.module,))
+    return display_name(f.module) + (f" +{len(modules) - 1} more" if len(modules) > 1 else "")
+
+
+def _step(f) -> str:
+    return "" if getattr(f, "step", None) is None else f"step {f.step}"
+
+
 def finding_label(f) -> str:
-    """One line of plain text for the findings list (a <select> shows it as text)."""
-    step = None if getattr(f, "step", None) is None else f"step {f.step}"
-    where = " · ".join(filter(None, [step, display_name(f.module), _rank(f)]))
+    """One short line of plain text for the findings list (a <select> shows it as text, on one line): severity,
+    where (and, over a run, the step it was first seen at) and what; the message and the fix line are in
+    ``finding``."""
+    where = " · ".join(filter(None, [_step(f), _where(f), _rank(f)]))
+    return f"{f.severity} · {where} · {str(f.kind).replace('_', ' ')}"
+
+
+def finding_line(f) -> str:
+    """One finding as one line of plain text with its whole message (for lists that wrap: the report, the static
+    view)."""
+    where = " · ".join(filter(None, [_step(f), _where(f), _rank(f)]))
     return f"{f.severity} · {where} · {f.message}"
 
 
 def finding(f) -> str:
+    """One finding in full: severity, kind, the modules it lists, its message and its fix line (text wraps)."""
     severity = str(f.severity)
     rank = f' <span class="ls-rank">({html.escape(_rank(f))})</span>' if _rank(f) else ""
     step = "" if getattr(f, "step", None) is None else f' <span class="ls-step-of">at step {int(f.step)}</span>'
-    return (f'<span class="ls-finding ls-finding-{html.escape(severity)}">{html.escape(severity)}</span> '
-            f'<span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}{step}: {html.escape(str(f.message))}')
+    modules = getattr(f, "modules", (f.module,))
+    listed = "" if len(modules) < 2 else \
+        f'<div class="ls-finding-modules">Modules: {html.escape(", ".join(map(display_name, modules)))}</div>'
+    fix = f'<div class="ls-fix">{html.escape(str(f.fix))}</div>' if getattr(f, "fix", "") else ""
+    return (f'<div class="ls-finding-full"><span class="ls-finding ls-finding-{html.escape(severity)}">'
+            f'{html.escape(severity)}</span> <span class="ls-kind">{html.escape(str(f.kind))}</span>{rank}{step} · '
+            f'<span class="ls-where">{html.escape(display_name(f.module))}</span>: {html.escape(str(f.message))}'
+            f'{listed}{fix}</div>')
 
 
 def summary(cap: Capture) -> str:

@@ -3,7 +3,7 @@
 // Only the rows in (and near) the scrolled view are in the page, so a tree of any size draws at once.
 
 const NAME = 0, LABEL = 1, TYPE = 2, PARAMS = 3, PARENT = 4, CALLED = 5, ERRORS = 6, WARNINGS = 7;
-const PARAMS_VALUE = 8, FLOPS = 9, FLOPS_VALUE = 10, MEMORY = 11, MEMORY_VALUE = 12;
+const PARAMS_VALUE = 8, FLOPS = 9, FLOPS_VALUE = 10, MEMORY = 11, MEMORY_VALUE = 12, INFOS = 13;
 // what the number column can show: [text field, value field, menu label, unit for the bar's tooltip]
 const COLUMNS = {
   params: [PARAMS, PARAMS_VALUE, "Parameters", "of the parameters"],
@@ -111,6 +111,7 @@ function render({ model, el }) {
     row.append(make("span", "ls-toggle"), make("span", "ls-label", r[LABEL]), make("span", "ls-type", r[TYPE]));
     if (r[ERRORS]) row.append(badge("error", r[ERRORS]));
     if (r[WARNINGS]) row.append(badge("warning", r[WARNINGS]));
+    if (r[INFOS]) row.append(badge("info", r[INFOS]));
     const [text, value, , unit] = shownColumn();
     const number = make("span", "ls-params", r[text] ?? "–");
     const total = rows[0][value];
