@@ -30,9 +30,10 @@ needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 runs on 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-    """Run every scenario in one two-rank job; a failure on any rank fails with its traceback."""
+    """Run every capture scenario in one two-rank job; a failure on any rank fails with its traceback."""
     out = tmp_path_factory.mktemp("jobs")
-    scenarios = [s for s in SCENARIOS if s != "fsdp" or FSDP2_ON_CPU]
+    # the capture scenarios (test_distributed_watch.py runs the watch ones)
+    scenarios = [s for s in SCENARIOS if not s.startswith("watch_") and (s != "fsdp" or FSDP2_ON_CPU)]
     context = mp.start_processes(entry, args=(WORLD, f"file://{out / 'rendezvous'}", str(out), scenarios),
                                  nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
