@@ -58,6 +58,23 @@ def entry(rank, world, init, out, scenarios):
         dist.destroy_process_group()
 
 
+def run_job(out, scenarios: list[str], timeout: float = 300):
+    """Run ``scenarios`` in one two-rank gloo job writing to ``out``; a failure on any rank raises with its
+    traceback, and a job still running after ``timeout`` seconds (a rank waiting in a collective) fails the test."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(entry, args=(WORLD, f"file://{out / 'rendezvous'}", str(out), scenarios),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the job did not finish in {timeout:.0f} s (a rank waits in a collective)")
+    return out
+
+
 def hooks(model: nn.Module) -> list[int]:
     return [len(d) for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks)]
 

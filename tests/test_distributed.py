@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import layerscope
-from distributed_jobs import SCENARIOS, WORLD, entry, make_batch, make_model
+from distributed_jobs import SCENARIOS, WORLD, make_batch, make_model, run_job
 from layerscope import TensorStats, load
 from layerscope.core import distributed, versions, wire
 from test_records import same, zoo
@@ -34,15 +32,7 @@ def jobs(tmp_path_factory):
     out = tmp_path_factory.mktemp("jobs")
     # the capture scenarios (test_distributed_watch.py runs the watch ones)
     scenarios = [s for s in SCENARIOS if not s.startswith("watch_") and (s != "fsdp" or FSDP2_ON_CPU)]
-    context = mp.start_processes(entry, args=(WORLD, f"file://{out / 'rendezvous'}", str(out), scenarios),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the job did not finish in 300 s (a rank waits in a collective)")
-    return out
+    return run_job(out, scenarios)
 
 
 # -- references on the unsharded model -----------------------------------------------------------------------------

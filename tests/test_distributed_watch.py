@@ -6,16 +6,13 @@ numpy, and against the merge of the ranks' saved runs and its own save/load."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import layerscope
-from distributed_jobs import NAN_STEP, WATCH_EVERY, WATCH_STEPS, WORLD, entry, make_batch, make_model
+from distributed_jobs import NAN_STEP, WATCH_EVERY, WATCH_STEPS, WORLD, make_batch, make_model, run_job
 from layerscope import Run, TensorStats, load
 from layerscope.core.run_ranks import merge_runs
 from test_distributed import FSDP2_ON_CPU, assert_stats, needs_fsdp2_on_cpu
@@ -27,15 +24,7 @@ SCENARIOS = ["watch_ddp", "watch_alone", *(["watch_fsdp"] if FSDP2_ON_CPU else [
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("watch_jobs")
-    context = mp.start_processes(entry, args=(WORLD, f"file://{out / 'rendezvous'}", str(out), SCENARIOS),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the job did not finish in 300 s (a rank waits in a collective)")
-    return out
+    return run_job(out, SCENARIOS)
 
 
 @pytest.fixture(scope="module")
