@@ -201,3 +201,32 @@ def test_capture_of_a_model_with_a_large_offset(size):
     for name, t in [("0", flat), ("1", out), ("2", out)]:
         call = cap[name].calls[0]
         check(call.stats, call.histogram, t)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_fixed_edges_count_values_on_and_next_to_every_edge(seed):
+    """Uniform fixed edges are binned arithmetically (see stats._indices): values on each edge, one float step
+    either side of it, outside the edges and random ones land where numpy's float64 comparisons put them, in
+    float32 and float64, on both paths, and non-uniform edges (a binary search) agree too."""
+    rng = np.random.default_rng(seed)
+    dtype = [torch.float32, torch.float64][seed % 2]
+    lo = rng.choice([-3.0, 0.0, 1000.0, -1e30, 1e-20])
+    width = abs(lo) * 10.0 ** rng.uniform(-6, 0) if lo else 10.0 ** rng.uniform(-3, 3)
+    bins = int(rng.integers(1, 70))
+    edges = lo + width * np.arange(bins + 1) if seed % 4 < 3 else np.sort(lo + width * rng.uniform(0, bins, bins + 1))
+    edges = np.unique(edges)
+    if len(edges) < 2:
+        edges = np.array([lo, lo + width])
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    on = edges.astype(kind)
+    values = np.concatenate([on, np.nextafter(on, kind(np.inf)), np.nextafter(on, kind(-np.inf)),
+                             (edges[0] + (edges[-1] - edges[0]) * rng.uniform(-0.2, 1.2, 5000)).astype(kind)])
+    for n in (len(values), 70_000):  # the buffer path, and the large path (strided sample)
+        x = torch.from_numpy(np.resize(rng.permutation(values), n).astype(kind)).to(dtype)
+        batch = StatsBatch(sample_size=n)
+        slot = batch.add(x, edges)
+        _, hist = batch.results()[slot]
+        seen = x.double().numpy()
+        counts, _ = np.histogram(seen, bins=edges)
+        np.testing.assert_array_equal(hist.counts, counts)
+        assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())
