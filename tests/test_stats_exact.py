@@ -207,12 +207,16 @@ def test_capture_of_a_model_with_a_large_offset(size):
 def test_fixed_edges_count_values_on_and_next_to_every_edge(seed):
     """Uniform fixed edges are binned arithmetically (see stats._indices): values on each edge, one float step
     either side of it, outside the edges and random ones land where numpy's float64 comparisons put them, in
-    float32 and float64, on both paths, and non-uniform edges (a binary search) agree too."""
+    float32 and float64, on both paths, for aligned edges (down to subnormal widths), other uniform ones and
+    non-uniform ones (a binary search)."""
     rng = np.random.default_rng(seed)
     dtype = [torch.float32, torch.float64][seed % 2]
     lo = rng.choice([-3.0, 0.0, 1000.0, -1e30, 1e-20])
     width = abs(lo) * 10.0 ** rng.uniform(-6, 0) if lo else 10.0 ** rng.uniform(-3, 3)
     bins = int(rng.integers(1, 70))
+    if seed % 3 == 2:  # aligned: a power-of-two width, the edges its multiples (watch's own edges)
+        width = 2.0 ** int(rng.integers(-140, 20))
+        lo = width * int(rng.integers(-70, 10))
     edges = lo + width * np.arange(bins + 1) if seed % 4 < 3 else np.sort(lo + width * rng.uniform(0, bins, bins + 1))
     edges = np.unique(edges)
     if len(edges) < 2:

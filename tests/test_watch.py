@@ -247,8 +247,10 @@ def test_histograms_share_fixed_edges_over_the_steps_and_count_everything(digits
         assert np.array_equal(merged.counts, counts[0] + counts[4])
     assert run.edges["relu1"][0] == 0.0  # non-negative output: edges from 0
     lo, hi = run.edges["conv1"][[0, -1]]
-    assert lo == -hi and hi == pytest.approx(2 * max(abs(run.series("conv1", "min")[1][0]),
-                                                     abs(run.series("conv1", "max")[1][0])))
+    top = 2 * max(abs(run.series("conv1", "min")[1][0]), abs(run.series("conv1", "max")[1][0]))
+    width = hi / 8  # signed: 8 of the 16 bins each side of 0, of the smallest power-of-two width reaching 2x the top
+    assert lo == -hi and hi >= top > hi / 2 and np.log2(width).is_integer()
+    assert np.array_equal(run.edges["conv1"], width * np.arange(-8, 9))
 
 
 def test_scalars_stay_on_the_device_until_read_and_belong_to_their_step(digits):

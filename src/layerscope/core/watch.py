@@ -31,7 +31,7 @@ from .stats import StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
 
-EDGE_MARGIN = 2.0  # automatic histogram edges reach this many times the first sampled step's largest value
+EDGE_MARGIN = 2.0  # automatic histogram edges reach at least this many times the first sampled step's largest value
 _C = {name: i for i, name in enumerate(CALL_FIELDS)}
 _P = {name: i for i, name in enumerate(PARAM_FIELDS)}
 _LAYOUTS = 16  # recent call layouts shared between steps
@@ -59,8 +59,9 @@ def watch(
 
     - ``scaler``: a ``torch.amp.GradScaler``; gradient norms are divided by its scale (unscaled norms).
     - ``bins``: histogram bins per module (64), on edges fixed for the whole run so that steps line up: chosen
-      from the module's output at its first sampled step (``EDGE_MARGIN`` times its largest value, symmetric
-      around 0 for signed outputs; a sigmoid's or tanh's own range), or given as edges, or {module: edges}.
+      from the module's output at its first sampled step (reaching at least ``EDGE_MARGIN`` times its largest
+      value, around 0 for signed outputs, in bins of a power-of-two width; a sigmoid's or tanh's own range), or
+      given as edges, or {module: edges}.
     - ``keep``: at most this many sampled steps are kept; beyond it, every other one of the older half is
       dropped (the first step and the first step with NaN/Inf stay), so memory stays bounded however long the
       run. The one-pass findings of a step are taken before it is dropped.
@@ -110,8 +111,10 @@ def _structure(model: nn.Module):
 
 def pick_edges(t: torch.Tensor, bins: int, bounds: tuple[float, float] | None = None) -> np.ndarray | None:
     """Histogram edges for a module's output for the whole run, from its first sampled step: a bounded
-    activation's own range; [0, m] for non-negative outputs, [-m, 0] for non-positive ones, [-m, m] else, where m is
-    EDGE_MARGIN times the largest absolute value (1 when all are 0 or none is finite)."""
+    activation's own range; else bins of a power-of-two width (so that binning is exact arithmetic, see
+    stats._indices) whose edges reach at least m from 0 upwards for non-negative outputs, downwards for
+    non-positive ones, both ways else, m being EDGE_MARGIN times the largest absolute value (1 when all are 0
+    or none is finite)."""
     if bounds is not None:
         return np.linspace(bounds[0], bounds[1], bins + 1)
     x = t.detach()
@@ -125,11 +128,11 @@ def pick_edges(t: torch.Tensor, bins: int, bounds: tuple[float, float] | None = 
         lo, hi = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
         lo, hi = float(lo), float(hi)
     top = EDGE_MARGIN * (max(abs(lo), abs(hi)) or 0.5)
-    if lo >= 0:
-        return np.linspace(0.0, top, bins + 1)
-    if hi <= 0:
-        return np.linspace(-top, 0.0, bins + 1)
-    return np.linspace(-top, top, bins + 1)
+    below = 0 if lo >= 0 else bins if hi <= 0 else bins // 2  # bins below 0
+    if below == 0 and lo < 0:  # one bin for signed values
+        return np.array([-top, top])
+    width = 2.0 ** math.ceil(math.log2(top / max(below, bins - below)))
+    return width * np.arange(-below, bins - below + 1, dtype=np.float64)
 
 
 class _Sample:
