@@ -189,8 +189,9 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     model, compiled = kinds.unwrap(model)
     entries = list(model.named_modules())  # walked once: 2,000-module models make every walk count
     names = {id(m): n for n, m in entries}
-    elsewhere = kinds.offloaded(model)
-    meta = kinds.on_meta(model, elsewhere)
+    walked = [m for _, m in entries]
+    elsewhere = kinds.offloaded(model, walked)
+    meta = kinds.on_meta(model, elsewhere, walked)
     if meta:
         batch_run = map_tensors(batch, lambda t: t.to("meta"))
         backward = False
@@ -204,12 +205,13 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     counter: Costs | None = None
-    with distributed.resharded(model), HookSession(model) as session:  # FSDP2: the sharded parameters throughout
-        before = [p for p in initialised(model) if p.requires_grad]
+    with distributed.resharded(model), HookSession(model, modules=walked) as session:  # FSDP2: sharded throughout
+        before = [p for p in initialised(model, walked) if p.requires_grad]
         if meta:
             kinds.buffers_to_meta(model)
         if counting:  # the tensors held anyway: their storages are not activation memory
-            counter = Costs([*initialised(model), *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
+            counter = Costs([*initialised(model, walked), *model.buffers(), *iter_tensors(batch_run)],
+                            _cuda_device(model))
         recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
                             feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter,
                             progress=progress, modules=len(entries))
@@ -229,8 +231,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                 if backward:
                     phase = "loss"
                     loss, loss_kind = _loss(output, batch, target, loss_fn)
-                    moved = kinds.offloaded(model)  # accelerate's hooks put new meta tensors in after each call
-                    params = [p for p in initialised(model) if p.requires_grad and id(p) not in moved]
+                    moved = kinds.offloaded(model, walked)  # accelerate's hooks put new meta tensors in after each call
+                    params = [p for p in initialised(model, walked) if p.requires_grad and id(p) not in moved]
                     if loss is not None and loss.requires_grad and params:
                         phase = "backward"
                         if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
@@ -256,13 +258,13 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     for c in recorder.calls:
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
     cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
-    elsewhere = kinds.offloaded(model)  # again, as the parameters are new ones after each call
+    elsewhere = kinds.offloaded(model, walked)  # again, as the parameters are new ones after each call
     grad_norms = norms({k: g for k, g in grads.items() if g is not None})
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
     nonfinite = any(s is not None and not s[0].finite for s in summaries)
-    held = {id(p): p for p in initialised(model)} | {k: w for k, w in elsewhere.items() if w is not None}
+    held = {id(p): p for p in initialised(model, walked)} | {k: w for k, w in elsewhere.items() if w is not None}
     rank, world = distributed.process()
     with torch.no_grad():
         param_norms = norms(held if grads or nonfinite else {})

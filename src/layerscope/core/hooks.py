@@ -24,8 +24,9 @@ class HookSession:
     nothing is saved on entry and nothing is put back on exit.
     """
 
-    def __init__(self, model: nn.Module, *, restore: bool = True):
+    def __init__(self, model: nn.Module, *, restore: bool = True, modules: list[nn.Module] | None = None):
         self.model = model
+        self.modules = modules  # the model's modules, if already walked (a 2,000-module model makes walks count)
         self.restores = restore
         self._forward: list = []
         self._tensor: list = []
@@ -37,11 +38,14 @@ class HookSession:
     def __enter__(self) -> HookSession:
         if not self.restores:
             return self
-        self._training = [(m, m.training) for m in self.model.modules()]
-        self._params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
-        self._buffers = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items()]
+        modules = list(self.model.modules()) if self.modules is None else self.modules
+        self._training = [(m, m.training) for m in modules]
+        params = {id(p): p for m in modules for p in m._parameters.values() if p is not None}
+        self._params = [(p, p.requires_grad, p.grad) for p in params.values()]
+        self._buffers = [(m, name, b) for m in modules for name, b in m._buffers.items()]
         training = any(flag for _, flag in self._training)
-        self._values = [(b, b.clone()) for b in self.model.buffers() if not is_lazy(b)] if training else []
+        buffers = {id(b): b for _, _, b in self._buffers if b is not None and not is_lazy(b)}
+        self._values = [(b, b.clone()) for b in buffers.values()] if training else []
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -27,13 +27,13 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, False
 
 
-def offloaded(model: nn.Module) -> dict[int, torch.Tensor | None]:
+def offloaded(model: nn.Module, modules: list[nn.Module] | None = None) -> dict[int, torch.Tensor | None]:
     """The parameters whose values accelerate keeps elsewhere (CPU or disk offload: the module holds a meta
     tensor and a dispatch hook swaps the real one in for each call), by id, with the values kept (None when
-    they cannot be read)."""
+    they cannot be read). ``modules``: the model's modules, if already walked."""
     found: dict[int, torch.Tensor | None] = {}
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
+    for module in model.modules() if modules is None else modules:
+        hook = module.__dict__.get("_hf_hook")
         for h in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
             weights = getattr(h, "weights_map", None)
             if not getattr(h, "offload", False) or weights is None:
@@ -47,11 +47,11 @@ def offloaded(model: nn.Module) -> dict[int, torch.Tensor | None]:
     return found
 
 
-def on_meta(model: nn.Module, elsewhere: Mapping[int, Any]) -> bool:
+def on_meta(model: nn.Module, elsewhere: Mapping[int, Any], modules: list[nn.Module] | None = None) -> bool:
     """Whether the model is a meta model (shapes and counts, no values): every parameter on the meta device
     (buffers may be real, as ``accelerate.init_empty_weights()`` leaves them), apart from offloaded ones.
-    A model without parameters is one when all its buffers are on the meta device."""
-    tensors = [p for p in initialised(model) if id(p) not in elsewhere] or list(model.buffers())
+    A model without parameters is one when all its buffers are on the meta device. ``modules``: as walked."""
+    tensors = [p for p in initialised(model, modules) if id(p) not in elsewhere] or list(model.buffers())
     return bool(tensors) and all(t.is_meta for t in tensors)
 
 

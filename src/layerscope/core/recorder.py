@@ -87,31 +87,35 @@ class Recorder:
         ``always_call``, a hook is also called on the way out of a forward that raised, with no output: that call
         is recorded as failed, with its inputs."""
         failed = output is None and sys.exc_info()[1] is not None
-        ins, outs = tensors(inputs), tensors(output)
+        one_in, one_out = type(inputs) is torch.Tensor, type(output) is torch.Tensor  # the common case, made quick
+        ins = [inputs] if one_in else list(iter_tensors(inputs))
+        outs = [output] if one_out else list(iter_tensors(output))
         if self.progress is not None and name not in self.ran:
             self.ran.add(name)
             self.progress("forward", len(self.ran), self.modules)
         call = dict(
             name=name,
             index=len(self.calls),
-            input_shapes=tuple(inputs.shape) if type(inputs) is torch.Tensor else shape_tree(inputs),
-            output_shapes=tuple(output.shape) if type(output) is torch.Tensor else shape_tree(output),
-            input_dtypes=unique(t.dtype for t in ins),
-            output_dtypes=unique(t.dtype for t in outs),
-            input_devices=unique(t.device for t in ins),
-            output_devices=unique(t.device for t in outs),
+            input_shapes=tuple(inputs.shape) if one_in else shape_tree(inputs),
+            output_shapes=tuple(output.shape) if one_out else shape_tree(output),
+            input_dtypes=(_name(inputs.dtype),) if one_in else unique(t.dtype for t in ins),
+            output_dtypes=(_name(output.dtype),) if one_out else unique(t.dtype for t in outs),
+            input_devices=(_name(inputs.device),) if one_in else unique(t.device for t in ins),
+            output_devices=(_name(output.device),) if one_out else unique(t.device for t in outs),
             inputs=self._inputs(ins, outs),
-            out_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
+            out_bytes=output.numel() * output.element_size() if one_out else
+            sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
             slot=None,
             fmap=None,
             grad=None,
             dead=None,
             failed=failed,
-            in_grad=any(t.requires_grad for t in ins if t.is_floating_point()),
-            out_grad=any(t.requires_grad for t in outs),
+            in_grad=inputs.requires_grad and inputs.is_floating_point() if one_in else
+            any(t.requires_grad for t in ins if t.is_floating_point()),
+            out_grad=output.requires_grad if one_out else any(t.requires_grad for t in outs),
         )
         self.calls.append(call)
-        t = first_float_tensor(outs)
+        t = output if one_out and output.is_floating_point() else first_float_tensor(outs)
         if t is None:
             return
         call["slot"] = self.summarise(t, self.edges(name, t))
@@ -159,7 +163,7 @@ class Recorder:
                 return None  # changed in place by the module: what it received is gone
             else:
                 known.append(("check", len(self.checks)))
-                self.checks.append(torch.isfinite(local(t).detach()).all())
+                self.checks.append(_range(local(t).detach()))
         return known
 
     def summarise(self, t: torch.Tensor, edges=None) -> int:
@@ -180,7 +184,7 @@ class Recorder:
         """The StatsBatch summaries (by slot) and, per call, whether its floating-point inputs were all finite
         (None when it cannot be told); everything is copied to the CPU here."""
         summaries = self.stats.results()
-        checks = torch.stack([c.cpu() for c in self.checks]).tolist() if self.checks else []
+        checks = torch.isfinite(torch.stack([c.cpu() for c in self.checks])).all(1).tolist() if self.checks else []
 
         def finite(inputs: list | None) -> bool | None:
             if inputs is None:
@@ -222,11 +226,13 @@ class Recorder:
         return by_module, summaries
 
 
-def tensors(value: Any) -> list[torch.Tensor]:
-    return [value] if type(value) is torch.Tensor else list(iter_tensors(value))
-
-
 _NAMES: dict = {}  # dtype or device -> its name
+
+
+def _range(t: torch.Tensor) -> torch.Tensor:
+    """[min, max] of ``t`` (both finite exactly when every value is: NaN propagates), [0, 0] when it is empty;
+    one pass, and no tensor of flags as ``isfinite(t).all()`` makes."""
+    return torch.stack(torch.aminmax(t.reshape(-1))) if t.numel() else t.new_zeros(2)
 
 
 def _name(item) -> str:

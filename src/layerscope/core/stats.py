@@ -337,14 +337,16 @@ def norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """A buffer of same-size flattened tensors waiting to be summarised row by row."""
+    """Copies of same-shape tensors waiting to be summarised row by row (a clone is cheaper than copying into
+    a row of a buffer: no view to make)."""
 
-    def __init__(self, rows: int, numel: int, like: torch.Tensor):
-        self.buffer = torch.empty(rows, numel, dtype=like.dtype, device=like.device)
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.copies: list[torch.Tensor] = []
         self.slots: list[int] = []
 
     def full(self) -> bool:
-        return len(self.slots) == self.buffer.shape[0]
+        return len(self.slots) == self.rows
 
 
 class StatsBatch:
@@ -370,11 +372,12 @@ class StatsBatch:
             # fixed edges: binned with the rest of its buffer (see _summarise), against these thresholds
             fixed = None if edges is None else [None, *self._bounds(x, edges)]
             self._slots.append([x.numel(), None, None, None, fixed])
-            key = (x.device, x.dtype, x.numel())
+            key = (x.device, x.dtype, x.shape)
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(max(1, self.budget // x.numel()), x.numel(), x)
-            group.buffer[len(group.slots)].copy_(x.reshape(-1))
+                group = self._groups[key] = _Group(max(1, self.budget // x.numel()))
+            # a widened x is a copy already; else a copy, as the tensor may change in place after this call
+            group.copies.append(x if x.dtype != t.dtype else x.clone(memory_format=torch.contiguous_format))
             group.slots.append(slot)
             if group.full():
                 self._summarise(self._groups.pop(key))
@@ -428,7 +431,8 @@ class StatsBatch:
     def _summarise(self, group: _Group) -> None:
         """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
         or Inf one by one. One copy to the CPU (which rows are which) besides the results."""
-        m = group.buffer[: len(group.slots)]
+        m = torch.stack(group.copies).reshape(len(group.copies), -1)
+        group.copies.clear()
         mn, mx = m.amin(1), m.amax(1)
         finite = torch.isfinite(mn) & torch.isfinite(mx)
         if m.dtype == torch.float32:
@@ -531,26 +535,35 @@ class StatsBatch:
                 on_cpu[id(t)] = t.cpu().numpy()
             return on_cpu[id(t)] if row is None else on_cpu[id(t)][row]
 
-        out = []
+        out: list = []
+        own: list[tuple[int, float, float]] = []  # (slot, lo, hi) of the histograms binned on their own range
         for i, slot in enumerate(self._slots):
             if slot is None:
                 out.append(None)
                 continue
             numel, vec, row, counts, fixed = slot
             if isinstance(row, dict):  # a large tensor: all known already but the histogram
-                f, row = row, None
+                f = row
+                count, mean, m2, lo, hi, zeros, checked, nan, inf = (f[k] for k in _FIELDS[:9])
+                left, right, binned = f["lo"], f["hi"], f["binned"]
             else:
-                f = dict(zip(_FIELDS, cpu(vec, row).tolist()))
-            stats = TensorStats(numel=numel, count=int(f["count"]), mean=f["mean"], m2=f["m2"], min=f["min"],
-                                max=f["max"], zeros=int(f["zeros"]), checked=int(f["checked"]),
-                                nan_count=int(f["nan_count"]), inf_count=int(f["inf_count"]))
+                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = cpu(vec, row).tolist()
+            stats = TensorStats(numel, int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
             if fixed is None:
-                edges = np.linspace(f["lo"], f["hi"], self.bins + 1)
-                hist = Histogram(counts=cpu(counts, row).astype(np.int64), edges=edges, sampled=int(f["binned"]),
-                                 numel=numel)
+                out.append([stats, numel, binned])
+                own.append((i, left, right))
             else:
                 c = fixed_counts[i]  # -Inf/NaN, under, the bins, over, +Inf/NaN
-                hist = Histogram(counts=c[2:-2], edges=fixed[1], sampled=int(c[1:-1].sum()), numel=numel,
-                                 under=int(c[1]), over=int(c[-2]))
-            out.append((stats, hist))
+                out.append((stats, Histogram(counts=c[2:-2], edges=fixed[1], sampled=int(c[1:-1].sum()), numel=numel,
+                                             under=int(c[1]), over=int(c[-2]))))
+        if own:  # np.linspace(lo, hi, bins + 1) of each, as numpy computes it, at once
+            index, left, right = zip(*own)
+            left, right = np.array(left), np.array(right)
+            edges = np.arange(self.bins + 1) * ((right - left) / self.bins)[:, None] + left[:, None]
+            edges[:, -1] = right
+            for i, e in zip(index, edges):
+                stats, numel, binned = out[i]
+                _, _, row, counts, _ = self._slots[i]
+                c = cpu(counts, None if isinstance(row, dict) else row).astype(np.int64, copy=False)
+                out[i] = (stats, Histogram(counts=c, edges=e, sampled=int(binned), numel=numel))
         return out

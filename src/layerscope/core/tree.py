@@ -14,10 +14,17 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def initialised(model: nn.Module) -> list[nn.Parameter]:
+def initialised(model: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Parameter]:
     """The model's parameters, each once, without the lazy ones not yet initialised (``nn.LazyLinear``
-    before its first call has no shape yet)."""
-    return [p for p in model.parameters() if not is_lazy(p)]
+    before its first call has no shape yet). ``modules``: the model's modules, if already walked (quicker)."""
+    if modules is None:
+        return [p for p in model.parameters() if not is_lazy(p)]
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen and not is_lazy(p):
+                seen[id(p)] = p
+    return list(seen.values())
 
 
 def uninitialised(module: nn.Module) -> bool:
