@@ -121,6 +121,9 @@ def test_gradients_match_plain_autograd_despite_inplace_relu(name):
     for full_name, norm in params.items():
         module, _, local = full_name.rpartition(".")
         assert cap[module].param_grad_norms[local] == pytest.approx(norm, rel=1e-4, abs=1e-9), full_name
+    for full_name, p in model.named_parameters():  # taken as each module's forward ended
+        module, _, local = full_name.rpartition(".")
+        assert cap[module].param_norms[local] == pytest.approx(p.double().norm().item(), rel=1e-5), full_name
     checked = 0
     for module, norm in out_grads.items():
         calls = cap[module].calls

@@ -22,7 +22,7 @@ from .hooks import HookSession
 from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
 from .recorder import Recorder, dtype_name, norms
 from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, local
+from .stats import StatsBatch, local, norm
 from .tree import initialised, module_tree, uninitialised
 
 
@@ -205,8 +205,20 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     counter: Costs | None = None
+    fresh: dict[int, torch.Tensor] = {}  # gradient norms taken as the backward computes each gradient
+
+    def on_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+        if counter is not None:
+            counter.pause()  # not the model's cost
+        try:
+            fresh[id(p)] = norm(g)
+        finally:
+            if counter is not None:
+                counter.resume()
+
     with distributed.resharded(model), HookSession(model, modules=walked) as session:  # FSDP2: sharded throughout
-        before = [p for p in initialised(model, walked) if p.requires_grad]
+        present = initialised(model, walked)
+        before = [p for p in present if p.requires_grad]
         if meta:
             kinds.buffers_to_meta(model)
         if counting:  # the tensors held anyway: their storages are not activation memory
@@ -214,7 +226,8 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                             _cuda_device(model))
         recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
                             feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter,
-                            progress=progress, modules=len(entries))
+                            progress=progress, modules=len(entries),
+                            params={id(p): p for p in present} if backward else None)
         inputs = [(where, t, recorder.summarise(t)) for where, t in float_inputs(batch_run)]
         for name, module in entries:
             if counter is not None:
@@ -238,7 +251,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                         if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
                             grads = distributed.backward(loss, before, batch)
                         else:
-                            grads = kinds.param_grads(loss, params)
+                            grads = kinds.param_grads(loss, params, on_grad)
                         if progress is not None:
                             progress("backward", len(entries), len(entries))
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
@@ -259,7 +272,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
     cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
     elsewhere = kinds.offloaded(model, walked)  # again, as the parameters are new ones after each call
-    grad_norms = norms({k: g for k, g in grads.items() if g is not None})
+    grad_norms = norms({k: g for k, g in grads.items() if g is not None}, fresh)
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).
@@ -267,7 +280,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     held = {id(p): p for p in initialised(model, walked)} | {k: w for k, w in elsewhere.items() if w is not None}
     rank, world = distributed.process()
     with torch.no_grad():
-        param_norms = norms(held if grads or nonfinite else {})
+        param_norms = norms(held if grads or nonfinite else {}, recorder.param_norms)
         checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
     finite = {key: math.isfinite(value) for key, value in param_norms.items()}
     constant_sum = traits.sums_to_constant(entries)

@@ -51,7 +51,7 @@ class Recorder:
 
     def __init__(self, session: HookSession, stats: StatsBatch, *, grads: bool, feature_maps: bool, edges: Edges,
                  costs: Costs | None = None, progress: Callable[[str, int, int], None] | None = None,
-                 modules: int = 0):
+                 modules: int = 0, params: dict[int, nn.Parameter] | None = None):
         self.session, self.stats, self.grads, self.feature_maps, self.edges = session, stats, grads, feature_maps, edges
         self.costs = costs  # capture(costs=True): what the hooks compute is left out of the model's counts
         self.progress, self.modules = progress, modules
@@ -61,12 +61,16 @@ class Recorder:
         self.summarised: dict[int, tuple] = {}  # id(tensor) -> (weakref, in-place version, StatsBatch slot, edges)
         self.checks: list[torch.Tensor] = []  # deferred "all finite" flags of inputs nobody summarised
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
+        self.params = params  # parameters to take the norm of as their module's forward ends (fresh in the cache)
+        self.param_norms: dict[int, torch.Tensor] = {}  # id -> norm (see stats.norm), of ``params`` met in the pass
 
     def hook_for(self, name: str, module: nn.Module) -> Callable:
         dead_units = "relu" in traits.class_traits(module)
 
         def hook(module, args, kwargs, output):
             self.record(name, call_inputs(args, kwargs), output, dead_units)
+            if self.params is not None and module._parameters:
+                self.norm_params(module)
 
         costs = self.costs
         if costs is None:
@@ -141,6 +145,13 @@ class Recorder:
                     self.progress("backward", len(self.graded), self.modules)
 
             self.session.add_tensor_hook(t, on_grad)
+
+    def norm_params(self, module: nn.Module) -> None:
+        """The norms of the module's own parameters among ``params`` not taken yet (the very tensors: not the
+        copies that FSDP or accelerate put in place for a call)."""
+        for p in module._parameters.values():
+            if p is not None and id(p) not in self.param_norms and self.params.get(id(p)) is p and not p.is_meta:
+                self.param_norms[id(p)] = norm(p)
 
     def _inputs(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list | None:
         """How to tell whether a call's floating-point inputs were finite: the StatsBatch slots of inputs that
@@ -252,12 +263,14 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:
-    """The norm of each tensor, by key, copied to the CPU once per device (see ``stats.norm``)."""
+def norms(tensors: dict[int, torch.Tensor], taken: dict[int, torch.Tensor] | None = None) -> dict[int, float]:
+    """The norm of each tensor, by key, copied to the CPU once per device (see ``stats.norm``); ``taken``: norms
+    already computed, by key (those tensors are not read again)."""
     by_device: dict[torch.device, dict[int, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not t.is_meta:
-            by_device.setdefault(t.device, {})[key] = norm(t)
+            done = None if taken is None else taken.get(key)
+            by_device.setdefault(t.device, {})[key] = norm(t) if done is None else done
     values = {}
     for group in by_device.values():
         values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))

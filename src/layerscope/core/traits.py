@@ -59,7 +59,8 @@ def bounds(module: nn.Module) -> tuple[float, float] | None:
 
 def sums_to_constant(entries: list[tuple[str, nn.Module]]) -> set[str]:
     """The modules whose outputs always add up to the same total: softmaxes, and layer/group norms whose scale
-    is one number for all channels (as at initialisation). One copy to the CPU for all of them."""
+    is one number for all channels (as at initialisation). One check of all same-size scales at once, and one
+    copy to the CPU per device."""
     found, checks = set(), {}
     for name, module in entries:
         if isinstance(module, nn.Softmax):
@@ -69,7 +70,13 @@ def sums_to_constant(entries: list[tuple[str, nn.Module]]) -> set[str]:
             if weight is None or weight.is_meta or not weight.numel():
                 found.add(name)
             else:
-                checks.setdefault(weight.device, {})[name] = (weight == weight.reshape(-1)[0]).all()
+                checks.setdefault((weight.device, weight.dtype, weight.numel()), []).append((name, weight))
+    flags: dict[torch.device, list] = {}
     for group in checks.values():
-        found |= {name for name, same in zip(group, torch.stack(list(group.values())).tolist()) if same}
+        rows = torch.stack([w.detach().reshape(-1) for _, w in group])
+        flags.setdefault(rows.device, []).append(([name for name, _ in group], rows.amin(1) == rows.amax(1)))
+    for parts in flags.values():
+        same = torch.cat([f for _, f in parts]).tolist()
+        names = [name for group, _ in parts for name in group]
+        found |= {name for name, flag in zip(names, same) if flag}
     return found
