@@ -188,16 +188,34 @@ def _flat_counts(counts: torch.Tensor, flat: torch.Tensor, n) -> torch.Tensor:
     return torch.where(flat[:, None], middle, counts)
 
 
-def _rows(m: torch.Tensor, bins: int, span: tuple | None = None,
-          histogram: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+class Scratch:
+    """Work buffers kept from one use to the next: a new tensor of megabytes on the CPU is fresh memory from the
+    system each time (malloc maps large blocks), and writing it first costs more than the reductions that read
+    it. ``get`` hands out a view of a kept buffer, valid until the next ``get`` of the same name."""
+
+    def __init__(self):
+        self._kept: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        flat = self._kept.get((name, dtype, device))
+        if flat is None or flat.numel() < n:
+            flat = self._kept[name, dtype, device] = torch.empty(n, dtype=dtype, device=device)
+        return flat[:n].view(shape)
+
+
+def _rows(m: torch.Tensor, bins: int, span: tuple | None = None, histogram: bool = True,
+          scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact summaries of each row of ``m`` [k, n] (all values finite): a [k, 12] float64 vector per
     row in the order of _FIELDS, and [k, bins] histogram counts (None without ``histogram``: rows binned
-    on fixed edges). ``span`` = (min, max) [k] tensors sets the histogram range instead of the rows' own range."""
+    on fixed edges). ``span`` = (min, max) [k] tensors sets the histogram range instead of the rows' own range.
+    ``scratch``: where to keep the work buffers."""
     k, n = m.shape
+    scratch = scratch or Scratch()
     mn, mx = (m.amin(1), m.amax(1)) if span is None else span  # row-wise aminmax is several times slower on CPU
     flat = mx <= mn
     shift = m.sum(1) / n  # each row's mean, rounded to its dtype: summing around it, nothing cancels
-    work = m - shift[:, None]  # the one [k, n] scratch buffer, reused below
+    work = torch.sub(m, shift[:, None], out=scratch.get("work", (k, n), m.dtype, m.device))  # reused below
     total = work.sum(1).double()  # what the rounding of the mean left over
     mean = shift.double() + total / n
     m2 = (work.square_().sum(1).double() - total * total / n).clamp_min_(0)
@@ -207,7 +225,7 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None,
         zeros = (m == 0).sum(1).double()
     lo, hi = mn.double(), mx.double()
     lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)  # numpy's range for equal values
-    counts = _own_counts(m, work, mn, mx, flat, bins) if histogram else None
+    counts = _own_counts(m, work, mn, mx, flat, bins, scratch) if histogram else None
     none = torch.zeros_like(m2)
     size = none + n
     vec = torch.stack([size, mean, m2, mn.double(), mx.double(), zeros, size, none, none, lo, hi, size], dim=1)
@@ -215,12 +233,13 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None,
 
 
 def _own_counts(m: torch.Tensor, work: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, flat: torch.Tensor,
-                bins: int) -> torch.Tensor:
+                bins: int, scratch: Scratch) -> torch.Tensor:
     """Counts [k, bins] of each row of ``m`` in equal bins over [mn, mx] (``work``: scratch of m's shape)."""
     k, n = m.shape
     scale = torch.where(flat, 0, bins / (mx - mn))  # flat rows: all in bin 0 here, moved by _flat_counts
     index = torch.int32 if k * bins < 1 << 31 else torch.long  # int32: a quarter of the time of int64, here
-    idx = torch.sub(m, mn[:, None], out=work).mul_(scale[:, None]).clamp_(0, bins - 1).to(index)
+    idx = scratch.get("index", (k, n), index, m.device)
+    idx.copy_(torch.sub(m, mn[:, None], out=work).mul_(scale[:, None]).clamp_(0, bins - 1))
     idx += torch.arange(0, k * bins, bins, dtype=index, device=m.device)[:, None]
     return _flat_counts(torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins), flat, n)
 
@@ -279,7 +298,8 @@ def _uniform(edges: np.ndarray) -> tuple[float, float, bool] | None:
     return float(edges[0]), 1 / width, bool(aligned)
 
 
-def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None) -> torch.Tensor:
+def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
+             scratch: Scratch | None = None) -> torch.Tensor:
     """For each value of ``m`` [r, n], how many of its row's ``bounds`` [r, k + 3] (see _thresholds) lie strictly
     below it: ``torch.searchsorted(bounds, m)``. With ``uniform`` (each row's _uniform, and every value of ``m``
     finite), arithmetically instead, several times faster, and the same to the last value. Aligned edges and
@@ -292,12 +312,14 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None) -> tor
     k = bounds.shape[1] - 3
     first, scale, aligned = torch.tensor(uniform, dtype=torch.float64, device=m.device).T[:, :, None]
     if m.dtype == torch.float32 and bool(aligned.all()):
-        place = torch.mul(m, scale)  # float64, exact: the width is a power of two
+        scratch = scratch or Scratch()
+        place = torch.mul(m, scale, out=scratch.get("place", m.shape, torch.float64, m.device))  # exact: 2**-p
         start = first * scale  # the first edge over the width: a whole number
         end = place == start + k  # on the last edge: numpy's closed last bin
         place.floor_().clamp_(start - 1, start + k).sub_(start - 2).sub_(end.to(place.dtype))
         small = m.device.type == "cpu" and m.numel() * (k + 4) < 1 << 31  # bincount's int32: fewer bytes to read
-        return place.to(torch.int32 if small else torch.long)  # under e0: 1; bin j: j + 2; over ek: k + 2
+        idx = scratch.get("index", m.shape, torch.int32 if small else torch.long, m.device)
+        return idx.copy_(place)  # under e0: 1; bin j: j + 2; over ek: k + 2
     place = torch.sub(m, first).mul_(scale)  # float64 (first is), a new tensor: m is the caller's
     idx = place.floor()
     off = place.sub_(idx)
@@ -353,13 +375,14 @@ class StatsBatch:
     """Collects tensors during a pass; ``results()`` gives one (TensorStats, Histogram) per ``add``."""
 
     def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192,
-                 edges: dict | None = None):
+                 edges: dict | None = None, scratch: Scratch | None = None):
         self.bins, self.small, self.budget, self.sample_size = bins, small, budget, sample_size
         self._slots: list = []  # per add: None, or [numel, vec, row, counts, fixed-edges counts or None]
         self._groups: dict[tuple, _Group] = {}
         # id(edges) -> (edges, checked copy, {(device, dtype): bounds}, _uniform of them); ``edges`` shares it
         # between batches (the sampled steps of a run bin on the same edges every time)
         self._edges: dict[int, tuple] = {} if edges is None else edges
+        self._scratch = scratch or Scratch()  # shared too: a run's steps reuse the same buffers
 
     def add(self, t: torch.Tensor, edges=None) -> int:
         """Queue ``t`` for summary; returns its slot in ``results()``. With ``edges`` (increasing float64
@@ -417,7 +440,7 @@ class StatsBatch:
             uniform = [f[3] for f in fixed]
             if any(u is None for u in uniform) or not all(finite[i] for i in rows):
                 uniform = None
-            idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform)  # bounds strictly below
+            idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform, self._scratch)  # bounds below
             idx += torch.arange(0, len(rows) * (size + 1), size + 1, dtype=idx.dtype, device=idx.device)[:, None]
             flat, total = idx.reshape(-1), len(rows) * (size + 1)
             if flat.device.type == "cpu":
@@ -431,7 +454,9 @@ class StatsBatch:
     def _summarise(self, group: _Group) -> None:
         """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
         or Inf one by one. One copy to the CPU (which rows are which) besides the results."""
-        m = torch.stack(group.copies).reshape(len(group.copies), -1)
+        first = group.copies[0]
+        m = self._scratch.get("rows", (len(group.copies), *first.shape), first.dtype, first.device)
+        m = torch.stack(group.copies, out=m).view(len(group.copies), -1)
         group.copies.clear()
         mn, mx = m.amin(1), m.amax(1)
         finite = torch.isfinite(mn) & torch.isfinite(mx)
@@ -449,7 +474,8 @@ class StatsBatch:
             everything = len(good) == len(finite)
             rows = m if everything else m[good]
             span = (mn, mx) if everything and narrow else None
-            vec, counts = _rows(rows if narrow else rows.double(), self.bins, span, any(own[i] for i in good))
+            vec, counts = _rows(rows if narrow else rows.double(), self.bins, span, any(own[i] for i in good),
+                                self._scratch)
             for row, i in enumerate(good):
                 self._slots[group.slots[i]][1:4] = [vec, row, counts]
         for i, ok in enumerate(finite):

@@ -27,7 +27,7 @@ from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms
 from .records import InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
-from .stats import StatsBatch, local, norm
+from .stats import Scratch, StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
 
@@ -170,6 +170,7 @@ class _Watcher:
         self._marks: dict[int, tuple] | None = None  # each .grad at the end of the step before a sampled one
         self._layouts: dict[tuple, tuple] = {}
         self._binning: dict = {}  # the StatsBatch's checked edges and thresholds, kept from step to step
+        self._scratch = Scratch()  # and its work buffers
         self._warned = False
 
     # -- the with block -------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class _Watcher:
 
     def _record_forward(self, args, kwargs) -> None:
         cur = self.current
-        stats = StatsBatch(bins=self.bins, sample_size=self.sample_size, edges=self._binning)
+        stats = StatsBatch(bins=self.bins, sample_size=self.sample_size, edges=self._binning, scratch=self._scratch)
         cur.recorder = rec = Recorder(cur.session, stats, grads=True, feature_maps=False, edges=self._edges_for)
         batch = args[0] if len(args) == 1 and not kwargs else kwargs if not args else args
         cur.inputs = [(where, t, rec.summarise(t)) for where, t in float_inputs(batch)]
