@@ -111,13 +111,21 @@ def test_feature_maps_are_bounded_and_on_cpu():
     torch.testing.assert_close(fmap, expected.bfloat16(), rtol=0, atol=0)
 
 
-def test_dead_units_counted_per_channel():
+@pytest.mark.parametrize("size", [5, 100])  # a small output (buffered) and a large one (per-channel sums)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dead_units_counted_per_channel(size, inplace):
     conv = nn.Conv2d(3, 8, 1)
     with torch.no_grad():
         conv.bias[:3] = -100.0  # three channels can never be positive
-    cap = capture(nn.Sequential(conv, nn.ReLU()), torch.randn(2, 3, 5, 5), backward=False)
+        conv.weight[3:5] = 0.0
+        conv.bias[3:5] = torch.tensor([0.0, 1e-30])  # all exactly 0 (dead), all tiny and positive (alive)
+    x = torch.randn(2, 3, size, size)
+    cap = capture(nn.Sequential(conv, nn.ReLU(inplace=inplace)), x, backward=False)
     call = cap["1"].calls[0]
-    assert (call.dead_units, call.units) == (3, 8)
+    with torch.no_grad():
+        expected = int((torch.relu(conv(x)).double().numpy().max(axis=(0, 2, 3)) <= 0).sum())
+    assert (call.dead_units, call.units) == (expected, 8) and expected == 4
+    assert call.stats.mean == pytest.approx(torch.relu(conv(x)).double().mean().item(), rel=1e-6)
 
 
 def test_a_tensor_passed_on_unchanged_is_summarised_once_and_inplace_changes_are_seen():

@@ -122,13 +122,16 @@ class Recorder:
         t = output if one_out and output.is_floating_point() else first_float_tensor(outs)
         if t is None:
             return
-        call["slot"] = self.summarise(t, self.edges(name, t))
+        call["slot"] = self.summarise(t, self.edges(name, t), channels=dead_units)
         x = local(t)  # a DTensor's own shard: what this rank holds
         if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
             call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
         if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
-            dims = [d for d in range(x.dim()) if d != 1]
-            call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
+            dead = self.stats.dead.get(call["slot"])  # counted with the sums of a large output
+            if dead is None:
+                dims = [d for d in range(x.dim()) if d != 1]
+                dead = (x.detach().amax(dim=dims) <= 0).sum()
+            call["dead"] = dead
             call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call, costs=self.costs):
@@ -177,17 +180,18 @@ class Recorder:
                 self.checks.append(_range(local(t).detach()))
         return known
 
-    def summarise(self, t: torch.Tensor, edges=None) -> int:
+    def summarise(self, t: torch.Tensor, edges=None, channels: bool = False) -> int:
         """Summarise ``t`` (its StatsBatch slot), unless this very tensor was summarised before and not changed
-        in place since (containers and identities such as Dropout in eval pass on the tensor they got)."""
+        in place since (containers and identities such as Dropout in eval pass on the tensor they got).
+        ``channels``: a ReLU's output (see ``StatsBatch.add``)."""
         try:
             version = t._version
         except RuntimeError:  # inference tensors keep no version counter
-            return self.stats.add(t, edges)
+            return self.stats.add(t, edges, channels)
         seen = self.summarised.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == version and seen[3] is edges:
             return seen[2]
-        slot = self.stats.add(t, edges)
+        slot = self.stats.add(t, edges, channels)
         self.summarised[id(t)] = (weakref.ref(t), version, slot, edges)
         return slot
 

@@ -383,10 +383,14 @@ class StatsBatch:
         # between batches (the sampled steps of a run bin on the same edges every time)
         self._edges: dict[int, tuple] = {} if edges is None else edges
         self._scratch = scratch or Scratch()  # shared too: a run's steps reuse the same buffers
+        self.dead: dict[int, torch.Tensor] = {}  # slot -> channels holding only zeros (see ``add``), on the device
 
-    def add(self, t: torch.Tensor, edges=None) -> int:
+    def add(self, t: torch.Tensor, edges=None, channels: bool = False) -> int:
         """Queue ``t`` for summary; returns its slot in ``results()``. With ``edges`` (increasing float64
-        edges), its histogram uses exactly those edges instead of equal bins over its own range."""
+        edges), its histogram uses exactly those edges instead of equal bins over its own range. With
+        ``channels``, for a tensor of non-negative values (a ReLU's output) of more than ``small`` elements,
+        the sum is taken per channel (dim 1), and ``dead[slot]`` counts the channels whose values are all 0:
+        the ReLU's dead units, at no extra pass."""
         slot = len(self._slots)
         x = _to_float(t)
         if x is None:
@@ -405,7 +409,7 @@ class StatsBatch:
             if group.full():
                 self._summarise(self._groups.pop(key))
         else:
-            self._slots.append(self._summarise_large(x, edges))
+            self._slots.append(self._summarise_large(x, edges, slot if channels and x.dim() >= 2 else None))
         return slot
 
     def _bounds(self, values: torch.Tensor, edges) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
@@ -483,20 +487,25 @@ class StatsBatch:
                 vec, counts = _with_non_finite(m[i], self.bins)
                 self._slots[group.slots[i]][1:4] = [vec, None, counts]
 
-    def _passes(self, flat: torch.Tensor) -> tuple[list[float], torch.Tensor]:
-        """The three passes (aminmax, sum, dot) and the zeros of an evenly strided sample, copied to the
-        CPU at once (NaN/Inf show up in the range); and the sample."""
+    def _passes(self, flat: torch.Tensor, per_channel: torch.Tensor | None = None) -> tuple[list[float], torch.Tensor]:
+        """The three passes (aminmax, sum, dot; the sum given as ``per_channel`` sums) and the zeros of an evenly
+        strided sample, copied to the CPU at once (NaN/Inf show up in the range); and the sample."""
         step = max(1, flat.numel() // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
         sample = flat[::step][: self.sample_size]
-        sums = [*torch.aminmax(flat), flat.sum(), norm(flat), (sample == 0).sum()]
+        total = flat.sum() if per_channel is None else per_channel.sum()
+        sums = [*torch.aminmax(flat), total, norm(flat), (sample == 0).sum()]
         return torch.stack([v.double() for v in sums]).tolist(), sample
 
-    def _summarise_large(self, x: torch.Tensor, edges) -> list:
+    def _summarise_large(self, x: torch.Tensor, edges, dead_slot: int | None = None) -> list:
         """Three passes over the tensor (aminmax, sum, dot; two more, rarely, see below) and a few small ops
-        on a strided sample; one copy to the CPU."""
+        on a strided sample; one copy to the CPU. ``dead_slot``: sum per channel, count the all-zero ones there."""
         n = x.numel()
         flat = x.reshape(-1)
-        (lo, hi, total, root, zeros), sample = self._passes(flat)
+        per_channel = None
+        if dead_slot is not None:
+            per_channel = x.sum(dim=[d for d in range(x.dim()) if d != 1])
+            self.dead[dead_slot] = (per_channel == 0).sum()  # non-negative values: a sum of 0 is all zeros
+        (lo, hi, total, root, zeros), sample = self._passes(flat, per_channel)
         nan = inf = 0
         if not (math.isfinite(lo) and math.isfinite(hi)):  # the rare, slower path
             nan, inf = torch.stack([torch.isnan(flat).sum(), torch.isinf(flat).sum()]).tolist()
