@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from types import MappingProxyType
@@ -335,30 +336,35 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
                  traits=frozenset.intersection(*(m.traits for m in present)), **_costs(present))
 
 
+_SUMMED = ("flops", "own_flops", "backward_flops", "output_bytes")
+_LARGEST = ("activation_bytes", "peak_bytes", "grad_bytes")
+_COSTS = operator.attrgetter(*_SUMMED, *_LARGEST)
+
+
 def _costs(present: Sequence) -> dict:
     """The job's costs from the ranks' (reports or captures): FLOPs and output bytes add up over the ranks'
     batches; activation and peak bytes are per device, the largest rank's."""
-    def total(key: str):
-        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
-        return sum(values) if values else None
-
-    def largest(key: str):
-        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
-        return max(values) if values else None
-
     if isinstance(present[0], Capture):
-        return dict(flops=total("flops"), activation_bytes=largest("activation_bytes"),
-                    peak_bytes=largest("peak_bytes"))
-    return dict(flops=total("flops"), own_flops=total("own_flops"), backward_flops=total("backward_flops"),
-                output_bytes=total("output_bytes"), activation_bytes=largest("activation_bytes"),
-                peak_bytes=largest("peak_bytes"), grad_bytes=largest("grad_bytes"),
-                unsupported_ops=tuple(sorted({op for m in present for op in m.unsupported_ops})))
+        flops = [c.flops for c in present if c.flops is not None]
+        largest = {key: max(values) if (values := [getattr(c, key) for c in present if getattr(c, key) is not None])
+                   else None for key in ("activation_bytes", "peak_bytes")}
+        return dict(flops=sum(flops) if flops else None, **largest)
+    out = dict(zip(_SUMMED + _LARGEST, _COSTS(present[0])))
+    if len(present) > 1:
+        for i, (key, values) in enumerate(zip(_SUMMED + _LARGEST, zip(*map(_COSTS, present)))):
+            got = [v for v in values if v is not None]
+            out[key] = None if not got else sum(got) if i < len(_SUMMED) else max(got)
+    ops = [m.unsupported_ops for m in present]
+    out["unsupported_ops"] = tuple(sorted(set().union(*ops))) if any(ops) else ()
+    return out
 
 
 def _like(record, **changes):
-    """A copy of a frozen record with some fields changed (dataclasses.replace, without its per-call cost); every
-    other field, also one added later, as the record has it."""
-    return type(record)(**{**record.__dict__, **changes})
+    """A copy of a frozen record with some fields changed: dataclasses.replace without its cost (no ``__init__``
+    runs; the records have no ``__post_init__``), every other field, also one added later, as the record has it."""
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__, **changes)
+    return new
 
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -448,22 +454,25 @@ def _histogram(hists: list[Histogram]) -> Histogram | None:
     return first
 
 
+_WHERE = operator.attrgetter("input_dtypes", "output_dtypes", "input_devices", "output_devices")
+
+
 def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | None) -> CallRecord:
     calls = [c for c in per_rank if c is not None]
     first = calls[0]
+    where = [_WHERE(c) for c in calls]
+    dtypes_in, dtypes_out, devices_in, devices_out = where[0] if where.count(where[0]) == len(where) else \
+        [_union(list(group)) for group in zip(*where)]  # dtypes or devices differ between ranks: all of them
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
-    where = [(c.input_dtypes, c.output_dtypes, c.input_devices, c.output_devices) for c in calls]
-    if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
-        where[0] = tuple(_union(list(group)) for group in zip(*where))
     return _like(
         first,
         index=index,
-        input_dtypes=where[0][0],
-        output_dtypes=where[0][1],
-        input_devices=where[0][2],
-        output_devices=where[0][3],
+        input_dtypes=dtypes_in,
+        output_dtypes=dtypes_out,
+        input_devices=devices_in,
+        output_devices=devices_out,
         stats=_merge_stats([c.stats for c in calls]),
         histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together

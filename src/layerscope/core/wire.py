@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from types import MappingProxyType
 from typing import Any
 
@@ -24,21 +25,35 @@ from .stats import Histogram, TensorStats
 from .store import _plain
 
 
-def _names(kind, *special: str) -> list[str | None]:
-    """The record's fields in their order; None for those written apart (their place is kept, as null)."""
-    return [None if f.name in special else f.name for f in dataclasses.fields(kind)]
+def _fields(kind, *special: str):
+    """The record's fields in their order as a list, None for those written apart (their place is kept, as null)."""
+    names = [f.name for f in dataclasses.fields(kind)]
+    get, apart = operator.attrgetter(*names), [i for i, n in enumerate(names) if n in special]
+
+    def values(obj) -> list:
+        out = list(get(obj))
+        for i in apart:
+            out[i] = None
+        return out
+
+    return values
 
 
-def _values(obj, names: list[str | None]) -> list:
-    return [None if n is None else getattr(obj, n) for n in names]
+def _new(kind, names, values):
+    """A frozen record from its fields' values, without running its ``__init__`` (the records here have no
+    ``__post_init__``): a third of the cost, for thousands of records."""
+    record = object.__new__(kind)
+    record.__dict__.update(zip(names, values))
+    return record
 
 
 _STATS = [f.name for f in dataclasses.fields(TensorStats)]
 _STATS_INT = [n not in ("mean", "m2", "min", "max") for n in _STATS]  # counts, held exactly by float64 rows
-_CALL = _names(CallRecord, "stats", "histogram", "feature_maps", "per_rank")
-_PARAM = _names(ParamRecord, "per_rank")
-_MODULE = _names(ModuleReport, "calls", "params", "traits")
-_INPUT = _names(InputRecord, "stats", "per_rank")
+_STAT = operator.attrgetter(*_STATS)
+_CALL = _fields(CallRecord, "stats", "histogram", "feature_maps", "per_rank")
+_PARAM = _fields(ParamRecord, "per_rank")
+_MODULE = _fields(ModuleReport, "calls", "params", "traits")
+_INPUT = _fields(InputRecord, "stats", "per_rank")
 _HEAD = [f.name for f in dataclasses.fields(Capture)
          if f.name not in ("modules", "findings", "inputs", "error", "output", "model", "batch")]
 _ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16}
@@ -52,7 +67,7 @@ class _Writer:
     def stat(self, s: TensorStats | None) -> int:
         if s is None:
             return -1
-        self.stats.append([getattr(s, n) for n in _STATS])
+        self.stats.append(_STAT(s))
         return len(self.stats) - 1
 
     def call(self, c: CallRecord) -> list:
@@ -65,11 +80,11 @@ class _Writer:
             bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
             self.parts["maps"].append(bits.reshape(-1))
             maps = list(bits.shape)
-        return [_values(c, _CALL), self.stat(c.stats), h, maps]
+        return [_CALL(c), self.stat(c.stats), h, maps]
 
     def module(self, m: ModuleReport) -> list:
-        return [_values(m, _MODULE), sorted(m.traits), [self.call(c) for c in m.calls],
-                [[k, _values(p, _PARAM)] for k, p in m.params.items()]]
+        return [_MODULE(m), sorted(m.traits), [self.call(c) for c in m.calls],
+                [[k, _PARAM(p)] for k, p in m.params.items()]]
 
 
 def encode(cap: Capture) -> bytes:
@@ -82,7 +97,7 @@ def encode(cap: Capture) -> bytes:
         "head": {n: getattr(cap, n) for n in _HEAD},
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
-        "inputs": [[_values(i, _INPUT), w.stat(i.stats)] for i in cap.inputs],
+        "inputs": [[_INPUT(i), w.stat(i.stats)] for i in cap.inputs],
         "modules": modules,
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
@@ -102,14 +117,14 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def _plan(kind) -> tuple[list[int], list[int], dict[str, int]]:
-    """Where a record's JSON list holds flat tuples (of plain values), nested ones (shape trees, Any), and the
-    fields written apart."""
+def _plan(kind) -> tuple[list[str], list[int], list[int], dict[str, int]]:
+    """A record's fields, where its JSON list holds flat tuples (of plain values), nested ones (shape trees, Any),
+    and the place of each field (for those written apart)."""
     fields = dataclasses.fields(kind)
     kinds = [str(f.type) for f in fields]
     flat = [i for i, k in enumerate(kinds) if k.startswith("tuple[") and k.count("tuple") == 1]
     nested = [i for i, k in enumerate(kinds) if i not in flat and any(w in k for w in ("tuple", "Any", "Mapping"))]
-    return flat, nested, {f.name: i for i, f in enumerate(fields)}
+    return [f.name for f in fields], flat, nested, {f.name: i for i, f in enumerate(fields)}
 
 
 _PLANS = {kind: _plan(kind) for kind in (CallRecord, ParamRecord, ModuleReport, InputRecord)}
@@ -117,7 +132,7 @@ _PLANS = {kind: _plan(kind) for kind in (CallRecord, ParamRecord, ModuleReport, 
 
 def _record(kind, values: list, **apart):
     """The record from its JSON list (changed in place) and the fields written apart."""
-    flat, nested, index = _PLANS[kind]
+    names, flat, nested, index = _PLANS[kind]
     for name, value in apart.items():
         values[index[name]] = value
     for i in flat:
@@ -126,7 +141,7 @@ def _record(kind, values: list, **apart):
     for i in nested:
         if type(values[i]) in (list, dict):
             values[i] = _tuples(values[i])
-    return kind(*values)
+    return _new(kind, names, values)
 
 
 def decode(data: bytes) -> Capture:
@@ -138,8 +153,9 @@ def decode(data: bytes) -> Capture:
         n = doc["arrays"][name]
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
-    stats = [TensorStats(*(int(v) if is_int else v for v, is_int in zip(row, _STATS_INT)))
-             for row in arrays["stats"].reshape(-1, len(_STATS)).tolist()]
+    table = arrays["stats"].reshape(-1, len(_STATS))
+    columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
+    stats = [_new(TensorStats, _STATS, row) for row in zip(*columns)]
     at = {"counts": 0, "edges": 0, "maps": 0}
 
     def take(name: str, n: int) -> np.ndarray:
