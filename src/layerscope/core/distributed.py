@@ -329,11 +329,13 @@ def _calls_of(held: list[ModuleReport | None]) -> int:
 def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleReport:
     present = [m for m in held if m is not None]
     first = present[0]
-    params = {key: _param([None if m is None else m.params.get(key) for m in held])
-              for key in dict.fromkeys(k for m in present for k in m.params)}
+    keys = first.params.keys()
+    if any(m.params.keys() != keys for m in present):
+        keys = dict.fromkeys(k for m in present for k in m.params)
+    params = {key: _param([None if m is None else m.params.get(key) for m in held]) for key in keys}
     return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
                  calls=tuple(calls), params=MappingProxyType(params),
-                 traits=frozenset.intersection(*(m.traits for m in present)), **_costs(present))
+                 traits=frozenset.intersection(*[m.traits for m in present]), **_costs(present))
 
 
 _SUMMED = ("flops", "own_flops", "backward_flops", "output_bytes")
@@ -349,9 +351,13 @@ def _costs(present: Sequence) -> dict:
         largest = {key: max(values) if (values := [getattr(c, key) for c in present if getattr(c, key) is not None])
                    else None for key in ("activation_bytes", "peak_bytes")}
         return dict(flops=sum(flops) if flops else None, **largest)
-    out = dict(zip(_SUMMED + _LARGEST, _COSTS(present[0])))
-    if len(present) > 1:
-        for i, (key, values) in enumerate(zip(_SUMMED + _LARGEST, zip(*map(_COSTS, present)))):
+    rows = [_COSTS(m) for m in present]
+    out = dict(zip(_SUMMED + _LARGEST, rows[0]))
+    if len(rows) > 1 and rows.count(rows[0]) == len(rows):  # the same on every rank (replicas): n times the sums
+        out.update((key, v * len(rows) if type(v) is int else v if v is None else sum([v] * len(rows)))
+                   for key, v in zip(_SUMMED, rows[0]))
+    elif len(rows) > 1:
+        for i, (key, values) in enumerate(zip(_SUMMED + _LARGEST, zip(*rows))):
             if None in values:
                 values = [v for v in values if v is not None]
             out[key] = None if not values else sum(values) if i < len(_SUMMED) else max(values)
@@ -363,7 +369,10 @@ def _costs(present: Sequence) -> dict:
 def _like(record, **changes):
     """A copy of a frozen record with some fields changed: dataclasses.replace without its cost (no ``__init__``
     runs; the records have no ``__post_init__``), every other field, also one added later, as the record has it."""
-    return _new(type(record), **{**record.__dict__, **changes})
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
