@@ -616,8 +616,7 @@ def desync(cap: Capture, look) -> list[Finding]:
     relevant = lambda n: any(p.per_rank for p in cap[n].params.values())  # noqa: E731
     found = []
     for name in look.highest(relevant, lambda n: bool(odd[n])):
-        inside = [(n, k, o) for n in cap.modules if n == name or not name or n.startswith(name + ".")
-                  for k, o in odd[n].items()]
+        inside = [(n, k, o) for n in look.inside(name) for k, o in odd[n].items()]
         ranks = sorted({r for _, _, (_, rs) in inside for r in rs})
         n, k, (ref, odd_ranks) = inside[0]
         p = cap[n].params[k].per_rank

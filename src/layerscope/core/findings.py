@@ -167,6 +167,23 @@ class _Look:
         """Each module with its children, children first (they come after their parents)."""
         return [(name, report.children) for name, report in reversed(list(self.modules.items()))]
 
+    @functools.cached_property
+    def _under(self) -> dict[str, list[str]]:
+        under: dict[str, list[str]] = {name: [] for name in self.modules}
+        for n in self.modules:
+            up = n
+            while True:
+                if up in under:
+                    under[up].append(n)
+                if not up:
+                    break
+                up = up.rpartition(".")[0]
+        return under
+
+    def inside(self, name: str) -> list[str]:
+        """The module and every module under it, in the order of the modules."""
+        return self._under[name]
+
     def own_params(self, name: str, trainable: bool | None = None) -> list[str]:
         params = self.cap[name].params.items()
         return [k for k, p in params if trainable is None or p.trainable == trainable]
@@ -524,7 +541,7 @@ class _Look:
         relevant = lambda n: self.has(n, "train_dependent")
         found = []
         for name in self.highest(relevant, lambda n: self.modules[n].training):
-            layers = [n for n in self.modules if relevant(n) and (not name or n == name or n.startswith(name + "."))]
+            layers = [n for n in self.inside(name) if relevant(n)]
             what = "the model" if name == "" else self.label(name)
             verb = "is" if len(layers) == 1 else "are"
             message = (f"{_plural(len(layers), 'dropout or batch-norm layer')} in {what} {verb} in training mode: "
