@@ -267,12 +267,16 @@ def merge(captures: Sequence[Capture]) -> Capture:
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
     from .capture import _gc_paused
+    from .findings import find
 
     with _gc_paused():
-        return _merge(captures)
+        cap = merge_records(captures)
+        return dataclasses.replace(cap, findings=tuple(find(cap)))
 
 
-def _merge(captures: list[Capture]) -> Capture:
+def merge_records(captures: list[Capture]) -> Capture:
+    """``merge`` of the ranks' own captures (as ``merge`` checks them) without running the findings: the merged
+    capture holds the ranks' own findings only (``rank_findings`` puts them in the order ``find`` gives)."""
     names = list(dict.fromkeys(name for c in captures for name in c.modules))
     reports = {name: [c.modules.get(name) for c in captures] for name in names}
     calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
@@ -309,9 +313,7 @@ def _merge(captures: list[Capture]) -> Capture:
         world_size=len(captures),
         **_costs(captures),
     )
-    from .findings import find
-
-    return dataclasses.replace(cap, findings=tuple(find(cap)))
+    return cap
 
 
 def _first(values: Sequence):
@@ -565,7 +567,7 @@ def _rank_findings(captures: list[Capture]) -> list[Finding]:
 def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
     """``find()`` of a merged capture: the ranks' own findings as its records hold them, and the job-wide rules
     on the merged records: gradients (global norms), frozen, unused and training-mode layers, ``rank_desync``."""
-    from .findings import SEVERITIES, _finite, _Look
+    from .findings import _finite, _Look
 
     kept = [f for f in cap.findings if f.kind not in JOB_WIDE]
     # the gradients are those of one rank's loss (DDP and FSDP2 average over ranks): scale by one rank's outputs
@@ -575,8 +577,22 @@ def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float
     if not echo and cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
         found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.frozen(), *look.unused(), *look.train_mode(), *desync(cap, look)]
+    return _in_order(found, look)
+
+
+def _in_order(found: list[Finding], look) -> list[Finding]:
+    from .findings import SEVERITIES
+
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module),
                                         -1 if f.rank is None else f.rank))
+
+
+def rank_findings(cap: Capture) -> list[Finding]:
+    """What ``find`` gives of a merged capture's ranks' own findings (every kind but the job-wide ones), without
+    running the job-wide rules."""
+    from .findings import _Look, group
+
+    return group(_in_order([f for f in cap.findings if f.kind not in JOB_WIDE], _Look(cap)))
 
 
 def _replicated_plain(cap: Capture) -> bool:
