@@ -35,7 +35,7 @@ from torch import nn
 
 from . import wire
 from .nested import iter_tensors
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, copy_with
 from .stats import Histogram, TensorStats, local
 
 # The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
@@ -335,9 +335,9 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
     if any(m.params.keys() != keys for m in present):
         keys = dict.fromkeys(k for m in present for k in m.params)
     params = {key: _param([None if m is None else m.params.get(key) for m in held]) for key in keys}
-    return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
-                 calls=tuple(calls), params=MappingProxyType(params),
-                 traits=frozenset.intersection(*[m.traits for m in present]), **_costs(present))
+    return copy_with(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
+                     calls=tuple(calls), params=MappingProxyType(params),
+                     traits=frozenset.intersection(*[m.traits for m in present]), **_costs(present))
 
 
 _SUMMED = ("flops", "own_flops", "backward_flops", "output_bytes")
@@ -366,15 +366,6 @@ def _costs(present: Sequence) -> dict:
     ops = [m.unsupported_ops for m in present]
     out["unsupported_ops"] = tuple(sorted(set().union(*ops))) if any(ops) else ()
     return out
-
-
-def _like(record, **changes):
-    """A copy of a frozen record with some fields changed: dataclasses.replace without its cost (no ``__init__``
-    runs; the records have no ``__post_init__``), every other field, also one added later, as the record has it."""
-    new = object.__new__(type(record))
-    new.__dict__.update(record.__dict__)
-    new.__dict__.update(changes)
-    return new
 
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -492,7 +483,7 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
-    return _like(
+    return copy_with(
         first,
         index=index,
         input_dtypes=dtypes_in,
@@ -513,8 +504,9 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
 def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
     held = [p for p in per_rank if p is not None]
     finite = [p.finite for p in held]
-    return _like(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None, checksum=None,
-                 finite=False if False in finite else None if None in finite else True, per_rank=tuple(per_rank))
+    return copy_with(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None,
+                     checksum=None, finite=False if False in finite else None if None in finite else True,
+                     per_rank=tuple(per_rank))
 
 
 def _global(held: list[ParamRecord], attr: str) -> float | None:

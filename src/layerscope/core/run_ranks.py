@@ -31,7 +31,7 @@ import numpy as np
 
 from . import distributed
 from .capture import _gc_paused
-from .records import Capture, Finding, ParamRecord
+from .records import Capture, Finding, ParamRecord, copy_with
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
 from .stats import TensorStats
 
@@ -169,7 +169,7 @@ def _record(run: Run, job: Capture, held: list[StepRecord]) -> StepRecord:
 
 def _global(p: ParamRecord, values: np.ndarray) -> float:
     """A norm of the whole parameter from the ranks' norms of their pieces (``distributed._global``)."""
-    pieces = [distributed._like(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
+    pieces = [copy_with(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
               if q is not None]
     return _number(distributed._global(pieces, "norm"))
 
