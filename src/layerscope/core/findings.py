@@ -172,17 +172,15 @@ class _Look:
         under: dict[str, list[str]] = {name: [] for name in self.modules}
         for n in self.modules:
             up = n
-            while True:
+            while up:  # the root holds every module: see inside()
                 if up in under:
                     under[up].append(n)
-                if not up:
-                    break
                 up = up.rpartition(".")[0]
         return under
 
     def inside(self, name: str) -> list[str]:
         """The module and every module under it, in the order of the modules."""
-        return self._under[name]
+        return list(self.modules) if name == "" else self._under[name]
 
     def own_params(self, name: str, trainable: bool | None = None) -> list[str]:
         params = self.cap[name].params.items()
