@@ -70,27 +70,39 @@ class _Writer:
         self.stats.append(_STAT(s))
         return len(self.stats) - 1
 
-    def call(self, c: CallRecord) -> list:
-        h, maps = c.histogram, c.feature_maps
-        if h is not None:
-            self.parts["counts"].append(h.counts)
-            self.parts["edges"].append(h.edges)
-            h = [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
-        if maps is not None:
-            bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
-            self.parts["maps"].append(bits.reshape(-1))
-            maps = list(bits.shape)
-        return [_CALL(c), self.stat(c.stats), h, maps]
+    def histogram(self, h: Histogram | None) -> list | None:
+        if h is None:
+            return None
+        self.parts["counts"].append(h.counts)
+        self.parts["edges"].append(h.edges)
+        return [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
 
-    def module(self, m: ModuleReport) -> list:
-        return [_MODULE(m), sorted(m.traits), [self.call(c) for c in m.calls],
-                [[k, _PARAM(p)] for k, p in m.params.items()]]
+    def maps(self, maps) -> list | None:
+        if maps is None:
+            return None
+        bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        self.parts["maps"].append(bits.reshape(-1))
+        return list(bits.shape)
+
+
+def _columns(rows: list[list]) -> list:
+    """Records' rows as columns; a column whose values are all the same (of one type) as {"same": value}."""
+    out = []
+    for column in zip(*rows):
+        first = column[0]
+        same = column.count(first) == len(column) and len(set(map(type, column))) == 1
+        if same and isinstance(first, (tuple, list)):  # (8, 512) == (8, 512.0): compare as written
+            same = len(set(map(repr, column))) == 1
+        out.append({"same": first} if same else column)
+    return out
 
 
 def encode(cap: Capture) -> bytes:
     """A rank's own capture (not a merged one) as bytes; its live objects stay behind."""
     w = _Writer()
-    modules = [w.module(m) for m in cap.modules.values()]
+    modules = list(cap.modules.values())
+    calls = [c for m in modules for c in m.calls]
+    params = [p for m in modules for p in m.params.values()]
     error = None if cap.error is None else {f.name: getattr(cap.error, f.name) for f in dataclasses.fields(CaptureError)
                                             if f.name != "exception"}
     doc = {
@@ -98,7 +110,14 @@ def encode(cap: Capture) -> bytes:
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
         "inputs": [[_INPUT(i), w.stat(i.stats)] for i in cap.inputs],
-        "modules": modules,
+        "modules": _columns([_MODULE(m) for m in modules]),
+        "traits": [sorted(m.traits) for m in modules],
+        "keys": [list(m.params) for m in modules],
+        "calls_of": [len(m.calls) for m in modules],
+        "calls": _columns([_CALL(c) for c in calls]),
+        "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
+                       [w.maps(c.feature_maps) for c in calls]],
+        "params": _columns([_PARAM(p) for p in params]),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
     for name, parts in w.parts.items():
@@ -144,6 +163,36 @@ def _record(kind, values: list, **apart):
     return _new(kind, names, values)
 
 
+def _flat(value):
+    return None if value is None else tuple(value)
+
+
+def _nested(value):
+    return _tuples(value) if type(value) in (list, dict) else value
+
+
+def _records(kind, columns: list, n: int, **apart) -> list:
+    """The ``n`` records of ``_columns``' columns and the fields written apart (lists of ``n`` values)."""
+    names, flat, nested, index = _PLANS[kind]
+    if not n:
+        return []
+    columns = list(columns)
+    for i, column in enumerate(columns):
+        read = _flat if i in flat else _nested if i in nested else None
+        if type(column) is dict:
+            value = column["same"] if read is None else read(column["same"])
+            try:
+                hash(value)
+                columns[i] = [value] * n
+            except TypeError:  # a dict inside: each record its own
+                columns[i] = [read(column["same"]) for _ in range(n)]
+        elif read is not None:
+            columns[i] = [read(v) for v in column]
+    for name, values in apart.items():
+        columns[index[name]] = values
+    return [_new(kind, names, row) for row in zip(*columns)]
+
+
 def decode(data: bytes) -> Capture:
     """The capture ``encode`` wrote (``output``, ``model`` and ``batch`` None)."""
     size = int.from_bytes(data[:8], "little")
@@ -163,21 +212,28 @@ def decode(data: bytes) -> Capture:
         at[name] += n
         return piece
 
-    def call(values, stat, hist, maps) -> CallRecord:
-        if hist is not None:
-            bins, sampled, numel, under, over, rebinned = hist
-            hist = Histogram(counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
-                             numel=numel, under=under, over=over, rebinned=rebinned)
-        if maps is not None:
-            maps = torch.from_numpy(take("maps", int(np.prod(maps))).reshape(maps).copy()).view(torch.bfloat16)
-        return _record(CallRecord, values, stats=None if stat < 0 else stats[stat], histogram=hist,
-                       feature_maps=maps)
-
-    modules = {}
-    for values, traits, calls, params in doc["modules"]:
-        m = _record(ModuleReport, values, traits=frozenset(traits), calls=tuple(call(*c) for c in calls),
-                    params=MappingProxyType({k: _record(ParamRecord, p) for k, p in params}))
-        modules[m.name] = m
+    stat, hists, maps = doc["call_parts"]
+    hists, maps = list(hists), list(maps)
+    for i, h in enumerate(hists):
+        if h is not None:
+            bins, sampled, numel, under, over, rebinned = h
+            hists[i] = Histogram(counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
+                                 numel=numel, under=under, over=over, rebinned=rebinned)
+    for i, shape in enumerate(maps):
+        if shape is not None:
+            bits = take("maps", int(np.prod(shape))).reshape(shape).copy()
+            maps[i] = torch.from_numpy(bits).view(torch.bfloat16)
+    calls = _records(CallRecord, doc["calls"], len(stat), stats=[None if k < 0 else stats[k] for k in stat],
+                     histogram=hists, feature_maps=maps)
+    params = _records(ParamRecord, doc["params"], sum(map(len, doc["keys"])))
+    by_module, by_params, c, p = [], [], 0, 0
+    for n, keys in zip(doc["calls_of"], doc["keys"]):
+        by_module.append(tuple(calls[c:c + n]))
+        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
+        c, p = c + n, p + len(keys)
+    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=[frozenset(t) for t in doc["traits"]],
+                       calls=by_module, params=by_params)
+    modules = {m.name: m for m in reports}
     error = doc["error"]
     return Capture(
         modules=MappingProxyType(modules),
