@@ -35,7 +35,7 @@ from torch import nn
 
 from . import wire
 from .nested import iter_tensors
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, copy_with
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, build, copy_with
 from .stats import Histogram, TensorStats, local
 
 # The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
@@ -409,8 +409,8 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
         for j in np.flatnonzero(shared).tolist():
             row = hists[j]
             sampled, numel, under, over = sums[j]
-            out[rows[j]] = _new(Histogram, counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel,
-                                under=under, over=over, rebinned=any(h.rebinned for h in row))
+            out[rows[j]] = build(Histogram, counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel,
+                                 under=under, over=over, rebinned=any(h.rebinned for h in row))
         if shared.all():
             continue
         other = np.flatnonzero(~shared)
@@ -435,14 +435,6 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
 
 
 _HIST = operator.attrgetter("sampled", "numel", "under", "over")
-
-
-def _new(kind, **fields):
-    """A frozen record from its fields, without running its ``__init__`` (the records here have no
-    ``__post_init__``): a third of the cost, for thousands of records."""
-    record = object.__new__(kind)
-    record.__dict__.update(fields)
-    return record
 
 
 def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:

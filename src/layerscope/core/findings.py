@@ -169,6 +169,7 @@ class _Look:
 
     @functools.cached_property
     def _under(self) -> dict[str, list[str]]:
+        """Each module's name with those of the modules under it (by their dotted names), in their order."""
         under: dict[str, list[str]] = {name: [] for name in self.modules}
         for n in self.modules:
             up = n

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord, build
 from .stats import Histogram, TensorStats
 from .store import _plain
 
@@ -37,14 +37,6 @@ def _fields(kind, *special: str):
         return out
 
     return values
-
-
-def _new(kind, names, values):
-    """A frozen record from its fields' values, without running its ``__init__`` (the records here have no
-    ``__post_init__``): a third of the cost, for thousands of records."""
-    record = object.__new__(kind)
-    record.__dict__.update(zip(names, values))
-    return record
 
 
 _STATS = [f.name for f in dataclasses.fields(TensorStats)]
@@ -160,7 +152,7 @@ def _record(kind, values: list, **apart):
     for i in nested:
         if type(values[i]) in (list, dict):
             values[i] = _tuples(values[i])
-    return _new(kind, names, values)
+    return build(kind, zip(names, values))
 
 
 def _flat(value):
@@ -190,7 +182,7 @@ def _records(kind, columns: list, n: int, **apart) -> list:
             columns[i] = [read(v) for v in column]
     for name, values in apart.items():
         columns[index[name]] = values
-    return [_new(kind, names, row) for row in zip(*columns)]
+    return [build(kind, zip(names, row)) for row in zip(*columns)]
 
 
 def decode(data: bytes) -> Capture:
@@ -204,7 +196,7 @@ def decode(data: bytes) -> Capture:
         offset += n * np.dtype(dtype).itemsize
     table = arrays["stats"].reshape(-1, len(_STATS))
     columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
-    stats = [_new(TensorStats, _STATS, row) for row in zip(*columns)]
+    stats = [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
     at = {"counts": 0, "edges": 0, "maps": 0}
 
     def take(name: str, n: int) -> np.ndarray:
