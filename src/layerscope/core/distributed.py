@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from types import MappingProxyType
@@ -34,7 +35,7 @@ from torch import nn
 
 from . import wire
 from .nested import iter_tensors
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, build, copy_with
 from .stats import Histogram, TensorStats, local
 
 # The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
@@ -266,12 +267,16 @@ def merge(captures: Sequence[Capture]) -> Capture:
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
     from .capture import _gc_paused
+    from .findings import find
 
     with _gc_paused():
-        return _merge(captures)
+        cap = merge_records(captures)
+        return dataclasses.replace(cap, findings=tuple(find(cap)))
 
 
-def _merge(captures: list[Capture]) -> Capture:
+def merge_records(captures: list[Capture]) -> Capture:
+    """``merge`` of the ranks' own captures (as ``merge`` checks them) without running the findings: the merged
+    capture holds the ranks' own findings only (``rank_findings`` puts them in the order ``find`` gives)."""
     names = list(dict.fromkeys(name for c in captures for name in c.modules))
     reports = {name: [c.modules.get(name) for c in captures] for name in names}
     calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
@@ -308,9 +313,7 @@ def _merge(captures: list[Capture]) -> Capture:
         world_size=len(captures),
         **_costs(captures),
     )
-    from .findings import find
-
-    return dataclasses.replace(cap, findings=tuple(find(cap)))
+    return cap
 
 
 def _first(values: Sequence):
@@ -328,37 +331,41 @@ def _calls_of(held: list[ModuleReport | None]) -> int:
 def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleReport:
     present = [m for m in held if m is not None]
     first = present[0]
-    params = {key: _param([None if m is None else m.params.get(key) for m in held])
-              for key in dict.fromkeys(k for m in present for k in m.params)}
-    return _like(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
-                 calls=tuple(calls), params=MappingProxyType(params),
-                 traits=frozenset.intersection(*(m.traits for m in present)), **_costs(present))
+    keys = first.params.keys()
+    if any(m.params.keys() != keys for m in present):
+        keys = dict.fromkeys(k for m in present for k in m.params)
+    params = {key: _param([None if m is None else m.params.get(key) for m in held]) for key in keys}
+    return copy_with(first, devices=_union([m.devices for m in present]), dtypes=_union([m.dtypes for m in present]),
+                     calls=tuple(calls), params=MappingProxyType(params),
+                     traits=frozenset.intersection(*[m.traits for m in present]), **_costs(present))
+
+
+_SUMMED = ("flops", "own_flops", "backward_flops", "output_bytes")
+_LARGEST = ("activation_bytes", "peak_bytes", "grad_bytes")
+_COSTS = operator.attrgetter(*_SUMMED, *_LARGEST)
 
 
 def _costs(present: Sequence) -> dict:
     """The job's costs from the ranks' (reports or captures): FLOPs and output bytes add up over the ranks'
     batches; activation and peak bytes are per device, the largest rank's."""
-    def total(key: str):
-        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
-        return sum(values) if values else None
-
-    def largest(key: str):
-        values = [getattr(m, key) for m in present if getattr(m, key) is not None]
-        return max(values) if values else None
-
     if isinstance(present[0], Capture):
-        return dict(flops=total("flops"), activation_bytes=largest("activation_bytes"),
-                    peak_bytes=largest("peak_bytes"))
-    return dict(flops=total("flops"), own_flops=total("own_flops"), backward_flops=total("backward_flops"),
-                output_bytes=total("output_bytes"), activation_bytes=largest("activation_bytes"),
-                peak_bytes=largest("peak_bytes"), grad_bytes=largest("grad_bytes"),
-                unsupported_ops=tuple(sorted({op for m in present for op in m.unsupported_ops})))
-
-
-def _like(record, **changes):
-    """A copy of a frozen record with some fields changed (dataclasses.replace, without its per-call cost); every
-    other field, also one added later, as the record has it."""
-    return type(record)(**{**record.__dict__, **changes})
+        flops = [c.flops for c in present if c.flops is not None]
+        largest = {key: max(values) if (values := [getattr(c, key) for c in present if getattr(c, key) is not None])
+                   else None for key in ("activation_bytes", "peak_bytes")}
+        return dict(flops=sum(flops) if flops else None, **largest)
+    rows = [_COSTS(m) for m in present]
+    out = dict(zip(_SUMMED + _LARGEST, rows[0]))
+    if len(rows) > 1 and rows.count(rows[0]) == len(rows):  # the same on every rank (replicas): n times the sums
+        out.update((key, v * len(rows) if type(v) is int else v if v is None else sum([v] * len(rows)))
+                   for key, v in zip(_SUMMED, rows[0]))
+    elif len(rows) > 1:
+        for i, (key, values) in enumerate(zip(_SUMMED + _LARGEST, zip(*rows))):
+            if None in values:
+                values = [v for v in values if v is not None]
+            out[key] = None if not values else sum(values) if i < len(_SUMMED) else max(values)
+    ops = [m.unsupported_ops for m in present]
+    out["unsupported_ops"] = tuple(sorted(set().union(*ops))) if any(ops) else ()
+    return out
 
 
 def _union(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -396,30 +403,38 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
     for bins, (rows, hists) in batch.items():  # hists: [calls][ranks]
         edges = np.array([[h.edges for h in row] for row in hists])  # [calls, ranks, bins + 1]
         counts = np.array([[h.counts for h in row] for row in hists])  # [calls, ranks, bins]
+        sums = np.array([[_HIST(h) for h in row] for row in hists]).sum(axis=1).tolist()  # [calls, 4]
         shared = (edges == edges[:, :1]).all(axis=(1, 2))
+        summed = counts.sum(axis=1)
+        for j in np.flatnonzero(shared).tolist():
+            row = hists[j]
+            sampled, numel, under, over = sums[j]
+            out[rows[j]] = build(Histogram, counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel,
+                                 under=under, over=over, rebinned=any(h.rebinned for h in row))
+        if shared.all():
+            continue
+        other = np.flatnonzero(~shared)
+        edges, counts = edges[other], counts[other]
         lo, hi = edges[..., 0], edges[..., -1]
         width = (hi - lo) / bins
         steps = np.diff(edges, axis=2)
-        even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2))
+        even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2)).tolist()
         new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
         at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
-        summed = counts.sum(axis=1)
         spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
         below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
         above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
-        sums = np.array([[[h.sampled, h.numel, h.under, h.over] for h in row] for row in hists]).sum(axis=1).tolist()
-        for j, i in enumerate(rows):
-            row = hists[j]
+        for k, j in enumerate(other.tolist()):
             sampled, numel, under, over = sums[j]
-            if shared[j]:
-                out[i] = Histogram(counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel, under=under,
-                                   over=over, rebinned=any(h.rebinned for h in row))
-            elif even[j]:
-                out[i] = Histogram(counts=spread[j], edges=new[j], sampled=sampled, numel=numel, under=under + below[j],
-                                   over=over + above[j], rebinned=True)
+            if even[k]:
+                out[rows[j]] = Histogram(counts=spread[k], edges=new[k], sampled=sampled, numel=numel,
+                                         under=under + below[k], over=over + above[k], rebinned=True)
             else:
-                out[i] = _histogram(row)
+                out[rows[j]] = _histogram(hists[j])
     return out
+
+
+_HIST = operator.attrgetter("sampled", "numel", "under", "over")
 
 
 def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -448,22 +463,25 @@ def _histogram(hists: list[Histogram]) -> Histogram | None:
     return first
 
 
+_WHERE = operator.attrgetter("input_dtypes", "output_dtypes", "input_devices", "output_devices")
+
+
 def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | None) -> CallRecord:
     calls = [c for c in per_rank if c is not None]
     first = calls[0]
+    where = [_WHERE(c) for c in calls]
+    dtypes_in, dtypes_out, devices_in, devices_out = where[0] if where.count(where[0]) == len(where) else \
+        [_union(list(group)) for group in zip(*where)]  # dtypes or devices differ between ranks: all of them
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
-    where = [(c.input_dtypes, c.output_dtypes, c.input_devices, c.output_devices) for c in calls]
-    if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
-        where[0] = tuple(_union(list(group)) for group in zip(*where))
-    return _like(
+    return copy_with(
         first,
         index=index,
-        input_dtypes=where[0][0],
-        output_dtypes=where[0][1],
-        input_devices=where[0][2],
-        output_devices=where[0][3],
+        input_dtypes=dtypes_in,
+        output_dtypes=dtypes_out,
+        input_devices=devices_in,
+        output_devices=devices_out,
         stats=_merge_stats([c.stats for c in calls]),
         histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together
@@ -478,8 +496,9 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
 def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
     held = [p for p in per_rank if p is not None]
     finite = [p.finite for p in held]
-    return _like(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None, checksum=None,
-                 finite=False if False in finite else None if None in finite else True, per_rank=tuple(per_rank))
+    return copy_with(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None,
+                     checksum=None, finite=False if False in finite else None if None in finite else True,
+                     per_rank=tuple(per_rank))
 
 
 def _global(held: list[ParamRecord], attr: str) -> float | None:
@@ -532,7 +551,7 @@ def _rank_findings(captures: list[Capture]) -> list[Finding]:
 def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
     """``find()`` of a merged capture: the ranks' own findings as its records hold them, and the job-wide rules
     on the merged records: gradients (global norms), frozen, unused and training-mode layers, ``rank_desync``."""
-    from .findings import SEVERITIES, _finite, _Look
+    from .findings import _finite, _Look
 
     kept = [f for f in cap.findings if f.kind not in JOB_WIDE]
     # the gradients are those of one rank's loss (DDP and FSDP2 average over ranks): scale by one rank's outputs
@@ -542,8 +561,22 @@ def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float
     if not echo and cap.error is None and cap.loss_kind is not None and _finite(cap.loss):
         found += look.gradients(vanishing_ratio, exploding_ratio)
     found += [*look.frozen(), *look.unused(), *look.train_mode(), *desync(cap, look)]
+    return _in_order(found, look)
+
+
+def _in_order(found: list[Finding], look) -> list[Finding]:
+    from .findings import SEVERITIES
+
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), look.position(f.module),
                                         -1 if f.rank is None else f.rank))
+
+
+def rank_findings(cap: Capture) -> list[Finding]:
+    """What ``find`` gives of a merged capture's ranks' own findings (every kind but the job-wide ones), without
+    running the job-wide rules."""
+    from .findings import _Look, group
+
+    return group(_in_order([f for f in cap.findings if f.kind not in JOB_WIDE], _Look(cap)))
 
 
 def _replicated_plain(cap: Capture) -> bool:
@@ -583,8 +616,7 @@ def desync(cap: Capture, look) -> list[Finding]:
     relevant = lambda n: any(p.per_rank for p in cap[n].params.values())  # noqa: E731
     found = []
     for name in look.highest(relevant, lambda n: bool(odd[n])):
-        inside = [(n, k, o) for n in cap.modules if n == name or not name or n.startswith(name + ".")
-                  for k, o in odd[n].items()]
+        inside = [(n, k, o) for n in look.inside(name) for k, o in odd[n].items()]
         ranks = sorted({r for _, _, (_, rs) in inside for r in rs})
         n, k, (ref, odd_ranks) = inside[0]
         p = cap[n].params[k].per_rank
@@ -608,6 +640,8 @@ def desync(cap: Capture, look) -> list[Finding]:
 def _agree(stats: list[TensorStats]) -> bool:
     """Whether the ranks' statistics of one output are the same up to rounding."""
     a = stats[0]
+    if all(s == a for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max):
+        return True  # the very same numbers (std is finite with them): no need to weigh the rounding
     scale = max(a.std, abs(a.mean), abs(a.min), abs(a.max), 1e-30) * 1e-5
     return all(s.count == a.count and s.nan_count == a.nan_count and s.inf_count == a.inf_count
                and all(abs(x - y) <= scale for x, y in ((s.mean, a.mean), (s.std, a.std), (s.min, a.min),

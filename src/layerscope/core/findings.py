@@ -8,6 +8,7 @@ off the live model, so a capture loaded in another process gives the same findin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -151,13 +152,36 @@ class _Look:
         """The outermost modules all of whose relevant modules (themselves and below) are flagged."""
         whole: dict[str, bool] = {}
         any_relevant: dict[str, bool] = {}
-        for name in reversed(list(self.cap.modules)):  # children come after their parents
-            children = self.cap[name].children
+        for name, children in self._bottom_up:
             rel = relevant(name)
-            any_relevant[name] = rel or any(any_relevant[c] for c in children)
-            whole[name] = (not rel or flagged(name)) and all(whole[c] for c in children)
+            if children:
+                any_relevant[name] = rel or any(any_relevant[c] for c in children)
+                whole[name] = (not rel or flagged(name)) and all(whole[c] for c in children)
+            else:
+                any_relevant[name], whole[name] = rel, not rel or flagged(name)
         return [n for n in self.cap.modules
                 if whole[n] and any_relevant[n] and (not n or not whole[self.cap[n].parent])]
+
+    @functools.cached_property
+    def _bottom_up(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Each module with its children, children first (they come after their parents)."""
+        return [(name, report.children) for name, report in reversed(list(self.modules.items()))]
+
+    @functools.cached_property
+    def _under(self) -> dict[str, list[str]]:
+        """Each module's name with those of the modules under it (by their dotted names), in their order."""
+        under: dict[str, list[str]] = {name: [] for name in self.modules}
+        for n in self.modules:
+            up = n
+            while up:  # the root holds every module: see inside()
+                if up in under:
+                    under[up].append(n)
+                up = up.rpartition(".")[0]
+        return under
+
+    def inside(self, name: str) -> list[str]:
+        """The module and every module under it, in the order of the modules."""
+        return list(self.modules) if name == "" else self._under[name]
 
     def own_params(self, name: str, trainable: bool | None = None) -> list[str]:
         params = self.cap[name].params.items()
@@ -516,7 +540,7 @@ class _Look:
         relevant = lambda n: self.has(n, "train_dependent")
         found = []
         for name in self.highest(relevant, lambda n: self.modules[n].training):
-            layers = [n for n in self.modules if relevant(n) and (not name or n == name or n.startswith(name + "."))]
+            layers = [n for n in self.inside(name) if relevant(n)]
             what = "the model" if name == "" else self.label(name)
             verb = "is" if len(layers) == 1 else "are"
             message = (f"{_plural(len(layers), 'dropout or batch-norm layer')} in {what} {verb} in training mode: "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, copy_with
 from .stats import Histogram, TensorStats
 
 # One row per call of a sampled step; NaN where the capture's record would say None.
@@ -468,11 +468,11 @@ class Run:
             for local, p in report.params.items():
                 own[local] = _param(p, params[row])
                 if rank_params is not None:  # p.per_rank: each rank's own layout (its shard), from its structure
-                    own[local] = dataclasses.replace(own[local], per_rank=tuple(
+                    own[local] = copy_with(own[local], per_rank=tuple(
                         None if q is None else _param(q, r[row]) for q, r in zip(p.per_rank, rank_params)))
                 row += 1
-            modules[name] = dataclasses.replace(report, calls=tuple(calls[index]), params=MappingProxyType(own),
-                                                training=bool(record.training[index]))
+            modules[name] = copy_with(report, calls=tuple(calls[index]), params=MappingProxyType(own),
+                                      training=bool(record.training[index]))
         backward = bool(np.any(~np.isnan(record.params[:, _P["grad_norm"]]))) if len(params) else False
         cap = Capture(modules=MappingProxyType(modules), total_params=self.structure.total_params,
                       trainable_params=self.structure.trainable_params, loss=self.loss_at(record.step),
@@ -498,9 +498,9 @@ def _stats(row: list[float]) -> TensorStats | None:
 def _param(p, row: list[float]):
     """A structure's ParamRecord with the norms of a PARAM_FIELDS row."""
     norm, grad, update, trainable, _, _ = row
-    return type(p)(**{**p.__dict__, "trainable": bool(trainable), "norm": _number(norm), "grad_norm": _number(grad),
-                      "finite": math.isfinite(norm) if norm == norm or p.device != "meta" else None,
-                      "update_ratio": update / norm if update == update and norm == norm and norm > 0 else None})
+    return copy_with(p, trainable=bool(trainable), norm=_number(norm), grad_norm=_number(grad),
+                     finite=math.isfinite(norm) if norm == norm or p.device != "meta" else None,
+                     update_ratio=update / norm if update == update and norm == norm and norm > 0 else None)
 
 
 def structure_of(modules: Mapping[str, ModuleReport], total: int, trainable: int) -> Capture:

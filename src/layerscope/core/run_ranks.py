@@ -23,13 +23,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import operator
 from collections.abc import Sequence
 from types import MappingProxyType
 
 import numpy as np
 
 from . import distributed
-from .records import Capture, Finding, ParamRecord
+from .capture import _gc_paused
+from .records import Capture, Finding, ParamRecord, copy_with
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
 from .stats import TensorStats
 
@@ -79,7 +81,8 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     merged.world_size = len(runs)
     merged.step_count = max(r.step_count for r in runs)
     steps = sorted(set.intersection(*(set(r.steps.tolist()) for r in runs)))
-    jobs = [distributed.merge([r.at(step) for r in runs]) for step in steps]
+    with _gc_paused():  # the job-wide findings of each step come from the merged run's own ``_judge`` below
+        jobs = [distributed.merge_records([r.at(step) for r in runs]) for step in steps]
     for job in jobs:  # the run's edges: the merged histograms' (the same at every step: the ranks' edges are fixed)
         for name, call in job.calls:
             if call.histogram is not None and name not in merged.edges:
@@ -105,29 +108,36 @@ def _structure(runs: list[Run]) -> Capture:
     return structure_of(modules, first.total_params, first.trainable_params)
 
 
-def _put(row: np.ndarray, s: TensorStats | None) -> None:
-    if s is not None:
-        row[[_C[n] for n in _STATS]] = [getattr(s, n) for n in _STATS]
+_STAT = operator.attrgetter(*_STATS)
+_STAT_COLUMNS = [_C[n] for n in _STATS]
+_NO_STATS = (math.nan,) * len(_STATS)
 
 
-def _number(value) -> float:
-    return math.nan if value is None else float(value)
+def _stats_rows(stats: list[TensorStats | None]) -> np.ndarray:
+    return np.array([_NO_STATS if s is None else _STAT(s) for s in stats], dtype=np.float64).reshape(-1, len(_STATS))
+
+
+def _column(values: list) -> np.ndarray:
+    """Numbers as float64, None as NaN."""
+    return np.array(values, dtype=np.float64)
 
 
 def _record(run: Run, job: Capture, held: list[StepRecord]) -> StepRecord:
     """The merged capture of one step as the merged run's record of it."""
-    calls = job.calls
+    calls = [c for _, c in job.calls]
     bins = max((len(e) - 1 for e in run.edges.values()), default=0)
     table = np.full((len(calls), len(CALL_FIELDS)), np.nan)
     ranks = np.full((len(held), len(calls), len(CALL_FIELDS)), np.nan)
     counts = np.zeros((len(calls), bins), dtype=np.int32)
+    table[:, _STAT_COLUMNS] = _stats_rows([c.stats for c in calls])
+    for r in range(len(held)):
+        ranks[r][:, _STAT_COLUMNS] = _stats_rows([c.per_rank[r] if c.per_rank else None for c in calls])
+    for name in ("grad_output_norm", "dead_units", "units", "input_finite", "output_id"):
+        table[:, _C[name]] = _column([getattr(c, name) for c in calls])
     layout = []
-    for i, (name, c) in enumerate(calls):
+    for i, (name, c) in enumerate(job.calls):
         layout.append((run._index[name], c.input_shapes, c.output_shapes, c.input_dtypes, c.output_dtypes,
                        c.input_devices, c.output_devices))
-        _put(table[i], c.stats)
-        for r, s in enumerate(c.per_rank or ()):
-            _put(ranks[r, i], s)
         edges, h = run.edges.get(name), c.histogram
         if edges is not None and c.stats is not None:
             if h is not None and not np.array_equal(h.edges, edges):
@@ -136,30 +146,36 @@ def _record(run: Run, job: Capture, held: list[StepRecord]) -> StepRecord:
                 counts[i, :len(h.counts)] = h.counts
             table[i, [_C["sampled"], _C["under"], _C["over"]]] = (0, 0, 0) if h is None else (h.sampled, h.under,
                                                                                                 h.over)
-        table[i, _C["grad_output_norm"]] = _number(c.grad_output_norm)
-        table[i, _C["dead_units"]] = _number(c.dead_units)
-        table[i, _C["units"]] = _number(c.units)
-        table[i, _C["input_finite"]] = _number(c.input_finite)
-        table[i, _C["output_id"]] = _number(c.output_id)
     rank_params = np.stack([r.params for r in held])
-    params = np.full((len(run.param_keys), len(PARAM_FIELDS)), np.nan)
-    for row, (name, local) in enumerate(run.param_keys):
-        p = job[name].params[local]
-        params[row] = (_number(p.norm), _number(p.grad_norm), _global(p, rank_params[:, row, _P["update_norm"]]),
-                       held[0].params[row, _P["trainable"]], held[0].params[row, _P["group"]],
-                       _global(p, rank_params[:, row, _P["stale_grad"]]))
+    merged = [job[name].params[local] for name, local in run.param_keys]
+    params = np.full((len(merged), len(PARAM_FIELDS)), np.nan)
+    params[:, _P["norm"]] = _column([p.norm for p in merged])
+    params[:, _P["grad_norm"]] = _column([p.grad_norm for p in merged])
+    for name in ("trainable", "group"):
+        params[:, _P[name]] = held[0].params[:, _P[name]]
+    # a plain tensor's norms are those of its replica on the lowest rank that holds it (``distributed._global``)
+    lowest = [next(r for r, q in enumerate(p.per_rank) if q is not None) for p in merged]
+    sharded = [row for row, (p, r) in enumerate(zip(merged, lowest)) if p.per_rank[r].shard is not None]
+    for name in ("update_norm", "stale_grad"):
+        params[:, _P[name]] = rank_params[lowest, np.arange(len(merged)), _P[name]]
+        for row in sharded:
+            params[row, _P[name]] = _global(merged[row], rank_params[:, row, _P[name]])
     first = held[0]
     return StepRecord(step=first.step, layout=tuple(layout), calls=table, counts=counts, params=params,
                       training=first.training, inputs=job.inputs, output_numel=job.output_numel,
                       grad_scale=first.grad_scale, lrs=first.lrs, rank_calls=ranks, rank_params=rank_params,
-                      findings=tuple(f for f in job.findings if f.kind not in distributed.JOB_WIDE))
+                      findings=tuple(distributed.rank_findings(job)))
 
 
 def _global(p: ParamRecord, values: np.ndarray) -> float:
     """A norm of the whole parameter from the ranks' norms of their pieces (``distributed._global``)."""
-    pieces = [distributed._like(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
+    pieces = [copy_with(q, norm=None if v != v else float(v)) for q, v in zip(p.per_rank, values.tolist())
               if q is not None]
-    return _number(distributed._global(pieces, "norm")) if pieces else math.nan
+    return _number(distributed._global(pieces, "norm"))
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _scalars(merged: Run, runs: list[Run]) -> None:

@@ -8,7 +8,7 @@ at, and like the one-pass findings the outermost module that holds all of the la
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Container
 
 import numpy as np
 
@@ -60,8 +60,9 @@ class _Trends:
     def what(self, name: str) -> str:
         return "the model" if name == "" else self.label(name)
 
-    def layers(self, name: str, among: Iterable[str]) -> list[str]:
-        return [n for n in among if not name or n == name or n.startswith(name + ".")]
+    def layers(self, name: str, among: Container[str]) -> list[str]:
+        """The modules of ``among`` that are ``name`` or lie under it, in the order of the modules."""
+        return [n for n in self.look.inside(name) if n in among]
 
     # -- the loss ---------------------------------------------------------------------------------------------
 

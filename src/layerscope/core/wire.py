@@ -13,32 +13,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
-from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord, build
 from .stats import Histogram, TensorStats
 from .store import _plain
 
 
-def _names(kind, *special: str) -> list[str | None]:
-    """The record's fields in their order; None for those written apart (their place is kept, as null)."""
-    return [None if f.name in special else f.name for f in dataclasses.fields(kind)]
+def _fields(kind, *special: str):
+    """The record's fields in their order as a list, None for those written apart (their place is kept, as null)."""
+    names = [f.name for f in dataclasses.fields(kind)]
+    get, apart = operator.attrgetter(*names), [i for i, n in enumerate(names) if n in special]
 
+    def values(obj) -> list:
+        out = list(get(obj))
+        for i in apart:
+            out[i] = None
+        return out
 
-def _values(obj, names: list[str | None]) -> list:
-    return [None if n is None else getattr(obj, n) for n in names]
+    return values
 
 
 _STATS = [f.name for f in dataclasses.fields(TensorStats)]
 _STATS_INT = [n not in ("mean", "m2", "min", "max") for n in _STATS]  # counts, held exactly by float64 rows
-_CALL = _names(CallRecord, "stats", "histogram", "feature_maps", "per_rank")
-_PARAM = _names(ParamRecord, "per_rank")
-_MODULE = _names(ModuleReport, "calls", "params", "traits")
-_INPUT = _names(InputRecord, "stats", "per_rank")
+_STAT = operator.attrgetter(*_STATS)
+_CALL = _fields(CallRecord, "stats", "histogram", "feature_maps", "per_rank")
+_PARAM = _fields(ParamRecord, "per_rank")
+_MODULE = _fields(ModuleReport, "calls", "params", "traits")
+_INPUT = _fields(InputRecord, "stats", "per_rank")
 _HEAD = [f.name for f in dataclasses.fields(Capture)
          if f.name not in ("modules", "findings", "inputs", "error", "output", "model", "batch")]
 _ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16}
@@ -52,38 +59,57 @@ class _Writer:
     def stat(self, s: TensorStats | None) -> int:
         if s is None:
             return -1
-        self.stats.append([getattr(s, n) for n in _STATS])
+        self.stats.append(_STAT(s))
         return len(self.stats) - 1
 
-    def call(self, c: CallRecord) -> list:
-        h, maps = c.histogram, c.feature_maps
-        if h is not None:
-            self.parts["counts"].append(h.counts)
-            self.parts["edges"].append(h.edges)
-            h = [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
-        if maps is not None:
-            bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
-            self.parts["maps"].append(bits.reshape(-1))
-            maps = list(bits.shape)
-        return [_values(c, _CALL), self.stat(c.stats), h, maps]
+    def histogram(self, h: Histogram | None) -> list | None:
+        if h is None:
+            return None
+        self.parts["counts"].append(h.counts)
+        self.parts["edges"].append(h.edges)
+        return [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
 
-    def module(self, m: ModuleReport) -> list:
-        return [_values(m, _MODULE), sorted(m.traits), [self.call(c) for c in m.calls],
-                [[k, _values(p, _PARAM)] for k, p in m.params.items()]]
+    def maps(self, maps) -> list | None:
+        if maps is None:
+            return None
+        bits = maps.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        self.parts["maps"].append(bits.reshape(-1))
+        return list(bits.shape)
+
+
+def _columns(rows: list[list]) -> list:
+    """Records' rows as columns; a column whose values are all the same (of one type) as {"same": value}."""
+    out = []
+    for column in zip(*rows):
+        first = column[0]
+        same = column.count(first) == len(column) and len(set(map(type, column))) == 1
+        if same and isinstance(first, (tuple, list)):  # (8, 512) == (8, 512.0): compare as written
+            same = len(set(map(repr, column))) == 1
+        out.append({"same": first} if same else column)
+    return out
 
 
 def encode(cap: Capture) -> bytes:
     """A rank's own capture (not a merged one) as bytes; its live objects stay behind."""
     w = _Writer()
-    modules = [w.module(m) for m in cap.modules.values()]
+    modules = list(cap.modules.values())
+    calls = [c for m in modules for c in m.calls]
+    params = [p for m in modules for p in m.params.values()]
     error = None if cap.error is None else {f.name: getattr(cap.error, f.name) for f in dataclasses.fields(CaptureError)
                                             if f.name != "exception"}
     doc = {
         "head": {n: getattr(cap, n) for n in _HEAD},
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
-        "inputs": [[_values(i, _INPUT), w.stat(i.stats)] for i in cap.inputs],
-        "modules": modules,
+        "inputs": [[_INPUT(i), w.stat(i.stats)] for i in cap.inputs],
+        "modules": _columns([_MODULE(m) for m in modules]),
+        "traits": [sorted(m.traits) for m in modules],
+        "keys": [list(m.params) for m in modules],
+        "calls_of": [len(m.calls) for m in modules],
+        "calls": _columns([_CALL(c) for c in calls]),
+        "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
+                       [w.maps(c.feature_maps) for c in calls]],
+        "params": _columns([_PARAM(p) for p in params]),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
     for name, parts in w.parts.items():
@@ -102,14 +128,14 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def _plan(kind) -> tuple[list[int], list[int], dict[str, int]]:
-    """Where a record's JSON list holds flat tuples (of plain values), nested ones (shape trees, Any), and the
-    fields written apart."""
+def _plan(kind) -> tuple[list[str], list[int], list[int], dict[str, int]]:
+    """A record's fields, where its JSON list holds flat tuples (of plain values), nested ones (shape trees, Any),
+    and the place of each field (for those written apart)."""
     fields = dataclasses.fields(kind)
     kinds = [str(f.type) for f in fields]
     flat = [i for i, k in enumerate(kinds) if k.startswith("tuple[") and k.count("tuple") == 1]
     nested = [i for i, k in enumerate(kinds) if i not in flat and any(w in k for w in ("tuple", "Any", "Mapping"))]
-    return flat, nested, {f.name: i for i, f in enumerate(fields)}
+    return [f.name for f in fields], flat, nested, {f.name: i for i, f in enumerate(fields)}
 
 
 _PLANS = {kind: _plan(kind) for kind in (CallRecord, ParamRecord, ModuleReport, InputRecord)}
@@ -117,7 +143,7 @@ _PLANS = {kind: _plan(kind) for kind in (CallRecord, ParamRecord, ModuleReport, 
 
 def _record(kind, values: list, **apart):
     """The record from its JSON list (changed in place) and the fields written apart."""
-    flat, nested, index = _PLANS[kind]
+    names, flat, nested, index = _PLANS[kind]
     for name, value in apart.items():
         values[index[name]] = value
     for i in flat:
@@ -126,7 +152,37 @@ def _record(kind, values: list, **apart):
     for i in nested:
         if type(values[i]) in (list, dict):
             values[i] = _tuples(values[i])
-    return kind(*values)
+    return build(kind, zip(names, values))
+
+
+def _flat(value):
+    return None if value is None else tuple(value)
+
+
+def _nested(value):
+    return _tuples(value) if type(value) in (list, dict) else value
+
+
+def _records(kind, columns: list, n: int, **apart) -> list:
+    """The ``n`` records of ``_columns``' columns and the fields written apart (lists of ``n`` values)."""
+    names, flat, nested, index = _PLANS[kind]
+    if not n:
+        return []
+    columns = list(columns)
+    for i, column in enumerate(columns):
+        read = _flat if i in flat else _nested if i in nested else None
+        if type(column) is dict:
+            value = column["same"] if read is None else read(column["same"])
+            try:
+                hash(value)
+                columns[i] = [value] * n
+            except TypeError:  # a dict inside: each record its own
+                columns[i] = [read(column["same"]) for _ in range(n)]
+        elif read is not None:
+            columns[i] = [read(v) for v in column]
+    for name, values in apart.items():
+        columns[index[name]] = values
+    return [build(kind, zip(names, row)) for row in zip(*columns)]
 
 
 def decode(data: bytes) -> Capture:
@@ -138,8 +194,9 @@ def decode(data: bytes) -> Capture:
         n = doc["arrays"][name]
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
-    stats = [TensorStats(*(int(v) if is_int else v for v, is_int in zip(row, _STATS_INT)))
-             for row in arrays["stats"].reshape(-1, len(_STATS)).tolist()]
+    table = arrays["stats"].reshape(-1, len(_STATS))
+    columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
+    stats = [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
     at = {"counts": 0, "edges": 0, "maps": 0}
 
     def take(name: str, n: int) -> np.ndarray:
@@ -147,21 +204,28 @@ def decode(data: bytes) -> Capture:
         at[name] += n
         return piece
 
-    def call(values, stat, hist, maps) -> CallRecord:
-        if hist is not None:
-            bins, sampled, numel, under, over, rebinned = hist
-            hist = Histogram(counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
-                             numel=numel, under=under, over=over, rebinned=rebinned)
-        if maps is not None:
-            maps = torch.from_numpy(take("maps", int(np.prod(maps))).reshape(maps).copy()).view(torch.bfloat16)
-        return _record(CallRecord, values, stats=None if stat < 0 else stats[stat], histogram=hist,
-                       feature_maps=maps)
-
-    modules = {}
-    for values, traits, calls, params in doc["modules"]:
-        m = _record(ModuleReport, values, traits=frozenset(traits), calls=tuple(call(*c) for c in calls),
-                    params=MappingProxyType({k: _record(ParamRecord, p) for k, p in params}))
-        modules[m.name] = m
+    stat, hists, maps = doc["call_parts"]
+    hists, maps = list(hists), list(maps)
+    for i, h in enumerate(hists):
+        if h is not None:
+            bins, sampled, numel, under, over, rebinned = h
+            hists[i] = Histogram(counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
+                                 numel=numel, under=under, over=over, rebinned=rebinned)
+    for i, shape in enumerate(maps):
+        if shape is not None:
+            bits = take("maps", int(np.prod(shape))).reshape(shape).copy()
+            maps[i] = torch.from_numpy(bits).view(torch.bfloat16)
+    calls = _records(CallRecord, doc["calls"], len(stat), stats=[None if k < 0 else stats[k] for k in stat],
+                     histogram=hists, feature_maps=maps)
+    params = _records(ParamRecord, doc["params"], sum(map(len, doc["keys"])))
+    by_module, by_params, c, p = [], [], 0, 0
+    for n, keys in zip(doc["calls_of"], doc["keys"]):
+        by_module.append(tuple(calls[c:c + n]))
+        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
+        c, p = c + n, p + len(keys)
+    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=[frozenset(t) for t in doc["traits"]],
+                       calls=by_module, params=by_params)
+    modules = {m.name: m for m in reports}
     error = doc["error"]
     return Capture(
         modules=MappingProxyType(modules),
