@@ -5,8 +5,8 @@ A summary is a set of sufficient statistics (count, mean, M2, min, max, zeros, N
 or of two passes, steps or ranks, merge into the stats of the whole. Histograms merge when their edges agree;
 ``StatsBatch.add(t, edges)`` bins a tensor on fixed edges so that histograms of different passes line up.
 
-Tensors of up to ``small`` elements are copied into a row of a buffer shared with tensors of the same
-size, and each full buffer is summarised at once by row-wise reductions: a few ops for many tensors,
+Tensors of up to ``small`` elements are copied and stacked into a buffer with tensors of the same
+shape, and each full buffer is summarised at once by row-wise reductions: a few ops for many tensors,
 exactly (every element counts, the histogram too; M2 is summed around each row's mean). Larger tensors are
 summarised on the spot in three passes (aminmax, sum, dot; two more around the mean when it dwarfs the
 spread), with the histogram and the share of zeros read off a bounded, evenly strided sample of their
@@ -22,7 +22,8 @@ count, NaN and Inf counts, min and max are exact (integers up to 2**53); |mean -
 1e-12 |mean|; |std - numpy's| <= 1e-5 std (1e-4 for tensors of more than ``small`` elements, whose sum of
 squares is a float32 dot) + 1e-12 |mean|; a merge adds float64 rounding only. Zeros and the histogram are
 exact over the values they read (all of a small tensor, the strided sample of a large one), binned as numpy
-does but for values within 1e-5 of a bin's width from an edge, which may land in the bin next to it."""
+does but for values within 1e-5 of a bin's width from an edge, which may land in the bin next to it; on fixed
+edges, exactly as numpy does (see _indices)."""
 
 from __future__ import annotations
 
