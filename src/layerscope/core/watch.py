@@ -215,6 +215,7 @@ class _Watcher:
                 self.current.session.remove()
         finally:
             self.current = None
+            self._scratch = Scratch()  # the work buffers (megabytes) are not kept once the block ends
             if self.session is not None:
                 self.session.remove()
 
