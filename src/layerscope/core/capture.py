@@ -22,7 +22,7 @@ from .hooks import HookSession
 from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
 from .recorder import Recorder, dtype_name, norms
 from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
-from .stats import StatsBatch, local, norm
+from .stats import StatsBatch, local
 from .tree import initialised, module_tree, uninitialised
 
 
@@ -205,16 +205,6 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     counter: Costs | None = None
-    fresh: dict[int, torch.Tensor] = {}  # gradient norms taken as the backward computes each gradient
-
-    def on_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-        if counter is not None:
-            counter.pause()  # not the model's cost
-        try:
-            fresh[id(p)] = norm(g)
-        finally:
-            if counter is not None:
-                counter.resume()
 
     with distributed.resharded(model), HookSession(model, modules=walked) as session:  # FSDP2: sharded throughout
         present = initialised(model, walked)
@@ -251,7 +241,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
                         if distributed.syncs_in_backward(model):  # DDP, FSDP2: the job's gradients
                             grads = distributed.backward(loss, before, batch)
                         else:
-                            grads = kinds.param_grads(loss, params, on_grad)
+                            grads = kinds.param_grads(loss, params)
                         if progress is not None:
                             progress("backward", len(entries), len(entries))
         except Exception as exc:  # noqa: BLE001 - every failure is reported in Capture.error
@@ -272,7 +262,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         output_bytes[c["name"]] = output_bytes.get(c["name"], 0) + c["out_bytes"]
     cost = counter.results(list(tree), bool(grads), saving) if counter is not None else {}
     elsewhere = kinds.offloaded(model, walked)  # again, as the parameters are new ones after each call
-    grad_norms = norms({k: g for k, g in grads.items() if g is not None}, fresh)
+    grad_norms = norms({k: g for k, g in grads.items() if g is not None})
     grad_sizes = {k: g.numel() * g.element_size() for k, g in grads.items() if g is not None}
     # Norms are for gradient-to-weight ratios: only a backward needs them. Without one, whether a parameter
     # holds NaN/Inf is only asked when a call's output does (a rare second look at the parameters).

@@ -3,7 +3,7 @@ reentrant activation checkpointing, and outputs that carry their own loss or a c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -102,11 +102,8 @@ def _graph(root) -> Iterator:
         stack.extend(fn for fn, _ in node.next_functions)
 
 
-def param_grads(loss: torch.Tensor, params: list[nn.Parameter],
-                on_grad: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> dict[int, torch.Tensor | None]:
-    """The gradient of ``loss`` for each parameter, by id, leaving every ``.grad`` as it was. ``on_grad(param,
-    gradient)``, if given, is called as each gradient is computed (while it is fresh in the cache), unless the
-    graph holds a reentrant checkpoint.
+def param_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> dict[int, torch.Tensor | None]:
+    """The gradient of ``loss`` for each parameter, by id, leaving every ``.grad`` as it was.
 
     ``torch.autograd.grad``, unless the graph holds a reentrant checkpoint (``torch.utils.checkpoint`` with
     ``use_reentrant=True``, also Hugging Face's ``gradient_checkpointing_enable()``): its inner backward is
@@ -115,12 +112,7 @@ def param_grads(loss: torch.Tensor, params: list[nn.Parameter],
     """
     nodes = list(_graph(loss.grad_fn))
     if not any(type(n).__name__ == "CheckpointFunctionBackward" for n in nodes):
-        handles = [p.register_hook(lambda g, p=p: on_grad(p, g)) for p in params] if on_grad is not None else []
-        try:
-            got = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        got = torch.autograd.grad(loss, params, allow_unused=True)
         return {id(p): g for p, g in zip(params, got)}
     leaves = {id(p): p for p in params}
     leaves.update((id(n.variable), n.variable) for n in nodes if hasattr(n, "variable"))
