@@ -205,15 +205,13 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
     grads: dict[int, torch.Tensor | None] = {}
     phase = "forward"
     counter: Costs | None = None
-
     with distributed.resharded(model), HookSession(model, modules=walked) as session:  # FSDP2: sharded throughout
         present = initialised(model, walked)
         before = [p for p in present if p.requires_grad]
         if meta:
             kinds.buffers_to_meta(model)
         if counting:  # the tensors held anyway: their storages are not activation memory
-            counter = Costs([*initialised(model, walked), *model.buffers(), *iter_tensors(batch_run)],
-                            _cuda_device(model))
+            counter = Costs([*present, *model.buffers(), *iter_tensors(batch_run)], _cuda_device(model))
         recorder = Recorder(session, StatsBatch(bins=bins, sample_size=sample_size), grads=backward,
                             feature_maps=feature_maps, edges=lambda name, t: edges(name), costs=counter,
                             progress=progress, modules=len(entries),

@@ -289,11 +289,10 @@ def _uniform(edges: np.ndarray) -> tuple[float, float, bool] | None:
     """(first edge, bins per unit, aligned) of equally spaced edges (to within 1e-9 of a bin), else None;
     aligned: the bins' width is a power of two and the edges its multiples, exactly (see _indices)."""
     k = len(edges) - 1
-    span = edges[-1] - edges[0]
+    width = (edges[-1] - edges[0]) / k
     steps = np.arange(k + 1)
-    if np.abs(edges - (edges[0] + span / k * steps)).max() > 1e-9 * span / k:
+    if np.abs(edges - (edges[0] + width * steps)).max() > 1e-9 * width:
         return None
-    width = span / k
     aligned = (np.frexp(width)[0] == 0.5 and float(edges[0] / width).is_integer() and abs(edges[0] / width) < 2**52
                and np.array_equal(edges, edges[0] + width * steps))
     return float(edges[0]), 1 / width, bool(aligned)
@@ -334,14 +333,19 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
     return idx
 
 
-def _bin(values: torch.Tensor, bounds: torch.Tensor, uniform: tuple[float, float] | None = None) -> torch.Tensor:
+def _bin(values: torch.Tensor, bounds: torch.Tensor, uniform: tuple[float, float, bool] | None = None) -> torch.Tensor:
     """Counts [k + 4] of ``values`` (all finite when ``uniform`` is given, see _indices) against _thresholds:
     -Inf/NaN, under, the k bins, over, +Inf/NaN."""
     idx = _indices(values.reshape(1, -1), bounds[None], None if uniform is None else [uniform])
-    if idx.device.type == "cpu":
-        return torch.bincount(idx.reshape(-1), minlength=len(bounds) + 1)
-    counts = torch.zeros(len(bounds) + 1, dtype=torch.long, device=idx.device)  # no sync, unlike bincount
-    return counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
+    return _count(idx.reshape(-1), len(bounds) + 1)
+
+
+def _count(flat: torch.Tensor, total: int) -> torch.Tensor:
+    """How many times each of 0 .. total - 1 occurs in ``flat``, on its device."""
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=total)
+    counts = torch.zeros(total, dtype=torch.long, device=flat.device)  # no sync, unlike bincount
+    return counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
@@ -447,12 +451,7 @@ class StatsBatch:
                 uniform = None
             idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform, self._scratch)  # bounds below
             idx += torch.arange(0, len(rows) * (size + 1), size + 1, dtype=idx.dtype, device=idx.device)[:, None]
-            flat, total = idx.reshape(-1), len(rows) * (size + 1)
-            if flat.device.type == "cpu":
-                counts = torch.bincount(flat, minlength=total)
-            else:  # no sync, unlike bincount
-                counts = torch.zeros(total, dtype=torch.long, device=flat.device)
-                counts.scatter_add_(0, flat, torch.ones_like(flat))
+            counts = _count(idx.reshape(-1), len(rows) * (size + 1))
             for row, i, f in zip(counts.view(len(rows), size + 1), rows, fixed):
                 self._slots[slots[i]][4] = (row, f[1])
 
