@@ -287,12 +287,17 @@ def _ratio(model: nn.Sequential, layer: int, x: torch.Tensor) -> float:
     return norm(grads) / norm(params)
 
 
-def test_exploding_linear_stack():
+def _exploding_stack():
+    """Twelve Linear(64, 64) with weights of std 1.5: gradients grow by orders of magnitude towards the input."""
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
     for p in model.parameters():
         nn.init.normal_(p, std=1.5)
     x = torch.randn(8, 64)
-    cap = capture(model, x)
+    return model, x, capture(model, x)
+
+
+def test_exploding_linear_stack():
+    model, x, cap = _exploding_stack()
     assert cap.error is None and math.isfinite(cap.loss)
     exploding = {f.module: f for f in cap.findings if f.kind == "exploding_grad"}
     assert "0" in exploding and exploding["0"].severity == "warning"
@@ -532,11 +537,7 @@ def test_fix_lines_and_grouped_findings_survive_save_and_load(tmp_path):
 
 
 def test_repeats_of_one_kind_are_one_finding_listing_the_modules():
-    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
-    for p in model.parameters():
-        nn.init.normal_(p, std=1.5)
-    x = torch.randn(8, 64)
-    cap = capture(model, x)
+    model, x, cap = _exploding_stack()
     (exploding,) = [f for f in cap.findings if f.kind == "exploding_grad"]
     names = exploding.modules
     assert len(names) >= 3 and names[0] == exploding.module == "0"  # the first to run leads
