@@ -36,9 +36,12 @@ WORLD = 2
 
 def _paused(fn, *args):
     """As gather runs it: with the cyclic garbage collector paused."""
-    from layerscope.core.capture import _gc_paused
+    try:
+        from layerscope.core.collector import paused
+    except ImportError:  # a revision from before the collector module
+        from layerscope.core.capture import _gc_paused as paused
 
-    with _gc_paused():
+    with paused():
         return fn(*args)
 
 

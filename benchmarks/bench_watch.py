@@ -5,14 +5,13 @@
     python benchmarks/bench_watch.py --quick      # fewer rounds, no memory run
     python benchmarks/bench_watch.py --memory-only --memory-steps 100000   # the memory figure alone, measured
 
-Each method trains the same model in blocks of steps; blocks of the methods take turns (round robin), so drifts of
-a busy machine hit them alike; the figure per method is the median time per step over its blocks, and its ratio to
-the unwatched loop's. Methods: the loop unwatched; watch every=10 and every=1 (each block also pays for the
-one-pass findings of its sampled steps, which a run takes later, at the latest before thinning a step out); a
-naive-hooks baseline (fastai's
-ActivationStats style: forward hooks on every module taking mean, std and the share of near-zero values with one
-.item() each, and each parameter's gradient norm with .item()) at every=10 and every=1. Targets: every=10 <= 1.05x,
-every=1 <= 1.5x. 2 threads.
+Each method trains the same model in blocks of steps, each block from the same weights and optimizer state; blocks
+of the methods take turns (round robin), so drifts of a busy machine hit them alike; the figure per method is the
+median time per step over its blocks, and its ratio to the unwatched loop's. Methods: the loop unwatched; watch
+every=10 and every=1 (each block also pays for the one-pass findings of its sampled steps, which a run takes later,
+at the latest before thinning a step out); a naive-hooks baseline (fastai's ActivationStats style: forward hooks on
+every module taking mean, std and the share of near-zero values with one .item() each, and each parameter's
+gradient norm with .item()) at every=10 and every=1. Targets: every=10 <= 1.05x, every=1 <= 1.5x. 2 threads.
 
 Memory: the 2,001-module stack (1 + 4 x 500 modules; its records do not depend on the layer width, so the memory
 run uses width 16 to get through many steps) trained with every=10 for --memory-steps steps, logging the loss: the
@@ -22,6 +21,7 @@ bytes the run keeps (its arrays and Python objects, counted by walking them), me
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import sys
@@ -64,6 +64,10 @@ def resnet18():
 def stack2001(width: int = 512):
     torch.manual_seed(0)
     model = stack(width=width)
+    with torch.no_grad():  # with the default init, the 500 blocks' gradients overflow in the first backward (each
+        for m in model.modules():  # block's gain is a little over 1, whatever the weights' scale, through its
+            if isinstance(m, nn.Linear):  # LayerNorm) and every later step is NaN; small weights meet the
+                m.weight.mul_(0.05)  # LayerNorm's eps, and the gradients fade toward the input instead
     batch = torch.randn(8, width), torch.randn(8, width)
     # Adam at a small learning rate: SGD sends a 2,000-layer stack to NaN within a few steps
     return model, batch, lambda out, y: F.mse_loss(out, y), torch.optim.Adam(model.parameters(), 1e-5)
@@ -140,9 +144,14 @@ def compare(factory, steps: int, rounds: int) -> dict[str, float]:
     names = ["unwatched", *runs, *naive]
     for name in names:  # warm-up: one block each (the first sampled steps also pick the histogram edges)
         method(name)
+    # every timed block trains from the same weights and optimizer state: the same steps for each method, and no
+    # drift of a long benchmark into NaN (a fixed batch, trained on for hundreds of steps, can get there)
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
+            model.load_state_dict(weights)
+            opt.load_state_dict(state)
             gc.collect()
             times[name].append(method(name))
     x, y = batch

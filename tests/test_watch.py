@@ -5,6 +5,7 @@ right, memory stays bounded, and a run survives save/load and TensorBoard."""
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import math
 from collections import OrderedDict
@@ -108,13 +109,23 @@ def test_every_hook_is_removed_when_the_block_ends_also_on_an_exception(digits):
         train(model, opt, batches(x, y, 3), run)
     assert hooks_left(model, opt) == []
     assert not run.live
+    assert gc.isenabled()
     with pytest.raises(ZeroDivisionError):
         with watch(model, opt, every=1) as run:
             loss = F.cross_entropy(model(x[:8]), y[:8])  # a sampled step is half-way: its hooks are all on
             assert hooks_left(model, opt)
+            assert not gc.isenabled()  # the cyclic collector waits until the sampled step ends
             loss.backward()
             raise ZeroDivisionError
     assert hooks_left(model, opt) == []
+    assert gc.isenabled()
+    gc.disable()  # a user's own choice is kept
+    try:
+        with watch(model, opt, every=2) as run:
+            train(model, opt, batches(x, y, 3), run)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     train(model, opt, batches(x, y, 1))  # and the model trains on as before
     assert any(not torch.equal(grads[n], p.grad) for n, p in model.named_parameters())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import diagnose, distributed, kinds, traits
+from .collector import paused
 from .costs import Costs
 from .findings import find
 from .hooks import HookSession
@@ -116,22 +116,6 @@ def _describe(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause Python's cyclic garbage collector, as it was before, for the length of a capture.
-
-    A capture keeps a few small objects per module call; in a process holding torch's large object graph
-    they set off full collections that cost as much as the whole forward pass of a 2,000-module model.
-    Reference counting still frees everything at once; only cycle detection waits until the end."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def capture(
     model: nn.Module,
     batch: Any,
@@ -175,7 +159,7 @@ def capture(
     """
     _check_arguments(model, batch)
     default_bins, edges = _bin_plan(bins)
-    with _gc_paused():
+    with paused():
         return _capture(model, batch, backward, target, loss_fn, default_bins, edges, feature_maps, sample_size,
                         costs, progress)
 

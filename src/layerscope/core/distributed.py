@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import wire
+from .collector import paused
 from .nested import iter_tensors
 from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, build, copy_with
 from .stats import Histogram, TensorStats, local
@@ -191,9 +192,7 @@ def gather(cap, dst: int = 0):
     world = dist.get_world_size()
     if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
         raise ValueError(f"dst must be a rank of the job, 0 to {world - 1}, got {dst!r}")
-    from .capture import _gc_paused  # thousands of small records: full collections would cost more than the work
-
-    with _gc_paused():
+    with paused():  # thousands of small records: full collections would cost more than the work
         if isinstance(cap, Run):
             from .run_ranks import gather_run
 
@@ -266,10 +265,9 @@ def merge(captures: Sequence[Capture]) -> Capture:
         if c.merged or c.rank not in (None, r):
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
-    from .capture import _gc_paused
     from .findings import find
 
-    with _gc_paused():
+    with paused():
         cap = merge_records(captures)
         return dataclasses.replace(cap, findings=tuple(find(cap)))
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .collector import paused
 from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, copy_with
 from .stats import Histogram, TensorStats
 
@@ -370,13 +371,14 @@ class Run:
             return
         self._flush()
         unjudged, self._unjudged = self._unjudged, []
-        for record in unjudged:
-            for f in self.at(record.step).findings:
-                seen = self._seen.get((f.kind, f.module))
-                if seen is None:
-                    self._seen[f.kind, f.module] = [f, f.step, 1]
-                else:
-                    seen[1], seen[2] = f.step, seen[2] + 1
+        with paused():  # each step is rebuilt as a Capture: thousands of small records
+            for record in unjudged:
+                for f in self.at(record.step).findings:
+                    seen = self._seen.get((f.kind, f.module))
+                    if seen is None:
+                        self._seen[f.kind, f.module] = [f, f.step, 1]
+                    else:
+                        seen[1], seen[2] = f.step, seen[2] + 1
 
     # -- reading the arrays ---------------------------------------------------------------------------------
 

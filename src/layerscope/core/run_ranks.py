@@ -30,7 +30,7 @@ from types import MappingProxyType
 import numpy as np
 
 from . import distributed
-from .capture import _gc_paused
+from .collector import paused
 from .records import Capture, Finding, ParamRecord, copy_with
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
 from .stats import TensorStats
@@ -81,7 +81,7 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     merged.world_size = len(runs)
     merged.step_count = max(r.step_count for r in runs)
     steps = sorted(set.intersection(*(set(r.steps.tolist()) for r in runs)))
-    with _gc_paused():  # the job-wide findings of each step come from the merged run's own ``_judge`` below
+    with paused():  # the job-wide findings of each step come from the merged run's own ``_judge`` below
         jobs = [distributed.merge_records([r.at(step) for r in runs]) for step in steps]
     for job in jobs:  # the run's edges: the merged histograms' (the same at every step: the ranks' edges are fixed)
         for name, call in job.calls:

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import distributed, traits
 from .capture import _bin_plan, float_inputs
+from .collector import Pause
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms
@@ -70,7 +71,9 @@ def watch(
     - ``thresholds``: the findings' thresholds (``layerscope.core.trends.DEFAULTS`` documents each).
 
     Every hook is removed when the ``with`` block ends, also on an exception. The parameters end bit-identical
-    to an unwatched run's: the hooks read tensors and never change one.
+    to an unwatched run's: the hooks read tensors and never change one. During a sampled step (from its first
+    forward to its optimizer step) Python's cyclic garbage collector is paused, as in ``capture``, and then put
+    back as it was (``layerscope.core.collector``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
@@ -171,6 +174,7 @@ class _Watcher:
         self._layouts: dict[tuple, tuple] = {}
         self._binning: dict = {}  # the StatsBatch's checked edges and thresholds, kept from step to step
         self._scratch = Scratch()  # and its work buffers
+        self._pause = Pause()  # the cyclic garbage collector, paused for each sampled step
         self._warned = False
 
     # -- the with block -------------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class _Watcher:
                 self.current.session.remove()
         finally:
             self.current = None
+            self._pause.end()
             self._scratch = Scratch()  # the work buffers (megabytes) are not kept once the block ends
             if self.session is not None:
                 self.session.remove()
@@ -255,6 +260,7 @@ class _Watcher:
         if self.current is not None:
             self.current.session.remove()
             self.current = None
+        self._pause.end()
         if not self._warned:
             self._warned = True
             warnings.warn(f"layerscope.watch could not record a step ({type(exc).__name__}: {exc}); training goes "
@@ -275,6 +281,7 @@ class _Watcher:
             self._record_forward(args, kwargs)
 
     def _begin(self) -> None:
+        self._pause.start()
         cur = self.current = _Sample(HookSession(self.model, restore=False))
         for row in [] if self.synced else self.unique:
             p = self.params[row]
@@ -493,6 +500,7 @@ class _Watcher:
         if self.current is not None:
             self.current.session.remove()
             self.current = None
+        self._pause.end()
         self.run.step_count += 1
         self.open = False
         self._marks = self._grad_marks() if self._sampling() else None
