@@ -242,6 +242,32 @@ def _watch_ddp(rank, out):
             f.write(str(seconds))
 
 
+def _watch_ddp_amp(rank, out):
+    """A DDP loop with a GradScaler watched on both ranks: step 0 lets ``scaler.step`` unscale the gradients, step 1
+    unscales them first to clip them (the usual recipe); the unscaled all-reduced gradient norms, for reference."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    norms = {}
+    g = torch.Generator().manual_seed(100 + rank)
+    with layerscope.watch(model, opt, every=1, scaler=scaler) as run:
+        for step in range(2):
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+            opt.zero_grad()
+            scale = scaler.get_scale()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if step == 1:
+                scaler.unscale_(opt)
+                scale = 1.0
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # far above the norms: changes nothing
+            norms.update({f"{step}:{n}": p.grad.double().norm().item() / scale for n, p in model.named_parameters()})
+            scaler.step(opt)
+            scaler.update()
+    run.save(os.path.join(out, f"rank{rank}.lsr"))
+    np.savez(os.path.join(out, f"norms.rank{rank}.npz"), **norms)
+
+
 def _watch_fsdp(rank, out):
     """An FSDP2 loop watched on both ranks: the global norms of the full gradients and parameters, for reference."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -300,4 +326,5 @@ def _watch_alone(rank, out):
 SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
              "nan": _nan_on_rank_1,
              "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1,
-             "watch_ddp": _watch_ddp, "watch_fsdp": _watch_fsdp, "watch_alone": _watch_alone}
+             "watch_ddp": _watch_ddp, "watch_ddp_amp": _watch_ddp_amp, "watch_fsdp": _watch_fsdp,
+             "watch_alone": _watch_alone}

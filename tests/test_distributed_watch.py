@@ -18,7 +18,7 @@ from layerscope.core.run_ranks import merge_runs
 from test_distributed import FSDP2_ON_CPU, assert_stats, needs_fsdp2_on_cpu
 from test_records import same
 
-SCENARIOS = ["watch_ddp", "watch_alone", *(["watch_fsdp"] if FSDP2_ON_CPU else [])]
+SCENARIOS = ["watch_ddp", "watch_ddp_amp", "watch_alone", *(["watch_fsdp"] if FSDP2_ON_CPU else [])]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,20 @@ def test_fsdp2_watched_steps_give_global_gradient_and_parameter_norms(job):
             assert [q.shard for q in p.per_rank] == [(0, 2), (1, 2)] and p.norm == pytest.approx(np.hypot(*shards))
         assert not [f for f in cap.findings if f.kind == "rank_desync"], cap.findings
     assert merged.scalars("loss")[1].tolist() == [1.5, 1.5]  # the mean of the ranks' 1.0 and 2.0
+
+
+def test_ddp_with_a_grad_scaler_reports_unscaled_gradient_norms(job):
+    """Under DDP watch reads .grad at the optimizer step (after the all-reduce), when ``scaler.step`` or the user's
+    ``unscale_`` has already divided it by the scale: it must not be divided again."""
+    folder = job / "watch_ddp_amp"
+    for r in range(WORLD):
+        run, norms = load(folder / f"rank{r}.lsr"), np.load(folder / f"norms.rank{r}.npz")
+        assert run.steps.tolist() == [0, 1] and run.record(0).grad_scale == 2.0**10
+        for step in (0, 1):
+            cap = run.at(step)
+            for name in ("0", "2"):
+                for local, p in cap[f"module.{name}"].params.items():
+                    assert p.grad_norm == pytest.approx(norms[f"{step}:module.{name}.{local}"], rel=1e-5)
 
 
 def test_watch_alone_runs_no_collective_and_leaves_no_hooks(job):

@@ -58,7 +58,9 @@ def watch(
     all the step's backward passes (so gradient accumulation counts in full), and, with an optimizer, the update
     ||w after - w before||. ``run.log(loss=..., accuracy=...)`` records scalars at every step.
 
-    - ``scaler``: a ``torch.amp.GradScaler``; gradient norms are divided by its scale (unscaled norms).
+    - ``scaler``: a ``torch.amp.GradScaler``; gradient norms are unscaled: divided by its scale when read in the
+      backward, taken as they are when read at the step after the scaler unscaled them (DDP and FSDP2, whose
+      gradients are final only there).
     - ``bins``: histogram bins per module (64), on edges fixed for the whole run so that steps line up: chosen
       from the module's output at its first sampled step (reaching at least ``EDGE_MARGIN`` times its largest
       value, around 0 for signed outputs, in bins of a power-of-two width; a sigmoid's or tanh's own range), or
@@ -154,6 +156,7 @@ class _Sample:
         self.group: np.ndarray | None = None
         self.lrs: tuple[float, ...] = ()
         self.scale = 1.0
+        self.grad_scale = 1.0  # what the parameters' gradient norms are divided by: the scale, unless read unscaled
         self.before: list | None = None  # the update samples: [(rows, counts, values before)] per device/dtype
         self.updates: dict[int, torch.Tensor] = {}
         self.updated = False
@@ -387,14 +390,16 @@ class _Watcher:
 
     def _before_update(self) -> None:
         cur = self.current
+        if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
+            cur.scale = float(self.scaler.get_scale())
+        cur.grad_scale = cur.scale  # read in the backward, scaled
         if self.synced:  # the reduced gradients (FSDP2: this rank's shard of them), as the optimizer sees them
             for row in self.unique:
                 if self.params[row].requires_grad:
                     self._on_grad(row, self.params[row])
+            cur.grad_scale = 1.0 if self._unscaled() else cur.scale
         cur.norms = fast_norms({row: self.params[row] for row in self.unique})
         cur.group = np.full(len(self.params), np.nan)
-        if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
-            cur.scale = float(self.scaler.get_scale())
         if self.optimizer is None:
             return
         group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
@@ -402,6 +407,15 @@ class _Watcher:
         cur.group = np.array([group_of.get(id(p), -1) for p in self.params], dtype=np.float64)
         held = [row for row in self.unique if id(self.params[row]) in group_of]
         cur.before = self._update_samples(held)
+
+    def _unscaled(self) -> bool:
+        """Whether the scaler has divided the optimizer's gradients by its scale already (``scaler.step`` does it
+        before ``optimizer.step()``, and so does the user's ``scaler.unscale_(optimizer)``, to clip them)."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)  # GradScaler's own record, by optimizer
+        if self.optimizer is None or not isinstance(states, dict):
+            return False
+        stage = states.get(id(self.optimizer), {}).get("stage")
+        return getattr(stage, "name", None) == "UNSCALED"
 
     def _update_samples(self, rows: list[int]) -> list:
         """Evenly strided samples (all elements up to ``sample_size``) of these parameters, one copy per device
@@ -453,7 +467,7 @@ class _Watcher:
         host = iter(_host(deferred))
         grads = [next(host) / cur.scale if c["grad"] is not None else math.nan for c in calls]
         dead = [next(host) if c["dead"] is not None else math.nan for c in calls]
-        grad_norms = {row: next(host) / cur.scale for row in cur.grads}
+        grad_norms = {row: next(host) / cur.grad_scale for row in cur.grads}
         stale = {row: next(host) / cur.scale for row in cur.stale}
         updates = {row: next(host) for row in cur.updates}
 
