@@ -295,8 +295,7 @@ class _Watcher:
         """After each backward: the norm of the gradient accumulated so far (the last backward's is the step's)."""
         g = param.grad
         if self.current is not None and g is not None:
-            low = g.dtype in (torch.float16, torch.bfloat16)
-            self.current.grads[row] = torch.linalg.vector_norm(local(g).detach(), dtype=torch.float32 if low else None)
+            self.current.grads[row] = norm(g)  # stats.norm: a DTensor's own shard, a float32 dot on the CPU
 
     def _record_forward(self, args, kwargs) -> None:
         cur = self.current
