@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .collector import paused
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, copy_with
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, build, copy_with
 from .stats import Histogram, TensorStats
 
 # One row per call of a sampled step; NaN where the capture's record would say None.
@@ -450,16 +450,17 @@ class Run:
             if stats is not None:
                 edges = self.edges.get(names[module])
                 if edges is not None:
-                    hist = Histogram(counts=record.counts[i, :len(edges) - 1].astype(np.int64), edges=edges,
-                                     sampled=int(row[_C["sampled"]]), numel=stats.numel,
-                                     under=int(row[_C["under"]]), over=int(row[_C["over"]]))
-            finite = row[_C["input_finite"]]
-            calls[module].append(CallRecord(
+                    hist = build(Histogram, counts=record.counts[i, :len(edges) - 1].astype(np.int64), edges=edges,
+                                 sampled=int(row[_SAMPLED]), numel=stats.numel, under=int(row[_UNDER]),
+                                 over=int(row[_OVER]), rebinned=False)
+            finite = row[_FINITE]
+            calls[module].append(build(
+                CallRecord, _CALL_DEFAULTS,
                 index=i, input_shapes=in_shapes, output_shapes=out_shapes, input_dtypes=in_dtypes,
                 output_dtypes=out_dtypes, input_devices=in_devices, output_devices=out_devices, stats=stats,
-                histogram=hist, grad_output_norm=_number(row[_C["grad_output_norm"]]),
-                dead_units=_count(row[_C["dead_units"]]), units=_count(row[_C["units"]]),
-                input_finite=None if finite != finite else bool(finite), output_id=_count(row[_C["output_id"]]),
+                histogram=hist, grad_output_norm=_number(row[_GRAD]), dead_units=_count(row[_DEAD]),
+                units=_count(row[_UNITS]), input_finite=None if finite != finite else bool(finite),
+                output_id=_count(row[_OUTPUT_ID]),
                 per_rank=None if ranks is None else tuple(_stats(r[i]) for r in ranks),
             ))
         params = record.params.tolist()
@@ -487,14 +488,22 @@ class Run:
         return dataclasses.replace(cap, findings=tuple(found))
 
 
+# where _capture reads a CALL_FIELDS row, and the CallRecord fields a run does not record
+_SAMPLED, _UNDER, _OVER, _FINITE = _C["sampled"], _C["under"], _C["over"], _C["input_finite"]
+_GRAD, _DEAD, _UNITS, _OUTPUT_ID = _C["grad_output_norm"], _C["dead_units"], _C["units"], _C["output_id"]
+_STATS = slice(_C["numel"], _C["inf_count"] + 1)  # TensorStats' fields, in its order
+_STATS_FIELDS = [f.name for f in dataclasses.fields(TensorStats)]
+_CALL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CallRecord) if f.default is not dataclasses.MISSING}
+assert tuple(_STATS_FIELDS) == CALL_FIELDS[_STATS]
+
+
 def _stats(row: list[float]) -> TensorStats | None:
     """The output statistics of a CALL_FIELDS row, None where it has none."""
     if row[_C["count"]] != row[_C["count"]]:
         return None
-    return TensorStats(numel=int(row[_C["numel"]]), count=int(row[_C["count"]]), mean=row[_C["mean"]],
-                       m2=row[_C["m2"]], min=row[_C["min"]], max=row[_C["max"]], zeros=int(row[_C["zeros"]]),
-                       checked=int(row[_C["checked"]]), nan_count=int(row[_C["nan_count"]]),
-                       inf_count=int(row[_C["inf_count"]]))
+    numel, count, mean, m2, lo, hi, zeros, checked, nan, inf = row[_STATS]
+    return build(TensorStats, numel=int(numel), count=int(count), mean=mean, m2=m2, min=lo, max=hi, zeros=int(zeros),
+                 checked=int(checked), nan_count=int(nan), inf_count=int(inf))
 
 
 def _param(p, row: list[float]):
