@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -176,12 +177,14 @@ def deep_size(obj, seen=None) -> int:
     size = sys.getsizeof(obj)
     if isinstance(obj, np.ndarray):
         return size if obj.base is None else size + deep_size(obj.base, seen)
-    if isinstance(obj, dict):
+    if isinstance(obj, (dict, MappingProxyType)):
         return size + sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
     if isinstance(obj, (list, tuple, set, frozenset)):
         return size + sum(deep_size(v, seen) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return size + deep_size({k: v for k, v in vars(obj).items() if k != "_watcher"}, seen)
+    if hasattr(obj, "__dict__"):  # the object's own dict (a temporary copy's id would be reused: counted once)
+        held = vars(obj)
+        return size + sys.getsizeof(held) + sum(deep_size(k, seen) + deep_size(v, seen) for k, v in held.items()
+                                                if k != "_watcher")
     if hasattr(obj, "__slots__"):
         return size + sum(deep_size(getattr(obj, s), seen) for s in obj.__slots__ if hasattr(obj, s))
     if isinstance(obj, type({}.items())):
