@@ -362,6 +362,41 @@ def test_autocast_bfloat16_with_a_grad_scaler_reports_unscaled_gradient_norms(di
     assert np.isfinite(run.series("relu1", "mean")[1]).all()
 
 
+def test_an_iteration_whose_step_the_grad_scaler_skipped_is_not_recorded(digits):
+    """fp16 training starts with a scale too large: GradScaler skips the optimizer step of iterations whose scaled
+    gradients overflow. The sampled step is the iteration that stepped: its forward, its gradients, its scale."""
+    x, y = digits
+    model = cnn().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    fc_means, fc_grads = [], []
+
+    def keep(module, args, out):
+        fc_means.append(float(out.detach().double().mean()))
+        out.register_hook(lambda g: fc_grads.append(float(g.double().norm())))
+
+    model.fc.register_forward_hook(keep)
+    with watch(model, opt, every=1, scaler=scaler) as run:
+        for i, (xb, yb) in enumerate(batches(x, y, 2)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            scale = scaler.get_scale()
+            scaler.scale(loss * (math.inf if i == 0 else 1.0)).backward()  # iteration 0: an overflow
+            weights = float(model.fc.weight.grad.double().norm()) / scale
+            before = model.fc.weight.detach().clone()
+            scaler.step(opt)
+            assert torch.equal(before, model.fc.weight) == (i == 0)
+            scaler.update()
+    assert run.step_count == 1 and list(run.steps) == [0]
+    assert scale == 2.0**9 and run.record(0).grad_scale == scale  # lowered after the skipped iteration
+    cap = run.at(0)
+    assert cap["fc"].calls[0].stats.mean == pytest.approx(fc_means[1], rel=1e-6)
+    assert fc_means[0] != pytest.approx(fc_means[1], rel=1e-3)  # the iterations differ: the test can fail
+    assert cap["fc"].calls[0].grad_output_norm == pytest.approx(fc_grads[1] / scale, rel=1e-5)
+    assert cap["fc"].params["weight"].grad_norm == pytest.approx(weights, rel=1e-5)
+    assert math.isfinite(cap["fc"].params["weight"].update_ratio)
+
+
 def test_a_loop_without_optimizer_counts_run_step(digits):
     x, y = digits
     model = cnn().eval()

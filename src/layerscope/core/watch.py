@@ -60,7 +60,8 @@ def watch(
 
     - ``scaler``: a ``torch.amp.GradScaler``; gradient norms are unscaled: divided by its scale when read in the
       backward, taken as they are when read at the step after the scaler unscaled them (DDP and FSDP2, whose
-      gradients are final only there).
+      gradients are final only there). An iteration whose ``optimizer.step()`` the scaler skipped (it found Inf/NaN
+      in the scaled gradients) is no step: a sampled step records the iteration that stepped.
     - ``bins``: histogram bins per module (64), on edges fixed for the whole run so that steps line up: chosen
       from the module's output at its first sampled step (reaching at least ``EDGE_MARGIN`` times its largest
       value, around 0 for signed outputs, in bins of a power-of-two width; a sigmoid's or tanh's own range), or
@@ -160,6 +161,7 @@ class _Sample:
         self.before: list | None = None  # the update samples: [(rows, counts, values before)] per device/dtype
         self.updates: dict[int, torch.Tensor] = {}
         self.updated = False
+        self.iteration = None  # the GradScaler's record of the iteration the sample began in (see _skipped)
 
 
 class _Watcher:
@@ -280,16 +282,28 @@ class _Watcher:
             return
         if self.current is None:
             self._begin()
+        elif self.current.recorder is not None and self._skipped():
+            self.current.session.remove()  # the recorded iteration took no step: this one is recorded instead
+            self.current = None
+            self._begin()
         if self.current.recorder is None:
             self._record_forward(args, kwargs)
 
     def _begin(self) -> None:
         self._pause.start()
         cur = self.current = _Sample(HookSession(self.model, restore=False))
+        cur.iteration = getattr(self.scaler, "_per_optimizer_states", None)
         for row in [] if self.synced else self.unique:
             p = self.params[row]
             if p.requires_grad:
                 cur.session.add_grad_hook(p, self._guard(lambda param, row=row: self._on_grad(row, param)))
+
+    def _skipped(self) -> bool:
+        """Whether the scaler ended an iteration since the sample began, with no optimizer step: it found Inf/NaN
+        in the scaled gradients, skipped ``optimizer.step()`` and lowered its scale (``scaler.update()`` starts
+        each iteration's record afresh). That iteration was no training step."""
+        return self.scaler is not None and getattr(self.scaler, "_per_optimizer_states", None) is not \
+            self.current.iteration
 
     def _on_grad(self, row: int, param: torch.Tensor) -> None:
         """After each backward: the norm of the gradient accumulated so far (the last backward's is the step's)."""
