@@ -56,7 +56,7 @@ class StepRecord:
     step: int
     layout: tuple
     calls: np.ndarray  # float64 [calls, CALL_FIELDS]
-    counts: np.ndarray  # int32 [calls, most bins]
+    counts: np.ndarray  # [calls, most bins], of an integer type: the smallest unsigned one that holds them
     params: np.ndarray  # float64 [parameters, PARAM_FIELDS]
     training: np.ndarray  # bool [modules]: each module's training flag during the recorded forward
     inputs: tuple[InputRecord, ...] = ()
@@ -69,6 +69,12 @@ class StepRecord:
     rank_calls: np.ndarray | None = None
     rank_params: np.ndarray | None = None
     findings: tuple[Finding, ...] = ()  # a merged run: the ranks' own one-pass findings of the step, with their rank
+
+
+def compact(counts: np.ndarray) -> np.ndarray:
+    """A StepRecord's histogram counts in the smallest unsigned type that holds them (its largest array, kept for
+    many steps: a byte per count for tensors of up to 255 elements), as every producer and ``load`` store them."""
+    return counts.astype(np.min_scalar_type(int(counts.max())) if counts.size else np.uint8, copy=False)
 
 
 def _number(value: float) -> float | None:

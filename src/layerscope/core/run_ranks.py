@@ -32,7 +32,7 @@ import numpy as np
 from . import distributed
 from .collector import paused
 from .records import Capture, Finding, ParamRecord, copy_with
-from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
+from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
 from .stats import TensorStats
 
 _C = {name: i for i, name in enumerate(CALL_FIELDS)}
@@ -161,7 +161,7 @@ def _record(run: Run, job: Capture, held: list[StepRecord]) -> StepRecord:
         for row in sharded:
             params[row, _P[name]] = _global(merged[row], rank_params[:, row, _P[name]])
     first = held[0]
-    return StepRecord(step=first.step, layout=tuple(layout), calls=table, counts=counts, params=params,
+    return StepRecord(step=first.step, layout=tuple(layout), calls=table, counts=compact(counts), params=params,
                       training=first.training, inputs=job.inputs, output_numel=job.output_numel,
                       grad_scale=first.grad_scale, lrs=first.lrs, rank_calls=ranks, rank_params=rank_params,
                       findings=tuple(distributed.rank_findings(job)))

@@ -24,11 +24,11 @@ length in ``edges.npy``), ``layouts`` (the calls of a step: module index, shapes
 (per sampled step: its step, layout, number of histogram bins, inputs, output size, gradient scale and learning
 rates), ``scalars`` (offset and length of each in the scalar arrays) and ``seen`` (each one-pass finding as first
 seen, its last step and count). The numbers sit in ``calls.npy``, ``params.npy`` (float64, the rows of
-``run.CALL_FIELDS`` and ``run.PARAM_FIELDS``), ``counts.npy`` (int32), ``training.npy`` (uint8),
-``edges.npy``, ``scalar_values.npy`` (float64) and ``scalar_steps.npy`` (int64), the records' rows one after
-another. A run merged from the ranks of a job has ``world_size`` in ``run``, ``ranks`` in each record and the
-ranks' rows in ``rank_calls.npy`` and ``rank_params.npy`` (float64), and ``rank_findings``. ``load`` reads the
-format field and returns a Capture or a Run.
+``run.CALL_FIELDS`` and ``run.PARAM_FIELDS``), ``counts.npy`` (int32, held as ``run.compact`` makes them),
+``training.npy`` (uint8), ``edges.npy``, ``scalar_values.npy`` (float64) and ``scalar_steps.npy`` (int64), the
+records' rows one after another. A run merged from the ranks of a job has ``world_size`` in ``run``, ``ranks`` in
+each record and the ranks' rows in ``rank_calls.npy`` and ``rank_params.npy`` (float64), and ``rank_findings``.
+``load`` reads the format field and returns a Capture or a Run.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def save_run(run, path: str | os.PathLike) -> None:
 
 
 def _load_run(doc: dict, arrays: dict):
-    from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
+    from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
 
     try:
         head = doc["run"]
@@ -370,7 +370,7 @@ def _load_run(doc: dict, arrays: dict):
             run.records.append(StepRecord(**by_rank,
                 step=int(r["step"]), layout=layouts[r["layout"]],
                 calls=take("calls", calls * len(CALL_FIELDS)).reshape(calls, len(CALL_FIELDS)),
-                counts=take("counts", calls * bins).reshape(calls, bins),
+                counts=compact(take("counts", calls * bins).reshape(calls, bins)),
                 params=take("params", params * len(PARAM_FIELDS)).reshape(params, len(PARAM_FIELDS)),
                 training=take("training", modules_count).astype(bool),
                 inputs=tuple(_load_input(i) for i in r["inputs"]), output_numel=r["output_numel"],

@@ -27,7 +27,7 @@ from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms
 from .records import InputRecord, ModuleReport, ParamRecord
-from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, structure_of
+from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
 from .stats import Scratch, StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
@@ -519,7 +519,7 @@ class _Watcher:
         inputs = tuple(InputRecord(where=where, shape=tuple(t.shape), dtype=dtype_name(t), device=str(t.device),
                                    stats=summaries[slot][0] if summaries[slot] else None)
                        for where, t, slot in cur.inputs)
-        self.run._append(StepRecord(step=self.run.step_count, layout=layout, calls=table, counts=counts,
+        self.run._append(StepRecord(step=self.run.step_count, layout=layout, calls=table, counts=compact(counts),
                                     params=params, training=training, inputs=inputs, output_numel=cur.output_numel,
                                     grad_scale=cur.scale, lrs=cur.lrs))
 
