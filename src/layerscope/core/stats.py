@@ -364,7 +364,7 @@ def norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """Copies of same-shape tensors waiting to be summarised row by row (a clone is cheaper than copying into
+    """Flat copies of tensors of one size waiting to be summarised row by row (a clone is cheaper than copying into
     a row of a buffer: no view to make)."""
 
     def __init__(self, rows: int):
@@ -404,12 +404,13 @@ class StatsBatch:
             # fixed edges: binned with the rest of its buffer (see _summarise), against these thresholds
             fixed = None if edges is None else [None, *self._bounds(x, edges)]
             self._slots.append([x.numel(), None, None, None, fixed])
-            key = (x.device, x.dtype, x.shape)
+            key = (x.device, x.dtype, x.numel())  # rows of one length, whatever the shapes: fewer groups, fewer ops
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group(max(1, self.budget // x.numel()))
             # a widened x is a copy already; else a copy, as the tensor may change in place after this call
-            group.copies.append(x if x.dtype != t.dtype else x.clone(memory_format=torch.contiguous_format))
+            copy = x if x.dtype != t.dtype else x.clone(memory_format=torch.contiguous_format)
+            group.copies.append(copy.reshape(-1))
             group.slots.append(slot)
             if group.full():
                 self._summarise(self._groups.pop(key))
@@ -459,8 +460,8 @@ class StatsBatch:
         """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
         or Inf one by one. One copy to the CPU (which rows are which) besides the results."""
         first = group.copies[0]
-        m = self._scratch.get("rows", (len(group.copies), *first.shape), first.dtype, first.device)
-        m = torch.stack(group.copies, out=m).view(len(group.copies), -1)
+        m = self._scratch.get("rows", (len(group.copies), first.numel()), first.dtype, first.device)
+        m = torch.stack(group.copies, out=m)
         group.copies.clear()
         mn, mx = m.amin(1), m.amax(1)
         finite = torch.isfinite(mn) & torch.isfinite(mx)
