@@ -6,12 +6,13 @@
     python benchmarks/bench_watch.py --memory-only --memory-steps 100000   # the memory figure alone, measured
 
 Each method trains the same model in blocks of steps, each block from the same weights and optimizer state; blocks
-of the methods take turns (round robin), so drifts of a busy machine hit them alike; the figure per method is the
-median time per step over its blocks, and its ratio to the unwatched loop's. Methods: the loop unwatched; watch
-every=10 and every=1 (each block also pays for the one-pass findings of its sampled steps, which a run takes later,
-at the latest before thinning a step out); a naive-hooks baseline (fastai's ActivationStats style: forward hooks on
-every module taking mean, std and the share of near-zero values with one .item() each, and each parameter's
-gradient norm with .item()) at every=10 and every=1. Targets: every=10 <= 1.05x, every=1 <= 1.5x. 2 threads.
+of the methods take turns (round robin, each round starting one method later), so drifts of a busy machine hit
+them alike; the figure per method is the median time per step over its blocks, and its ratio to the unwatched
+loop's. Methods: the loop unwatched; watch every=10 and every=1 (each block also pays for the one-pass findings of
+its sampled steps, which a run takes later, at the latest before thinning a step out); a naive-hooks baseline
+(fastai's ActivationStats style: forward hooks on every module taking mean, std and the share of near-zero values
+with one .item() each, and each parameter's gradient norm with .item()) at every=10 and every=1. Targets:
+every=10 <= 1.05x, every=1 <= 1.5x. 2 threads.
 
 Memory: the 2,001-module stack (1 + 4 x 500 modules; its records do not depend on the layer width, so the memory
 run uses width 16 to get through many steps) trained with every=10 for --memory-steps steps, logging the loss: the
@@ -149,8 +150,8 @@ def compare(factory, steps: int, rounds: int) -> dict[str, float]:
     # drift of a long benchmark into NaN (a fixed batch, trained on for hundreds of steps, can get there)
     weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in names:
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts with the next method
             model.load_state_dict(weights)
             opt.load_state_dict(state)
             gc.collect()
