@@ -378,8 +378,9 @@ class Run:
         self._flush()
         unjudged, self._unjudged = self._unjudged, []
         with paused():  # each step is rebuilt as a Capture: thousands of small records
-            for record in unjudged:
-                for f in self.at(record.step).findings:
+            for record in unjudged:  # not cached: at() keeps the Captures someone looks at
+                cap = self._captures.get(record.step) or self._capture(record)
+                for f in cap.findings:
                     seen = self._seen.get((f.kind, f.module))
                     if seen is None:
                         self._seen[f.kind, f.module] = [f, f.step, 1]
