@@ -331,16 +331,25 @@ def test_several_param_groups_and_their_learning_rates(digits):
     assert [f.module for f in large] == ["head"] and "(30)" in large[0].message
 
 
+def outputs_of(module: nn.Module) -> tuple[list[float], list[float]]:
+    """The mean of each output of ``module`` and the norm of its gradient, in float64, by plain hooks."""
+    means, grads = [], []
+
+    def keep(module, args, out):
+        means.append(float(out.detach().double().mean()))
+        out.register_hook(lambda g: grads.append(float(g.double().norm())))
+
+    module.register_forward_hook(keep)
+    return means, grads
+
+
 def test_autocast_bfloat16_with_a_grad_scaler_reports_unscaled_gradient_norms(digits):
     x, y = digits
     model = cnn().eval()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    unscaled, out_grads = [], []
-    def keep(module, args, out):
-        out.register_hook(lambda g: out_grads.append(float(g.double().norm())))
-
-    model.head.register_forward_hook(keep)
+    unscaled = []
+    _, out_grads = outputs_of(model.head)
     with watch(model, opt, every=1, scaler=scaler) as run:
         for xb, yb in batches(x, y, 3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -369,13 +378,7 @@ def test_an_iteration_whose_step_the_grad_scaler_skipped_is_not_recorded(digits)
     model = cnn().eval()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    fc_means, fc_grads = [], []
-
-    def keep(module, args, out):
-        fc_means.append(float(out.detach().double().mean()))
-        out.register_hook(lambda g: fc_grads.append(float(g.double().norm())))
-
-    model.fc.register_forward_hook(keep)
+    fc_means, fc_grads = outputs_of(model.fc)
     with watch(model, opt, every=1, scaler=scaler) as run:
         for i, (xb, yb) in enumerate(batches(x, y, 2)):
             opt.zero_grad()

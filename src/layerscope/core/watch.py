@@ -220,11 +220,8 @@ class _Watcher:
     def stop(self) -> None:
         self.active = False
         try:
-            if self.current is not None:
-                self.current.session.remove()
+            self._drop()
         finally:
-            self.current = None
-            self._pause.end()
             self._scratch = Scratch()  # the work buffers (megabytes) are not kept once the block ends
             if self.session is not None:
                 self.session.remove()
@@ -262,10 +259,7 @@ class _Watcher:
         return guarded
 
     def _fail(self, exc: BaseException) -> None:
-        if self.current is not None:
-            self.current.session.remove()
-            self.current = None
-        self._pause.end()
+        self._drop()
         if not self._warned:
             self._warned = True
             warnings.warn(f"layerscope.watch could not record a step ({type(exc).__name__}: {exc}); training goes "
@@ -283,16 +277,24 @@ class _Watcher:
         if self.current is None:
             self._begin()
         elif self.current.recorder is not None and self._skipped():
-            self.current.session.remove()  # the recorded iteration took no step: this one is recorded instead
-            self.current = None
+            self._drop()  # the recorded iteration took no step: this one is recorded instead
             self._begin()
         if self.current.recorder is None:
             self._record_forward(args, kwargs)
 
+    def _drop(self) -> None:
+        """The current sample's hooks removed, the sample forgotten and the garbage collector back on."""
+        cur, self.current = self.current, None
+        try:
+            if cur is not None:
+                cur.session.remove()
+        finally:
+            self._pause.end()
+
     def _begin(self) -> None:
         self._pause.start()
         cur = self.current = _Sample(HookSession(self.model, restore=False))
-        cur.iteration = getattr(self.scaler, "_per_optimizer_states", None)
+        cur.iteration = self._scaler_record()
         for row in [] if self.synced else self.unique:
             p = self.params[row]
             if p.requires_grad:
@@ -302,8 +304,12 @@ class _Watcher:
         """Whether the scaler ended an iteration since the sample began, with no optimizer step: it found Inf/NaN
         in the scaled gradients, skipped ``optimizer.step()`` and lowered its scale (``scaler.update()`` starts
         each iteration's record afresh). That iteration was no training step."""
-        return self.scaler is not None and getattr(self.scaler, "_per_optimizer_states", None) is not \
-            self.current.iteration
+        return self.scaler is not None and self._scaler_record() is not self.current.iteration
+
+    def _scaler_record(self):
+        """GradScaler's record of the current iteration, by optimizer (a new one from each ``scaler.update()``);
+        None without a scaler."""
+        return getattr(self.scaler, "_per_optimizer_states", None)
 
     def _on_grad(self, row: int, param: torch.Tensor) -> None:
         """After each backward: the norm of the gradient accumulated so far (the last backward's is the step's)."""
@@ -424,7 +430,7 @@ class _Watcher:
     def _unscaled(self) -> bool:
         """Whether the scaler has divided the optimizer's gradients by its scale already (``scaler.step`` does it
         before ``optimizer.step()``, and so does the user's ``scaler.unscale_(optimizer)``, to clip them)."""
-        states = getattr(self.scaler, "_per_optimizer_states", None)  # GradScaler's own record, by optimizer
+        states = self._scaler_record()
         if self.optimizer is None or not isinstance(states, dict):
             return False
         stage = states.get(id(self.optimizer), {}).get("stage")
@@ -524,10 +530,7 @@ class _Watcher:
                                     grad_scale=cur.scale, lrs=cur.lrs))
 
     def _end_step(self) -> None:
-        if self.current is not None:
-            self.current.session.remove()
-            self.current = None
-        self._pause.end()
+        self._drop()
         self.run.step_count += 1
         self.open = False
         self._marks = self._grad_marks() if self._sampling() else None
