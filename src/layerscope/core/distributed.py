@@ -275,21 +275,9 @@ def merge(captures: Sequence[Capture]) -> Capture:
 def merge_records(captures: list[Capture]) -> Capture:
     """``merge`` of the ranks' own captures (as ``merge`` checks them) without running the findings: the merged
     capture holds the ranks' own findings only (``rank_findings`` puts them in the order ``find`` gives)."""
-    names = list(dict.fromkeys(name for c in captures for name in c.modules))
-    reports = {name: [c.modules.get(name) for c in captures] for name in names}
-    calls, order = {}, []  # (module, call number) -> each rank's record; the calls in their merged order
-    for name, held in reports.items():
-        for k in range(_calls_of(held)):
-            per_rank = [m.calls[k] if m is not None and k < len(m.calls) else None for m in held]
-            low = next(r for r, c in enumerate(per_rank) if c is not None)
-            calls[name, k] = per_rank
-            order.append((per_rank[low].index, low, name, k))
-    order.sort()
-    hists = _histograms([calls[name, k] for _, _, name, k in order])
-    merged_calls = {(name, k): _call(calls[name, k], i, hist) for i, ((_, _, name, k), hist) in
-                    enumerate(zip(order, hists))}
-    modules = {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
-               for name, held in reports.items()}
+    from . import aligned
+
+    modules = aligned.modules(captures) if aligned.lined_up(captures) else _modules(captures)
     first = captures[0]
     losses = [c.loss for c in captures if c.loss is not None]
     failed = next(((r, c.error) for r, c in enumerate(captures) if c.error is not None), None)
@@ -312,6 +300,25 @@ def merge_records(captures: list[Capture]) -> Capture:
         **_costs(captures),
     )
     return cap
+
+
+def _modules(captures: list[Capture]) -> dict[str, ModuleReport]:
+    """The merged module reports, modules matched by name (in the order the ranks hold them) and calls by their
+    number within the module; what a rank lacks is None in the ``per_rank`` fields."""
+    names = list(dict.fromkeys(name for c in captures for name in c.modules))
+    reports = {name: [c.modules.get(name) for c in captures] for name in names}
+    order = []  # (position of the call on the lowest rank that made it, that rank, module, call number, each rank's)
+    for name, held in reports.items():
+        for k in range(_calls_of(held)):
+            per_rank = tuple([m.calls[k] if m is not None and k < len(m.calls) else None for m in held])
+            low = next(r for r, c in enumerate(per_rank) if c is not None)
+            order.append((per_rank[low].index, low, name, k, per_rank))
+    order.sort(key=operator.itemgetter(0, 1))
+    per_call = [row[4] for row in order]
+    merged_calls = dict(zip([(name, k) for _, _, name, k, _ in order],
+                            map(_call, per_call, range(len(order)), _stats_of(per_call), _histograms(per_call))))
+    return {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
+            for name, held in reports.items()}
 
 
 def _first(values: Sequence):
@@ -340,6 +347,7 @@ def _module(held: list[ModuleReport | None], calls: list[CallRecord]) -> ModuleR
 
 _SUMMED = ("flops", "own_flops", "backward_flops", "output_bytes")
 _LARGEST = ("activation_bytes", "peak_bytes", "grad_bytes")
+_N_SUMMED = len(_SUMMED)
 _COSTS = operator.attrgetter(*_SUMMED, *_LARGEST)
 
 
@@ -352,17 +360,18 @@ def _costs(present: Sequence) -> dict:
                    else None for key in ("activation_bytes", "peak_bytes")}
         return dict(flops=sum(flops) if flops else None, **largest)
     rows = [_COSTS(m) for m in present]
-    out = dict(zip(_SUMMED + _LARGEST, rows[0]))
-    if len(rows) > 1 and rows.count(rows[0]) == len(rows):  # the same on every rank (replicas): n times the sums
-        out.update((key, v * len(rows) if type(v) is int else v if v is None else sum([v] * len(rows)))
-                   for key, v in zip(_SUMMED, rows[0]))
-    elif len(rows) > 1:
+    n, first = len(rows), rows[0]
+    ops = [m.unsupported_ops for m in present]
+    if rows.count(first) == n:  # the same on every rank (replicas): n times the sums
+        summed = [v if v is None or n == 1 else v * n if type(v) is int else sum([v] * n) for v in first[:_N_SUMMED]]
+        out = dict(zip(_SUMMED + _LARGEST, summed + list(first[_N_SUMMED:])))
+    else:
+        out = {}
         for i, (key, values) in enumerate(zip(_SUMMED + _LARGEST, zip(*rows))):
             if None in values:
                 values = [v for v in values if v is not None]
-            out[key] = None if not values else sum(values) if i < len(_SUMMED) else max(values)
-    ops = [m.unsupported_ops for m in present]
-    out["unsupported_ops"] = tuple(sorted(set().union(*ops))) if any(ops) else ()
+            out[key] = None if not values else sum(values) if i < _N_SUMMED else max(values)
+    out["unsupported_ops"] = ops[0] if ops.count(ops[0]) == n else tuple(sorted(set().union(*ops)))
     return out
 
 
@@ -388,27 +397,31 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
     rank's counts spread onto equal bins over the union of their ranges (``Histogram.rebin``: approximate). Calls
     whose every rank has a histogram with equal bins are done together in a few array operations."""
     out: list[Histogram | None] = [None] * len(calls)
+    table = [[None if c is None else c.histogram for c in per_rank] for per_rank in calls]
     batch: dict[int, tuple[list[int], list[list[Histogram]]]] = {}  # bins -> the calls done together, their histograms
-    for i, per_rank in enumerate(calls):
-        hists = [None if c is None else c.histogram for c in per_rank]
-        sizes = [0 if h is None else h.counts.size for h in hists]
-        if sizes[0] and sizes.count(sizes[0]) == len(sizes):
-            rows, row_hists = batch.setdefault(sizes[0], ([], []))
-            rows.append(i)
-            row_hists.append(hists)
-        else:
-            out[i] = _histogram([h for h in hists if h is not None])
+    flat = [h for hists in table for h in hists]
+    if calls and None not in flat and len(sizes := {h.counts.size for h in flat}) == 1:  # the usual case: all alike
+        batch[sizes.pop()] = (list(range(len(calls))), table)
+    else:
+        for i, hists in enumerate(table):
+            sizes = [0 if h is None else h.counts.size for h in hists]
+            if sizes[0] and sizes.count(sizes[0]) == len(sizes):
+                rows, row_hists = batch.setdefault(sizes[0], ([], []))
+                rows.append(i)
+                row_hists.append(hists)
+            else:
+                out[i] = _histogram([h for h in hists if h is not None])
     for bins, (rows, hists) in batch.items():  # hists: [calls][ranks]
-        edges = np.array([[h.edges for h in row] for row in hists])  # [calls, ranks, bins + 1]
-        counts = np.array([[h.counts for h in row] for row in hists])  # [calls, ranks, bins]
-        sums = np.array([[_HIST(h) for h in row] for row in hists]).sum(axis=1).tolist()  # [calls, 4]
+        flat, shape = [h for row in hists for h in row], (len(rows), len(hists[0]))
+        edges = np.stack([h.edges for h in flat]).reshape(*shape, bins + 1)
+        counts = np.stack([h.counts for h in flat]).reshape(*shape, bins)
+        sums = np.array([_HIST(h) for h in flat], dtype=np.int64).reshape(*shape, len(_HIST_FIELDS)).sum(axis=1)
         shared = (edges == edges[:, :1]).all(axis=(1, 2))
         summed = counts.sum(axis=1)
-        for j in np.flatnonzero(shared).tolist():
-            row = hists[j]
-            sampled, numel, under, over = sums[j]
-            out[rows[j]] = build(Histogram, counts=summed[j], edges=row[0].edges, sampled=sampled, numel=numel,
-                                 under=under, over=over, rebinned=any(h.rebinned for h in row))
+        where = np.flatnonzero(shared).tolist()
+        for j, (sampled, numel, under, over, rebinned) in zip(where, sums[shared].tolist()):
+            out[rows[j]] = build(Histogram, counts=summed[j], edges=hists[j][0].edges, sampled=sampled, numel=numel,
+                                 under=under, over=over, rebinned=rebinned > 0)
         if shared.all():
             continue
         other = np.flatnonzero(~shared)
@@ -423,7 +436,7 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
         below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
         above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
         for k, j in enumerate(other.tolist()):
-            sampled, numel, under, over = sums[j]
+            sampled, numel, under, over, _ = sums[j].tolist()
             if even[k]:
                 out[rows[j]] = Histogram(counts=spread[k], edges=new[k], sampled=sampled, numel=numel,
                                          under=under + below[k], over=over + above[k], rebinned=True)
@@ -432,7 +445,8 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
     return out
 
 
-_HIST = operator.attrgetter("sampled", "numel", "under", "over")
+_HIST_FIELDS = ("sampled", "numel", "under", "over", "rebinned")
+_HIST = operator.attrgetter(*_HIST_FIELDS)
 
 
 def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -461,26 +475,26 @@ def _histogram(hists: list[Histogram]) -> Histogram | None:
     return first
 
 
-_WHERE = operator.attrgetter("input_dtypes", "output_dtypes", "input_devices", "output_devices")
+_WHERE_FIELDS = ("input_dtypes", "output_dtypes", "input_devices", "output_devices")
+_WHERE = operator.attrgetter(*_WHERE_FIELDS)
 
 
-def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | None) -> CallRecord:
-    calls = [c for c in per_rank if c is not None]
+def _call(per_rank: Sequence[CallRecord | None], index: int, stats: TensorStats | None,
+          histogram: Histogram | None) -> CallRecord:
+    calls = [c for c in per_rank if c is not None] if None in per_rank else per_rank
     first = calls[0]
-    where = [_WHERE(c) for c in calls]
-    dtypes_in, dtypes_out, devices_in, devices_out = where[0] if where.count(where[0]) == len(where) else \
-        [_union(list(group)) for group in zip(*where)]  # dtypes or devices differ between ranks: all of them
+    changes = {}
+    if len(calls) > 1:
+        where = [_WHERE(c) for c in calls]
+        if where.count(where[0]) != len(where):  # dtypes or devices differ between ranks: all of them
+            changes = dict(zip(_WHERE_FIELDS, [_union(list(group)) for group in zip(*where)]))
     grads = [c.grad_output_norm for c in calls if c.grad_output_norm is not None]
     dead = [c.dead_units for c in calls]
     finite = [c.input_finite for c in calls]
     return copy_with(
         first,
         index=index,
-        input_dtypes=dtypes_in,
-        output_dtypes=dtypes_out,
-        input_devices=devices_in,
-        output_devices=devices_out,
-        stats=_merge_stats([c.stats for c in calls]),
+        stats=stats,
         histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together
         # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
@@ -488,7 +502,46 @@ def _call(per_rank: list[CallRecord | None], index: int, histogram: Histogram | 
         else None,
         input_finite=False if False in finite else None if None in finite else True,
         per_rank=tuple([None if c is None else c.stats for c in per_rank]),
+        **changes,
     )
+
+
+def _stats_of(per_call: list[Sequence[CallRecord | None]]) -> list[TensorStats | None]:
+    """Each call's statistics of all ranks' outputs together: the ranks' merged in rank order (as
+    ``TensorStats.merge`` does it, for all calls at once in float64 arrays)."""
+    if not per_call:
+        return []
+    absent = (math.nan,) * len(_STATS)
+    columns = [np.array([absent if c is None or c.stats is None else _STAT(c.stats) for c in rank], np.float64)
+               for rank in zip(*per_call)]  # a [calls, fields] table of each rank's statistics, NaN rows where none
+    acc = columns[0]
+    for b in columns[1:]:
+        a = acc
+        has_a, has_b = ~np.isnan(a[:, 0]), ~np.isnan(b[:, 0])
+        ca, cb = a[:, _COUNT], b[:, _COUNT]
+        n = ca + cb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = b[:, _MEAN] - a[:, _MEAN]
+            merged = a + b  # numel, count and the zero, NaN and Inf counts add up
+            merged[:, _MEAN] = a[:, _MEAN] + delta * (cb / n)
+            merged[:, _M2] = a[:, _M2] + b[:, _M2] + delta * delta * (ca / n * cb)
+        merged[:, _MIN] = np.minimum(a[:, _MIN], b[:, _MIN])
+        merged[:, _MAX] = np.maximum(a[:, _MAX], b[:, _MAX])
+        one_empty = (ca == 0) | (cb == 0)  # the moments and range of the one with values (b when both are empty)
+        full = np.where((ca != 0)[:, None], a, b)[:, _MOMENTS]
+        merged[:, _MOMENTS] = np.where(one_empty[:, None], full, merged[:, _MOMENTS])
+        acc = np.where(has_a[:, None], np.where(has_b[:, None], merged, a), b)
+    present = (~np.isnan(acc[:, 0])).tolist()
+    values = [np.nan_to_num(acc[:, i]).astype(np.int64).tolist() if is_int else acc[:, i].tolist()
+              for i, is_int in enumerate(_STATS_INT)]
+    return [build(TensorStats, zip(_STATS, row)) if has else None for has, row in zip(present, zip(*values))]
+
+
+_STATS = [f.name for f in dataclasses.fields(TensorStats)]
+_STAT = operator.attrgetter(*_STATS)
+_STATS_INT = [n not in ("mean", "m2", "min", "max") for n in _STATS]
+_COUNT, _MEAN, _M2, _MIN, _MAX = (_STATS.index(n) for n in ("count", "mean", "m2", "min", "max"))
+_MOMENTS = [_MEAN, _M2, _MIN, _MAX]
 
 
 def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:

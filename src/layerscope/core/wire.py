@@ -209,7 +209,7 @@ def decode(data: bytes) -> Capture:
     for i, h in enumerate(hists):
         if h is not None:
             bins, sampled, numel, under, over, rebinned = h
-            hists[i] = Histogram(counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
+            hists[i] = build(Histogram, counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
                                  numel=numel, under=under, over=over, rebinned=rebinned)
     for i, shape in enumerate(maps):
         if shape is not None:
