@@ -25,18 +25,14 @@ from .stats import Histogram, TensorStats
 from .store import _plain
 
 
-def _fields(kind, *special: str):
-    """The record's fields in their order as a list, None for those written apart (their place is kept, as null)."""
-    names = [f.name for f in dataclasses.fields(kind)]
-    get, apart = operator.attrgetter(*names), [i for i, n in enumerate(names) if n in special]
+def _fields(kind, *apart: str) -> list:
+    """A getter for each of the record's fields in their order; None for those written apart (their place is kept,
+    as null)."""
+    return [None if f.name in apart else operator.attrgetter(f.name) for f in dataclasses.fields(kind)]
 
-    def values(obj) -> list:
-        out = list(get(obj))
-        for i in apart:
-            out[i] = None
-        return out
 
-    return values
+def _row(getters: list, obj) -> list:
+    return [None if get is None else get(obj) for get in getters]
 
 
 _STATS = [f.name for f in dataclasses.fields(TensorStats)]
@@ -77,10 +73,16 @@ class _Writer:
         return list(bits.shape)
 
 
-def _columns(rows: list[list]) -> list:
-    """Records' rows as columns; a column whose values are all the same (of one type) as {"same": value}."""
+def _columns(records: list, getters: list) -> list:
+    """Records' fields as columns; a column whose values are all the same (of one type) as {"same": value}."""
+    if not records:
+        return []
     out = []
-    for column in zip(*rows):
+    for get in getters:
+        if get is None:
+            out.append({"same": None})
+            continue
+        column = list(map(get, records))
         first = column[0]
         same = column.count(first) == len(column) and len(set(map(type, column))) == 1
         if same and isinstance(first, (tuple, list)):  # (8, 512) == (8, 512.0): compare as written
@@ -101,15 +103,15 @@ def encode(cap: Capture) -> bytes:
         "head": {n: getattr(cap, n) for n in _HEAD},
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
-        "inputs": [[_INPUT(i), w.stat(i.stats)] for i in cap.inputs],
-        "modules": _columns([_MODULE(m) for m in modules]),
+        "inputs": [[_row(_INPUT, i), w.stat(i.stats)] for i in cap.inputs],
+        "modules": _columns(modules, _MODULE),
         "traits": [sorted(m.traits) for m in modules],
         "keys": [list(m.params) for m in modules],
         "calls_of": [len(m.calls) for m in modules],
-        "calls": _columns([_CALL(c) for c in calls]),
+        "calls": _columns(calls, _CALL),
         "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
                        [w.maps(c.feature_maps) for c in calls]],
-        "params": _columns([_PARAM(p) for p in params]),
+        "params": _columns(params, _PARAM),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
     for name, parts in w.parts.items():
