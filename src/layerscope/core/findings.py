@@ -133,34 +133,39 @@ class _Look:
         self.modules = cap.modules
 
     def position(self, name: str) -> float:
-        calls = self.cap[name].calls
+        calls = self.modules[name].calls
         return calls[0].index if calls else math.inf
 
     def label(self, name: str) -> str:
-        return label(name, self.cap[name].type_name)
+        return label(name, self.modules[name].type_name)
 
     def has(self, name: str, trait: str) -> bool:
-        return trait in self.cap[name].traits
+        return trait in self.modules[name].traits
 
     def chain(self, name: str) -> Iterable[str]:
         """The module and its ancestors, innermost first."""
         while name is not None:
             yield name
-            name = self.cap[name].parent
+            name = self.modules[name].parent
 
     def highest(self, relevant: Callable[[str], bool], flagged: Callable[[str], bool]) -> list[str]:
-        """The outermost modules all of whose relevant modules (themselves and below) are flagged."""
+        """The outermost modules all of whose relevant modules (themselves and below) are flagged (``flagged`` is
+        asked about relevant modules only)."""
+        rel = {n for n in self.modules if relevant(n)}
+        flags = {n for n in rel if flagged(n)}
+        if not flags:  # no module has all its relevant ones flagged
+            return []
         whole: dict[str, bool] = {}
         any_relevant: dict[str, bool] = {}
         for name, children in self._bottom_up:
-            rel = relevant(name)
+            here = name in rel
             if children:
-                any_relevant[name] = rel or any(any_relevant[c] for c in children)
-                whole[name] = (not rel or flagged(name)) and all(whole[c] for c in children)
+                any_relevant[name] = here or any(any_relevant[c] for c in children)
+                whole[name] = (not here or name in flags) and all(whole[c] for c in children)
             else:
-                any_relevant[name], whole[name] = rel, not rel or flagged(name)
-        return [n for n in self.cap.modules
-                if whole[n] and any_relevant[n] and (not n or not whole[self.cap[n].parent])]
+                any_relevant[name], whole[name] = here, not here or name in flags
+        return [n for n in self.modules
+                if whole[n] and any_relevant[n] and (not n or not whole[self.modules[n].parent])]
 
     @functools.cached_property
     def _bottom_up(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -184,8 +189,19 @@ class _Look:
         return list(self.modules) if name == "" else self._under[name]
 
     def own_params(self, name: str, trainable: bool | None = None) -> list[str]:
-        params = self.cap[name].params.items()
-        return [k for k, p in params if trainable is None or p.trainable == trainable]
+        """The names of the module's own parameters (those with this ``requires_grad``); not to be changed."""
+        own = self._own[name]
+        return own[0] if trainable is None else own[1] if trainable else own[2]
+
+    @functools.cached_property
+    def _own(self) -> dict[str, tuple[list[str], list[str], list[str]]]:
+        """Each module's own parameters: all of them, the trainable ones, the frozen ones."""
+        out = {}
+        for name, report in self.modules.items():
+            params = report.params.items()
+            out[name] = ([k for k, _ in params], [k for k, p in params if p.trainable],
+                         [k for k, p in params if not p.trainable])
+        return out
 
     # -- a failed pass ------------------------------------------------------------------------------
 
@@ -198,7 +214,7 @@ class _Look:
         if err.phase != "forward":
             return [Finding(f"{err.phase}_error", "error", err.module, err.message, details)]
         received = err.received
-        report = self.cap[err.module]
+        report = self.modules[err.module]
         if received is not None:
             details["received"] = dict(received)
         if (received is not None and any(d != received["device"] for d in report.devices)) or "device" in text:
@@ -216,11 +232,11 @@ class _Look:
         got = None if received is None else received["device"] if device else received["dtype"]
         name = failed
         for up in self.chain(failed):
-            held = self.cap[up].devices if device else self.cap[up].dtypes
+            held = self.modules[up].devices if device else self.modules[up].dtypes
             if got is None or not held or got in held:
                 break
             name = up
-        has = ", ".join(self.cap[name].devices if device else self.cap[name].dtypes) or "unknown"
+        has = ", ".join(self.modules[name].devices if device else self.modules[name].dtypes) or "unknown"
         details.update(module_has=has, failed_in=failed)
         if name == "" and device:
             message = f"The batch is on {got}, but the model's parameters are on {has}: move both to one device."
@@ -270,10 +286,10 @@ class _Look:
         if made_here:
             return name
         child = name
-        while (parent := self.cap[child].parent) is not None:
+        while (parent := self.modules[child].parent) is not None:
             if not self.has(parent, "sequential"):
                 return parent  # its own code, between submodule calls, made them
-            siblings = [c for c in self.cap[parent].children if self.cap[c].called]
+            siblings = [c for c in self.modules[parent].children if self.modules[c].called]
             if min(siblings, key=self.position) != child:
                 return name  # its input was the previous layer's finite output: it made them after all
             child = parent
@@ -289,7 +305,7 @@ class _Look:
         return not self._nonfinite_params(name) and max(abs(s.min), abs(s.max)) < _OVERFLOW_NEAR
 
     def _nonfinite_params(self, name: str) -> list[str]:
-        return [k for k, p in self.cap[name].params.items() if p.finite is False]
+        return [k for k, p in self.modules[name].params.items() if p.finite is False]
 
     # -- the loss and the batch ---------------------------------------------------------------------
 
@@ -327,16 +343,15 @@ class _Look:
     # -- gradients ----------------------------------------------------------------------------------
 
     def gradients(self, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
-        grads = {n: r.param_grad_norms for n, r in self.cap.modules.items()}
-        trainable = {n: self.own_params(n, trainable=True) for n in self.modules}
-
-        def received(n: str) -> list[float]:
-            return [grads[n][k] for k in trainable[n] if grads[n].get(k) is not None]
+        grads = {n: r.param_grad_norms for n, r in self.modules.items()}
+        trainable = {n: own[1] for n, own in self._own.items()}
+        got = {n: [g for k in trainable[n] if (g := grads[n].get(k)) is not None] for n in self.modules}
+        received = got.__getitem__  # the gradient norms of a module's own trainable parameters that got one
 
         found = self._no_grad(trainable, grads)
-        broken = [n for n in self.modules if any(not _finite(g) for g in received(n))]
+        broken = [n for n, gs in got.items() if gs and not all(map(_finite, gs))]
         if broken:
-            largest = max((g for n in self.modules for g in received(n) if _finite(g)), default=0.0)
+            largest = max((g for gs in got.values() for g in gs if _finite(g)), default=0.0)
             return found + [self._nonfinite_grad(broken, largest)]
         flat = self._flat_loss()
         if flat:
@@ -346,14 +361,14 @@ class _Look:
             found.append(Finding("zero_grad", "warning", name,
                                  f"Every gradient reaching {self.label(name)} is exactly 0: it will not learn "
                                  f"from this batch (it feeds only dead units, or its output is multiplied by 0).",
-                                 {"parameters": self.cap[name].num_trainable}))
+                                 {"parameters": self.modules[name].num_trainable}))
         found += self._ratios(received, vanishing_ratio, exploding_ratio)
         return found
 
     def _flat_loss(self) -> list[Finding]:
         """The stand-in loss (the sum of the outputs) after a softmax or a normalisation layer, whose outputs
         add up to a constant: every gradient before that layer is rounding noise, not worth judging."""
-        root = self.cap[""].calls
+        root = self.modules[""].calls
         if self.cap.loss_kind != "sum" or not root or not root[-1].grad_output_norm:
             return []
         top = root[-1].grad_output_norm
@@ -376,15 +391,15 @@ class _Look:
         return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": largest, "output_grad": top})]
 
     def _no_grad(self, trainable: dict, grads: dict) -> list[Finding]:
-        params = lambda n: self.cap[n].params
+        params = lambda n: self.modules[n].params
         missing = lambda n: any(grads[n].get(k) is None and not params(n)[k].offloaded for k in trainable[n])
-        relevant = lambda n: bool(trainable[n]) and self.cap[n].called
+        relevant = lambda n: bool(trainable[n]) and self.modules[n].called
         found = []
         starved = self.highest(relevant, missing)
         cut = self._cut(starved) if starved else None
         if cut is not None:
             where, why = cut
-            n = sum(self.cap[s].num_trainable for s in starved)
+            n = sum(self.modules[s].num_trainable for s in starved)
             names = ", ".join("the model" if s == "" else s for s in starved[:LISTED])
             more = f" and {len(starved) - LISTED} more" if len(starved) > LISTED else ""
             who = "it" if starved == [where] else f"{names}{more}"
@@ -393,7 +408,7 @@ class _Look:
             return [Finding("no_grad", "warning", where, message,
                             {"parameters": n, "cut_at": where, "modules": starved})]
         for name in starved:
-            n = self.cap[name].num_trainable
+            n = self.modules[name].num_trainable
             what = "the model" if name == "" else self.label(name)
             message = (f"{what} ran in the forward pass, but its {n} trainable parameter values received no "
                        f"gradient: the path from it to the loss is cut (by .detach(), torch.no_grad(), or an "
@@ -414,11 +429,11 @@ class _Look:
 
         def cuts(n: str, c: CallRecord) -> bool:
             return (c.output_requires_grad is False and not c.failed
-                    and (bool(c.input_requires_grad) or self.cap[n].num_trainable > 0))
+                    and (bool(c.input_requires_grad) or self.modules[n].num_trainable > 0))
 
         flagged = {n for n, c in calls if cuts(n, c)}
         for name, c in calls:
-            outer = self.cap[name].parent not in flagged
+            outer = self.modules[name].parent not in flagged
             if c.index >= start and name in flagged and outer and cuts(name, c):
                 why = ("its input carries gradient, its output none (.detach(), torch.no_grad(), or an operation "
                        "without a gradient such as argmax or round)") if c.input_requires_grad else \
@@ -427,7 +442,7 @@ class _Look:
                 return name, why
         last = max(starved, key=lambda s: max((c.index for n, c in calls if n == s or n.startswith(s + ".")),
                                               default=-1))
-        for up in self.chain(self.cap[last].parent) if self.cap[last].parent is not None else ():
+        for up in self.chain(self.modules[last].parent) if self.modules[last].parent is not None else ():
             if not self.has(up, "sequential"):
                 return up, (f"its own forward code uses the output of {last} without a gradient (.detach(), "
                             f"torch.no_grad(), or an operation such as argmax or round)")
@@ -498,7 +513,7 @@ class _Look:
         found = []
         for name, report in self.modules.items():
             bounds = report.bounds
-            calls = [c for c in self.cap[name].calls if c.histogram is not None and c.histogram.sampled]
+            calls = [c for c in self.modules[name].calls if c.histogram is not None and c.histogram.sampled]
             if bounds is None or not calls:
                 continue
             lo, hi = bounds
@@ -519,21 +534,21 @@ class _Look:
         has_own = lambda n: bool(self.own_params(n))
         for name in self.highest(has_own, lambda n: not self.own_params(n, trainable=True)):
             what = "The whole model" if name == "" else self.label(name)
-            message = (f"{what} is frozen: all {self.cap[name].num_params} of its parameter values have "
+            message = (f"{what} is frozen: all {self.modules[name].num_params} of its parameter values have "
                        f"requires_grad=False, so training will not change it.")
-            found.append(Finding("frozen", "info", name, message, {"parameters": self.cap[name].num_params}))
+            found.append(Finding("frozen", "info", name, message, {"parameters": self.modules[name].num_params}))
         return found
 
     def unused(self) -> list[Finding]:
         if self.cap.error is not None and self.cap.error.phase == "forward":
             return []  # the modules after the failure never got their turn
         found = []
-        grads = lambda n: any(g is not None for g in self.cap[n].param_grad_norms.values())
+        grads = lambda n: any(g is not None for g in self.modules[n].param_grad_norms.values())
         relevant = lambda n: bool(self.own_params(n)) and not self.has(n, "param_container")
-        for name in self.highest(relevant, lambda n: not self.cap[n].called and not grads(n)):
-            message = (f"{self.label(name)} holds {self.cap[name].num_params} parameter values but was never called "
-                       f"in the forward pass: remove it, or check that forward() uses it.")
-            found.append(Finding("unused_module", "info", name, message, {"parameters": self.cap[name].num_params}))
+        for name in self.highest(relevant, lambda n: not self.modules[n].called and not grads(n)):
+            message = (f"{self.label(name)} holds {self.modules[name].num_params} parameter values but was never "
+                       f"called in the forward pass: remove it, or check that forward() uses it.")
+            found.append(Finding("unused_module", "info", name, message, {"parameters": self.modules[name].num_params}))
         return found
 
     def train_mode(self) -> list[Finding]:
@@ -563,7 +578,7 @@ class _Look:
                 f"so they count as 0 here. Run the model once to initialise them."), {}))
         moved = [(n, k) for n, r in self.modules.items() for k, p in r.params.items() if p.offloaded]
         if moved:
-            values = sum(self.cap[n].params[k].numel for n, k in moved)
+            values = sum(self.modules[n].params[k].numel for n, k in moved)
             found.append(Finding("offloaded", "info", "", (
                 f"{_plural(len(moved), 'parameter')} ({values} values) are offloaded by accelerate (the module holds "
                 f"a meta tensor, its dispatch hook swaps the real one in for each call): their norms are those of "
