@@ -270,17 +270,12 @@ def test_histograms_of_all_calls_at_once_equal_merging_them_one_by_one():
                                               over=int((values > edges[-1]).sum())))
         if i == 7:  # a rank without this histogram: the calls are not all alike
             hists[2] = None
-        calls.append([_Call(h) for h in hists])
+        calls.append(hists)
         expected.append(distributed._histogram([h for h in hists if h is not None]))
     for got, want in zip(distributed._histograms(calls), expected):
         assert np.array_equal(got.edges, want.edges) and got.rebinned == want.rebinned
         assert np.array_equal(got.counts, want.counts) and (got.under, got.over) == (want.under, want.over)
         assert got.counts.sum() + got.under + got.over == got.sampled
-
-
-@dataclasses.dataclass
-class _Call:
-    histogram: layerscope.Histogram
 
 
 def _doubled(batch):
@@ -303,9 +298,10 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     ranks = [layerscope.capture(model, batch), layerscope.capture(model, _doubled(batch)),
              _moved(layerscope.capture(model, batch, bins=np.linspace(-3, 3, 33)))]
     ranks = [dataclasses.replace(c, rank=r) for r, c in enumerate(ranks)]
-    assert aligned.lined_up(ranks)
-    same(aligned.modules(ranks), distributed._modules(ranks))
-    same(aligned.modules(ranks[:2]), distributed._modules(ranks[:2]))
+    columns = [aligned.Columns(c) for c in ranks]
+    assert aligned.lined_up(columns)
+    same(aligned.modules(columns), distributed._modules(ranks))
+    same(aligned.modules(columns[:2]), distributed._modules(ranks[:2]))
 
 
 @pytest.mark.parametrize("index", range(len(zoo())))

@@ -5,6 +5,9 @@ and the same parameters on every rank (a DDP, FSDP2 or tensor-parallel job whose
 matches modules by name and calls by number, one module at a time: tests/test_distributed.py checks both on the
 same captures), computed a field at a time over all records of every rank: a few list comprehensions and array
 operations in place of a few dozen Python lines per module, the bulk of a merge of thousands of modules.
+
+Each rank's capture is first read into ``Columns`` (one list or array per field), which needs nothing of the other
+ranks: ``gather`` reads its own while the others are still encoding theirs.
 """
 
 from __future__ import annotations
@@ -13,19 +16,57 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .distributed import _COSTS, _SUMMED, _WHERE, _WHERE_FIELDS, _costs, _global, _histograms, _stats_of, _union
+from .distributed import (
+    _COSTS,
+    _HIST,
+    _HIST_FIELDS,
+    _SUMMED,
+    _WHERE,
+    _WHERE_FIELDS,
+    _costs,
+    _global,
+    _histograms,
+    _union,
+    binned,
+    merge_tables,
+    stats_table,
+)
 from .records import CallRecord, Capture, ModuleReport, ParamRecord, build
 
 
-def _layout(cap: Capture) -> list[tuple[int, tuple[str, ...]]]:
-    return [(len(m.calls), tuple(m.params)) for m in cap.modules.values()]
+class Columns:
+    """One rank's capture as the columns a merge reads: its calls and parameters in module order."""
+
+    def __init__(self, cap: Capture):
+        self.cap = cap
+        self.reports = reports = list(cap.modules.values())
+        self.layout = [(len(m.calls), tuple(m.params)) for m in reports]
+        self.calls = calls = [c for m in reports for c in m.calls]
+        self.params = [p for m in reports for p in m.params.values()]
+        self.where = [_WHERE(c) for c in calls]
+        self.grads = [c.grad_output_norm for c in calls]
+        self.dead = [c.dead_units for c in calls]
+        self.finite = [c.input_finite for c in calls]
+        self.stats = [c.stats for c in calls]
+        self.table = stats_table(self.stats)
+        self.hists = hists = [c.histogram for c in calls]
+        self.bins = hists[0].counts.size if hists and None not in hists else None
+        if self.bins is not None and any(h.counts.size != self.bins for h in hists):
+            self.bins = None
+        if self.bins is not None:  # every call binned in as many bins: the histograms as arrays [calls, ...]
+            self.edges = np.stack([h.edges for h in hists])
+            self.counts = np.stack([h.counts for h in hists])
+            self.sums = np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(_HIST_FIELDS))
+        self.costs = [_COSTS(m) for m in reports]
+        self.module_fields = {field: [getattr(m, field) for m in reports]
+                              for field in ("devices", "dtypes", "traits", "unsupported_ops")}
 
 
-def lined_up(captures: list[Capture]) -> bool:
-    """Whether every capture has the first one's modules, in its order, with as many calls and the same parameters."""
-    first = captures[0]
-    names, layout = list(first.modules), _layout(first)
-    return all(list(c.modules) == names and _layout(c) == layout for c in captures[1:])
+def lined_up(ranks: list[Columns]) -> bool:
+    """Whether every rank has the first one's modules, in its order, with as many calls and the same parameters."""
+    first = ranks[0]
+    names = list(first.cap.modules)
+    return all(list(r.cap.modules) == names and r.layout == first.layout for r in ranks[1:])
 
 
 def _same(columns: list[list]) -> bool:
@@ -47,36 +88,42 @@ def _root_sum_squares(columns: list[list[float | None]]) -> list[float | None]:
     return [r if k else None for r, k in zip(roots, known.any(axis=0).tolist())]
 
 
-def _calls(calls: list[list[CallRecord]]) -> list[CallRecord]:
-    """The merged calls from each rank's calls (``calls[r]``, in module order), in the same order."""
-    per_call = list(zip(*calls))
-    first = calls[0]
+def _histograms_of(ranks: list[Columns]) -> list:
+    bins = {r.bins for r in ranks}
+    if len(bins) == 1 and None not in bins:  # the usual case: the arrays as they are
+        stack = lambda name: np.stack([getattr(r, name) for r in ranks], axis=1)  # noqa: E731
+        return binned(stack("edges"), stack("counts"), stack("sums"))
+    return _histograms(list(zip(*[r.hists for r in ranks])))
+
+
+def _calls(ranks: list[Columns]) -> list[CallRecord]:
+    """The merged calls, in module order."""
+    first = ranks[0].calls
     indexes = [c.index for c in first]
     position = np.empty(len(first), dtype=np.int64)
     position[np.argsort(indexes, kind="stable")] = np.arange(len(first))  # the merged order is the first rank's
-    wheres = [[_WHERE(c) for c in rank] for rank in calls]
+    wheres = [r.where for r in ranks]
     if _same(wheres):
         where = [{}] * len(first)
     else:  # dtypes or devices differ between ranks: all of them where they do
         where = [{} if ws.count(ws[0]) == len(ws) else dict(zip(_WHERE_FIELDS, [_union(list(g)) for g in zip(*ws)]))
                  for ws in zip(*wheres)]
-    grads = _root_sum_squares([[c.grad_output_norm for c in rank] for rank in calls])  # of all ranks' outputs
-    dead = zip(*[[c.dead_units for c in rank] for rank in calls])
+    grads = _root_sum_squares([r.grads for r in ranks])  # the norm of all ranks' output gradients together
     # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
     dead = [None if None in d else 0 if min(d) == 0 else c.units if min(d) == c.units else None
-            for d, c in zip(dead, first)]
-    finite = [_all_of(f) for f in zip(*[[c.input_finite for c in rank] for rank in calls])]
-    per_rank = zip(*[[c.stats for c in rank] for rank in calls])
+            for d, c in zip(zip(*[r.dead for r in ranks]), first)]
+    finite = [_all_of(f) for f in zip(*[r.finite for r in ranks])]
+    stats = merge_tables([r.table for r in ranks])
     return [build(CallRecord, c.__dict__, index=i, stats=s, histogram=h, grad_output_norm=g, dead_units=d,
                   input_finite=f, per_rank=p, **w)
-            for c, i, s, h, g, d, f, p, w in zip(first, position.tolist(), _stats_of(per_call), _histograms(per_call),
-                                                  grads, dead, finite, per_rank, where)]
+            for c, i, s, h, g, d, f, p, w in zip(first, position.tolist(), stats, _histograms_of(ranks), grads, dead,
+                                                  finite, zip(*[r.stats for r in ranks]), where)]
 
 
-def _params(params: list[list[ParamRecord]]) -> list[ParamRecord]:
-    """The merged parameters from each rank's (``params[r]``, in module order), in the same order."""
+def _params(ranks: list[Columns]) -> list[ParamRecord]:
+    """The merged parameters, in module order."""
     out = []
-    for held in zip(*params):
+    for held in zip(*[r.params for r in ranks]):
         first = held[0]
         if first.shard is None:  # a plain tensor: a replica on every rank, its norms the first rank's
             norm, grad_norm = first.norm, first.grad_norm
@@ -92,19 +139,17 @@ def _times(value, n: int):
     return value if value is None or n == 1 else value * n if type(value) is int else sum([value] * n)
 
 
-def modules(captures: list[Capture]) -> dict[str, ModuleReport]:
-    """The merged module reports of captures that are ``lined_up``, by name in the first capture's order."""
-    reports = [list(c.modules.values()) for c in captures]
-    first, n = reports[0], len(reports)
-    calls = _calls([[call for m in rank for call in m.calls] for rank in reports])
-    params = _params([[p for m in rank for p in m.params.values()] for rank in reports])
-    rows = [[_COSTS(m) for m in rank] for rank in reports]
-    if _same(rows) and _same([[m.unsupported_ops for m in rank] for rank in reports]):  # replicas: n times the sums
+def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
+    """The merged module reports of ranks that are ``lined_up``, by name in the first rank's order."""
+    first, n = ranks[0].reports, len(ranks)
+    calls, params = _calls(ranks), _params(ranks)
+    rows = [r.costs for r in ranks]
+    if _same(rows) and _same([r.module_fields["unsupported_ops"] for r in ranks]):  # replicas: n times the sums
         changes = [dict(zip(_SUMMED, [_times(v, n) for v in row[:len(_SUMMED)]])) for row in rows[0]]
     else:
-        changes = [_costs(held) for held in zip(*reports)]
+        changes = [_costs(held) for held in zip(*[r.reports for r in ranks])]
     for field in ("devices", "dtypes", "traits"):
-        columns = [[getattr(m, field) for m in rank] for rank in reports]
+        columns = [r.module_fields[field] for r in ranks]
         if not _same(columns):
             merged = frozenset.intersection if field == "traits" else lambda *groups: _union(list(groups))
             for change, groups in zip(changes, zip(*columns)):

@@ -201,13 +201,21 @@ def gather(cap, dst: int = 0):
 
 
 def _gather(dist, cap: Capture, dst: int) -> Capture | None:
-    captures = collect(dist, cap, dst, wire.encode, wire.decode)
-    return None if captures is None else merge(captures)
+    from .aligned import Columns
+
+    own = {}
+
+    def meanwhile():  # dst reads its own capture into columns while the other ranks encode theirs
+        own[dst] = Columns(cap)
+
+    captures = collect(dist, cap, dst, wire.encode, wire.decode, meanwhile)
+    return None if captures is None else _merge(_checked(captures), own)
 
 
-def collect(dist, record, dst: int, encode, decode) -> list | None:
+def collect(dist, record, dst: int, encode, decode, meanwhile=None) -> list | None:
     """Every rank's record on ``dst`` in rank order (its own as it is, the others sent as ``encode``'s bytes and
-    read with ``decode``), None elsewhere."""
+    read with ``decode``), None elsewhere. ``meanwhile``: what dst does while the others encode (its errors are
+    left for later: the merge does the same work again and raises them)."""
     rank, failure = dist.get_rank(), None
     if rank == dst:
         payload = b"C"  # dst merges its own record as it is
@@ -216,7 +224,7 @@ def collect(dist, record, dst: int, encode, decode) -> list | None:
             payload = b"C" + encode(record)
         except Exception as exc:  # noqa: BLE001 - sent to dst, raised below once every rank took part
             failure, payload = exc, b"E" + f"{type(exc).__name__}: {exc}".encode()
-    parts = _exchange(dist, payload, dst)
+    parts = _exchange(dist, payload, dst, meanwhile if rank == dst else None)
     if failure is not None:
         raise failure
     if parts is None:
@@ -230,14 +238,19 @@ def collect(dist, record, dst: int, encode, decode) -> list | None:
     return records
 
 
-def _exchange(dist, payload: bytes, dst: int) -> list[bytes] | None:
+def _exchange(dist, payload: bytes, dst: int, meanwhile=None) -> list[bytes] | None:
     """Every rank's payload on ``dst`` (in rank order), None elsewhere: the sizes all-gathered, then one gather of
-    payloads padded to the longest."""
+    payloads padded to the longest. ``meanwhile`` runs once this rank's size is sent, before waiting for the
+    others'."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    work = dist.all_gather(sizes, size, async_op=True)
+    if meanwhile is not None:
+        with contextlib.suppress(Exception):  # the collective must complete on every rank whatever happens here
+            meanwhile()
+    work.wait()
     lengths = [int(s) for s in sizes]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
@@ -258,6 +271,10 @@ def merge(captures: Sequence[Capture]) -> Capture:
     Modules are matched by name and calls by their number within the module; what a rank lacks is None in the
     ``per_rank`` fields. The merged capture has ``rank`` None and ``world_size`` the number of captures; its
     shapes, feature maps and call order are those of the lowest rank that has them."""
+    return _merge(_checked(captures))
+
+
+def _checked(captures: Sequence[Capture]) -> list[Capture]:
     captures = list(captures)
     if not captures or not all(isinstance(c, Capture) for c in captures):
         raise TypeError("merge() takes the ranks' Captures, in rank order")
@@ -265,19 +282,25 @@ def merge(captures: Sequence[Capture]) -> Capture:
         if c.merged or c.rank not in (None, r):
             raise ValueError(f"merge() takes each rank's own capture in rank order; capture {r} is "
                              f"{'already merged' if c.merged else f'from rank {c.rank}'}")
+    return captures
+
+
+def _merge(captures: list[Capture], columns: dict | None = None) -> Capture:
     from .findings import find
 
     with paused():
-        cap = merge_records(captures)
+        cap = merge_records(captures, columns)
         return dataclasses.replace(cap, findings=tuple(find(cap)))
 
 
-def merge_records(captures: list[Capture]) -> Capture:
+def merge_records(captures: list[Capture], columns: dict | None = None) -> Capture:
     """``merge`` of the ranks' own captures (as ``merge`` checks them) without running the findings: the merged
-    capture holds the ranks' own findings only (``rank_findings`` puts them in the order ``find`` gives)."""
+    capture holds the ranks' own findings only (``rank_findings`` puts them in the order ``find`` gives).
+    ``columns``: ranks' captures already read as ``aligned.Columns``, by rank."""
     from . import aligned
 
-    modules = aligned.modules(captures) if aligned.lined_up(captures) else _modules(captures)
+    ranks = [(columns or {}).get(r) or aligned.Columns(c) for r, c in enumerate(captures)]
+    modules = aligned.modules(ranks) if aligned.lined_up(ranks) else _modules(captures)
     first = captures[0]
     losses = [c.loss for c in captures if c.loss is not None]
     failed = next(((r, c.error) for r, c in enumerate(captures) if c.error is not None), None)
@@ -315,8 +338,11 @@ def _modules(captures: list[Capture]) -> dict[str, ModuleReport]:
             order.append((per_rank[low].index, low, name, k, per_rank))
     order.sort(key=operator.itemgetter(0, 1))
     per_call = [row[4] for row in order]
+    ranks = list(zip(*per_call)) if per_call else []
+    stats = merge_tables([stats_table([None if c is None else c.stats for c in rank]) for rank in ranks])
+    hists = _histograms([[None if c is None else c.histogram for c in calls] for calls in per_call])
     merged_calls = dict(zip([(name, k) for _, _, name, k, _ in order],
-                            map(_call, per_call, range(len(order)), _stats_of(per_call), _histograms(per_call))))
+                            map(_call, per_call, range(len(order)), stats, hists)))
     return {name: _module(held, [merged_calls[name, k] for k in range(_calls_of(held))])
             for name, held in reports.items()}
 
@@ -392,18 +418,18 @@ def _merge_stats(stats: Sequence[TensorStats | None]) -> TensorStats | None:
     return merged
 
 
-def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
-    """Each call's histogram of all ranks' outputs: summed where the ranks binned on the same edges, else every
-    rank's counts spread onto equal bins over the union of their ranges (``Histogram.rebin``: approximate). Calls
-    whose every rank has a histogram with equal bins are done together in a few array operations."""
-    out: list[Histogram | None] = [None] * len(calls)
-    table = [[None if c is None else c.histogram for c in per_rank] for per_rank in calls]
-    batch: dict[int, tuple[list[int], list[list[Histogram]]]] = {}  # bins -> the calls done together, their histograms
-    flat = [h for hists in table for h in hists]
-    if calls and None not in flat and len(sizes := {h.counts.size for h in flat}) == 1:  # the usual case: all alike
-        batch[sizes.pop()] = (list(range(len(calls))), table)
+def _histograms(per_call: list[Sequence[Histogram | None]]) -> list[Histogram | None]:
+    """Each call's histogram of all ranks' outputs (``per_call[i][r]``: rank r's histogram of call i): summed where
+    the ranks binned on the same edges, else every rank's counts spread onto equal bins over the union of their
+    ranges (``Histogram.rebin``: approximate). Calls whose every rank has a histogram of one number of bins are
+    done together in a few array operations (``binned``)."""
+    out: list[Histogram | None] = [None] * len(per_call)
+    batch: dict[int, tuple[list[int], list[Sequence[Histogram]]]] = {}  # bins -> the calls done together, theirs
+    flat = [h for hists in per_call for h in hists]
+    if per_call and None not in flat and len(sizes := {h.counts.size for h in flat}) == 1:  # the usual case
+        batch[sizes.pop()] = (list(range(len(per_call))), per_call)
     else:
-        for i, hists in enumerate(table):
+        for i, hists in enumerate(per_call):
             sizes = [0 if h is None else h.counts.size for h in hists]
             if sizes[0] and sizes.count(sizes[0]) == len(sizes):
                 rows, row_hists = batch.setdefault(sizes[0], ([], []))
@@ -411,37 +437,50 @@ def _histograms(calls: list[list[CallRecord | None]]) -> list[Histogram | None]:
                 row_hists.append(hists)
             else:
                 out[i] = _histogram([h for h in hists if h is not None])
-    for bins, (rows, hists) in batch.items():  # hists: [calls][ranks]
+    for bins, (rows, hists) in batch.items():
         flat, shape = [h for row in hists for h in row], (len(rows), len(hists[0]))
-        edges = np.stack([h.edges for h in flat]).reshape(*shape, bins + 1)
-        counts = np.stack([h.counts for h in flat]).reshape(*shape, bins)
-        sums = np.array([_HIST(h) for h in flat], dtype=np.int64).reshape(*shape, len(_HIST_FIELDS)).sum(axis=1)
-        shared = (edges == edges[:, :1]).all(axis=(1, 2))
-        summed = counts.sum(axis=1)
-        where = np.flatnonzero(shared).tolist()
-        for j, (sampled, numel, under, over, rebinned) in zip(where, sums[shared].tolist()):
-            out[rows[j]] = build(Histogram, counts=summed[j], edges=hists[j][0].edges, sampled=sampled, numel=numel,
-                                 under=under, over=over, rebinned=rebinned > 0)
-        if shared.all():
-            continue
-        other = np.flatnonzero(~shared)
-        edges, counts = edges[other], counts[other]
-        lo, hi = edges[..., 0], edges[..., -1]
-        width = (hi - lo) / bins
-        steps = np.diff(edges, axis=2)
-        even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2)).tolist()
-        new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
-        at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
-        spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
-        below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
-        above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
-        for k, j in enumerate(other.tolist()):
-            sampled, numel, under, over, _ = sums[j].tolist()
-            if even[k]:
-                out[rows[j]] = Histogram(counts=spread[k], edges=new[k], sampled=sampled, numel=numel,
-                                         under=under + below[k], over=over + above[k], rebinned=True)
-            else:
-                out[rows[j]] = _histogram(hists[j])
+        merged = binned(np.stack([h.edges for h in flat]).reshape(*shape, bins + 1),
+                        np.stack([h.counts for h in flat]).reshape(*shape, bins),
+                        np.array([_HIST(h) for h in flat], dtype=np.int64).reshape(*shape, len(_HIST_FIELDS)))
+        for i, h in zip(rows, merged):
+            out[i] = h
+    return out
+
+
+def binned(edges: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> list[Histogram]:
+    """Calls' histograms of every rank merged, from arrays [calls, ranks, ...] of their edges, counts and
+    ``_HIST_FIELDS`` (one number of bins for all): summed where the ranks share their edges, spread onto shared
+    equal bins where they do not (``_histograms``)."""
+    calls, ranks, bins = counts.shape
+    out: list[Histogram | None] = [None] * calls
+    shared = (edges == edges[:, :1]).all(axis=(1, 2))
+    summed, first = counts.sum(axis=1), edges[:, 0].copy()  # first: a row per call, not every rank's edges kept
+    totals = sums.sum(axis=1)
+    for j, (sampled, numel, under, over, rebinned) in zip(np.flatnonzero(shared).tolist(), totals[shared].tolist()):
+        out[j] = build(Histogram, counts=summed[j], edges=first[j], sampled=sampled, numel=numel, under=under,
+                       over=over, rebinned=rebinned > 0)
+    if shared.all():
+        return out
+    other = np.flatnonzero(~shared)
+    edges, counts = edges[other], counts[other]
+    lo, hi = edges[..., 0], edges[..., -1]
+    width = (hi - lo) / bins
+    steps = np.diff(edges, axis=2)
+    even = (np.abs(steps - width[..., None]) <= 1e-9 * (hi - lo)[..., None]).all(axis=(1, 2)).tolist()
+    new = np.linspace(lo.min(1), hi.max(1), bins + 1, axis=1)  # [calls, bins + 1], as Histogram.rebin's edges
+    at = _spread(counts, lo, width, new)  # [calls, ranks, bins + 1]: counts below each new edge
+    spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
+    below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
+    above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
+    for k, j in enumerate(other.tolist()):
+        sampled, numel, under, over, _ = totals[j].tolist()
+        if even[k]:
+            out[j] = Histogram(counts=spread[k], edges=new[k], sampled=sampled, numel=numel, under=under + below[k],
+                               over=over + above[k], rebinned=True)
+        else:
+            out[j] = _histogram([Histogram(counts=counts[k, r], edges=edges[k, r], sampled=int(sums[j, r, 0]),
+                                           numel=int(sums[j, r, 1]), under=int(sums[j, r, 2]), over=int(sums[j, r, 3]),
+                                           rebinned=bool(sums[j, r, 4])) for r in range(ranks)])
     return out
 
 
@@ -506,16 +545,19 @@ def _call(per_rank: Sequence[CallRecord | None], index: int, stats: TensorStats 
     )
 
 
-def _stats_of(per_call: list[Sequence[CallRecord | None]]) -> list[TensorStats | None]:
-    """Each call's statistics of all ranks' outputs together: the ranks' merged in rank order (as
-    ``TensorStats.merge`` does it, for all calls at once in float64 arrays)."""
-    if not per_call:
-        return []
+def stats_table(stats: Sequence[TensorStats | None]) -> np.ndarray:
+    """Statistics as a float64 table [len(stats), fields], a row of NaN for each None (``merge_tables``)."""
     absent = (math.nan,) * len(_STATS)
-    columns = [np.array([absent if c is None or c.stats is None else _STAT(c.stats) for c in rank], np.float64)
-               for rank in zip(*per_call)]  # a [calls, fields] table of each rank's statistics, NaN rows where none
-    acc = columns[0]
-    for b in columns[1:]:
+    return np.array([absent if s is None else _STAT(s) for s in stats], np.float64).reshape(-1, len(_STATS))
+
+
+def merge_tables(tables: Sequence[np.ndarray]) -> list[TensorStats | None]:
+    """Each row's statistics of all ranks together, from each rank's ``stats_table``: merged in rank order as
+    ``TensorStats.merge`` does it, for all rows at once; None where no rank has any."""
+    if not tables:
+        return []
+    acc = tables[0]
+    for b in tables[1:]:
         a = acc
         has_a, has_b = ~np.isnan(a[:, 0]), ~np.isnan(b[:, 0])
         ca, cb = a[:, _COUNT], b[:, _COUNT]
