@@ -284,10 +284,12 @@ def _doubled(batch):
 
 
 def _moved(cap):
-    """The capture as if its first call's output had been made on another device, in another dtype."""
+    """The capture as if its first call's output had been made on another device, in another dtype, from inputs
+    that were not all finite."""
     name, call = cap.calls[0]
     report = cap[name]
-    calls = (copy_with(call, output_devices=("meta",), output_dtypes=("torch.float16",)), *report.calls[1:])
+    calls = (copy_with(call, output_devices=("meta",), output_dtypes=("torch.float16",), input_finite=False),
+             *report.calls[1:])
     modules = {**cap.modules, name: copy_with(report, calls=calls, devices=("meta",), traits=frozenset())}
     return dataclasses.replace(cap, modules=MappingProxyType(modules))
 
@@ -298,10 +300,15 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     ranks = [layerscope.capture(model, batch), layerscope.capture(model, _doubled(batch)),
              _moved(layerscope.capture(model, batch, bins=np.linspace(-3, 3, 33)))]
     ranks = [dataclasses.replace(c, rank=r) for r, c in enumerate(ranks)]
-    columns = [aligned.Columns(c) for c in ranks]
+    columns = [aligned.Columns.of(c) for c in ranks]
     assert aligned.lined_up(columns)
     same(aligned.modules(columns), distributed._modules(ranks))
     same(aligned.modules(columns[:2]), distributed._modules(ranks[:2]))
+    # the other ranks read from the bytes they send, without their records, as gather does
+    sent = [wire.encode(c) for c in ranks[1:]]
+    heads, read = zip(*[wire.columns(data) for data in sent])
+    got = distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])))
+    same(got, distributed.merge([ranks[0], *map(wire.decode, sent)]))
 
 
 @pytest.mark.parametrize("index", range(len(zoo())))

@@ -23,50 +23,80 @@ from .distributed import (
     _SUMMED,
     _WHERE,
     _WHERE_FIELDS,
-    _costs,
     _global,
     _histograms,
     _union,
     binned,
+    costs_of,
     merge_tables,
     stats_table,
 )
 from .records import CallRecord, Capture, ModuleReport, ParamRecord, build
+from .stats import Histogram, TensorStats
 
 
 class Columns:
-    """One rank's capture as the columns a merge reads: its calls and parameters in module order."""
+    """One rank's capture as the columns a merge reads: its calls and parameters in module order. ``of`` reads a
+    Capture's records; ``wire.columns`` reads the bytes a rank sent without building its modules' and calls'
+    records (``reports`` and ``calls`` are None then: a merge takes those of its first rank as the base of its
+    own)."""
 
-    def __init__(self, cap: Capture):
-        self.cap = cap
-        self.reports = reports = list(cap.modules.values())
-        self.layout = [(len(m.calls), tuple(m.params)) for m in reports]
-        self.calls = calls = [c for m in reports for c in m.calls]
-        self.params = [p for m in reports for p in m.params.values()]
-        self.where = [_WHERE(c) for c in calls]
-        self.grads = [c.grad_output_norm for c in calls]
-        self.dead = [c.dead_units for c in calls]
-        self.finite = [c.input_finite for c in calls]
-        self.stats = [c.stats for c in calls]
-        self.table = stats_table(self.stats)
-        self.hists = hists = [c.histogram for c in calls]
-        self.bins = hists[0].counts.size if hists and None not in hists else None
-        if self.bins is not None and any(h.counts.size != self.bins for h in hists):
-            self.bins = None
-        if self.bins is not None:  # every call binned in as many bins: the histograms as arrays [calls, ...]
-            self.edges = np.stack([h.edges for h in hists])
-            self.counts = np.stack([h.counts for h in hists])
-            self.sums = np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(_HIST_FIELDS))
-        self.costs = [_COSTS(m) for m in reports]
-        self.module_fields = {field: [getattr(m, field) for m in reports]
-                              for field in ("devices", "dtypes", "traits", "unsupported_ops")}
+    names: list[str]
+    layout: list[tuple[int, tuple[str, ...]]]  # each module's number of calls and parameter names
+    reports: list[ModuleReport] | None
+    calls: list[CallRecord] | None
+    params: list[ParamRecord]
+    where: list[tuple]  # each call's _WHERE_FIELDS
+    grads: list[float | None]
+    dead: list[int | None]
+    finite: list[bool | None]
+    stats: list[TensorStats | None]
+    table: np.ndarray  # stats_table(stats)
+    bins: int | None  # every call's histogram has this many bins; then edges, counts, sums as arrays [calls, ...]
+    edges: np.ndarray | None
+    counts: np.ndarray | None
+    sums: np.ndarray | None  # _HIST_FIELDS
+    costs: list[tuple]  # each module's _COSTS
+    module_fields: dict[str, list]  # devices, dtypes, traits, unsupported_ops: each module's
+
+    def __init__(self, hists: list[Histogram | None] | None = None, **fields):
+        self.__dict__.update(fields)
+        self._hists = hists
+
+    @classmethod
+    def of(cls, cap: Capture) -> Columns:
+        reports = list(cap.modules.values())
+        calls = [c for m in reports for c in m.calls]
+        stats = [c.stats for c in calls]
+        hists = [c.histogram for c in calls]
+        bins = hists[0].counts.size if hists and None not in hists else None
+        if bins is not None and any(h.counts.size != bins for h in hists):
+            bins = None
+        arrays = dict(edges=None, counts=None, sums=None) if bins is None else dict(
+            edges=np.stack([h.edges for h in hists]), counts=np.stack([h.counts for h in hists]),
+            sums=np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(_HIST_FIELDS)))
+        return cls(
+            names=list(cap.modules), layout=[(len(m.calls), tuple(m.params)) for m in reports], reports=reports,
+            calls=calls, params=[p for m in reports for p in m.params.values()], where=[_WHERE(c) for c in calls],
+            grads=[c.grad_output_norm for c in calls], dead=[c.dead_units for c in calls],
+            finite=[c.input_finite for c in calls], stats=stats, table=stats_table(stats), hists=hists, bins=bins,
+            **arrays, costs=[_COSTS(m) for m in reports],
+            module_fields={field: [getattr(m, field) for m in reports]
+                           for field in ("devices", "dtypes", "traits", "unsupported_ops")})
+
+    @property
+    def hists(self) -> list[Histogram | None]:
+        """Each call's histogram (built from the arrays when read from bytes)."""
+        if self._hists is None:
+            self._hists = [build(Histogram, counts=c, edges=e, sampled=s, numel=n, under=u, over=o, rebinned=bool(r))
+                           for c, e, (s, n, u, o, r) in zip(self.counts, self.edges, self.sums.tolist())]
+        return self._hists
 
 
 def lined_up(ranks: list[Columns]) -> bool:
     """Whether every rank has the first one's modules, in its order, with as many calls and the same parameters."""
     first = ranks[0]
-    names = list(first.cap.modules)
-    return all(list(r.cap.modules) == names and r.layout == first.layout for r in ranks[1:])
+    return all(r.names == first.names and r.layout == first.layout for r in ranks[1:])
 
 
 def _same(columns: list[list]) -> bool:
@@ -144,10 +174,11 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     first, n = ranks[0].reports, len(ranks)
     calls, params = _calls(ranks), _params(ranks)
     rows = [r.costs for r in ranks]
-    if _same(rows) and _same([r.module_fields["unsupported_ops"] for r in ranks]):  # replicas: n times the sums
+    ops = [r.module_fields["unsupported_ops"] for r in ranks]
+    if _same(rows) and _same(ops):  # replicas: n times the sums
         changes = [dict(zip(_SUMMED, [_times(v, n) for v in row[:len(_SUMMED)]])) for row in rows[0]]
     else:
-        changes = [_costs(held) for held in zip(*[r.reports for r in ranks])]
+        changes = [costs_of(r, o) for r, o in zip(zip(*rows), zip(*ops))]
     for field in ("devices", "dtypes", "traits"):
         columns = [r.module_fields[field] for r in ranks]
         if not _same(columns):

@@ -201,15 +201,25 @@ def gather(cap, dst: int = 0):
 
 
 def _gather(dist, cap: Capture, dst: int) -> Capture | None:
-    from .aligned import Columns
+    from .aligned import Columns, lined_up
 
-    own = {}
+    columns = {}
 
     def meanwhile():  # dst reads its own capture into columns while the other ranks encode theirs
-        own[dst] = Columns(cap)
+        columns[dst] = Columns.of(cap)
 
-    captures = collect(dist, cap, dst, wire.encode, wire.decode, meanwhile)
-    return None if captures is None else _merge(_checked(captures), own)
+    received = collect(dist, cap, dst, wire.encode, lambda data: data, meanwhile)
+    if received is None:
+        return None
+    if dst == 0:  # the others' modules as columns, without their records, when the ranks line up (the usual job)
+        heads = [cap]
+        for data in received[1:]:
+            head, columns[len(heads)] = wire.columns(data)
+            heads.append(head)
+        if dst in columns and lined_up([columns[r] for r in range(len(heads))]):
+            return _merge(_checked(heads), columns)
+    captures = [cap if r == dst else wire.decode(data) for r, data in enumerate(received)]
+    return _merge(_checked(captures), {dst: columns[dst]} if dst in columns else None)
 
 
 def collect(dist, record, dst: int, encode, decode, meanwhile=None) -> list | None:
@@ -299,7 +309,8 @@ def merge_records(captures: list[Capture], columns: dict | None = None) -> Captu
     ``columns``: ranks' captures already read as ``aligned.Columns``, by rank."""
     from . import aligned
 
-    ranks = [(columns or {}).get(r) or aligned.Columns(c) for r, c in enumerate(captures)]
+    ranks = [(columns or {}).get(r) or aligned.Columns.of(c) for r, c in enumerate(captures)]
+    # (columns read from bytes, whose captures here have no modules, come only from ranks that line up)
     modules = aligned.modules(ranks) if aligned.lined_up(ranks) else _modules(captures)
     first = captures[0]
     losses = [c.loss for c in captures if c.loss is not None]
@@ -385,9 +396,12 @@ def _costs(present: Sequence) -> dict:
         largest = {key: max(values) if (values := [getattr(c, key) for c in present if getattr(c, key) is not None])
                    else None for key in ("activation_bytes", "peak_bytes")}
         return dict(flops=sum(flops) if flops else None, **largest)
-    rows = [_COSTS(m) for m in present]
+    return costs_of([_COSTS(m) for m in present], [m.unsupported_ops for m in present])
+
+
+def costs_of(rows: Sequence[tuple], ops: Sequence[tuple[str, ...]]) -> dict:
+    """``_costs`` of a module from each rank's ``_COSTS`` row and unsupported ops."""
     n, first = len(rows), rows[0]
-    ops = [m.unsupported_ops for m in present]
     if rows.count(first) == n:  # the same on every rank (replicas): n times the sums
         summed = [v if v is None or n == 1 else v * n if type(v) is int else sum([v] * n) for v in first[:_N_SUMMED]]
         out = dict(zip(_SUMMED + _LARGEST, summed + list(first[_N_SUMMED:])))

@@ -187,8 +187,8 @@ def _records(kind, columns: list, n: int, **apart) -> list:
     return [build(kind, zip(names, row)) for row in zip(*columns)]
 
 
-def decode(data: bytes) -> Capture:
-    """The capture ``encode`` wrote (``output``, ``model`` and ``batch`` None)."""
+def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
+    """The JSON document, the raw arrays and the statistics' records of ``encode``'s bytes."""
     size = int.from_bytes(data[:8], "little")
     doc = json.loads(data[8:8 + size])
     arrays, offset = {}, 8 + size
@@ -196,38 +196,25 @@ def decode(data: bytes) -> Capture:
         n = doc["arrays"][name]
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
-    table = arrays["stats"].reshape(-1, len(_STATS))
+    arrays["stats"] = table = arrays["stats"].reshape(-1, len(_STATS))
     columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
-    stats = [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
-    at = {"counts": 0, "edges": 0, "maps": 0}
+    return doc, arrays, [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
 
-    def take(name: str, n: int) -> np.ndarray:
-        piece = arrays[name][at[name]:at[name] + n]
-        at[name] += n
-        return piece
 
-    stat, hists, maps = doc["call_parts"]
-    hists, maps = list(hists), list(maps)
+def _histograms(doc: dict, arrays: dict[str, np.ndarray]) -> list[Histogram | None]:
+    hists, at = list(doc["call_parts"][1]), {"counts": 0, "edges": 0}
     for i, h in enumerate(hists):
         if h is not None:
             bins, sampled, numel, under, over, rebinned = h
-            hists[i] = build(Histogram, counts=take("counts", bins), edges=take("edges", bins + 1), sampled=sampled,
-                                 numel=numel, under=under, over=over, rebinned=rebinned)
-    for i, shape in enumerate(maps):
-        if shape is not None:
-            bits = take("maps", int(np.prod(shape))).reshape(shape).copy()
-            maps[i] = torch.from_numpy(bits).view(torch.bfloat16)
-    calls = _records(CallRecord, doc["calls"], len(stat), stats=[None if k < 0 else stats[k] for k in stat],
-                     histogram=hists, feature_maps=maps)
-    params = _records(ParamRecord, doc["params"], sum(map(len, doc["keys"])))
-    by_module, by_params, c, p = [], [], 0, 0
-    for n, keys in zip(doc["calls_of"], doc["keys"]):
-        by_module.append(tuple(calls[c:c + n]))
-        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
-        c, p = c + n, p + len(keys)
-    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=[frozenset(t) for t in doc["traits"]],
-                       calls=by_module, params=by_params)
-    modules = {m.name: m for m in reports}
+            counts = arrays["counts"][at["counts"]:at["counts"] + bins]
+            edges = arrays["edges"][at["edges"]:at["edges"] + bins + 1]
+            at["counts"], at["edges"] = at["counts"] + bins, at["edges"] + bins + 1
+            hists[i] = build(Histogram, counts=counts, edges=edges, sampled=sampled, numel=numel, under=under,
+                             over=over, rebinned=rebinned)
+    return hists
+
+
+def _capture(doc: dict, stats: list[TensorStats], modules: dict) -> Capture:
     error = doc["error"]
     return Capture(
         modules=MappingProxyType(modules),
@@ -237,3 +224,65 @@ def decode(data: bytes) -> Capture:
         inputs=tuple(_record(InputRecord, values, stats=None if s < 0 else stats[s])
                      for values, s in doc["inputs"]),
     )
+
+
+def decode(data: bytes) -> Capture:
+    """The capture ``encode`` wrote (``output``, ``model`` and ``batch`` None)."""
+    doc, arrays, stats = _read(data)
+    stat, _, maps = doc["call_parts"]
+    maps, at = list(maps), 0
+    for i, shape in enumerate(maps):
+        if shape is not None:
+            n = int(np.prod(shape))
+            bits = arrays["maps"][at:at + n].reshape(shape).copy()
+            maps[i], at = torch.from_numpy(bits).view(torch.bfloat16), at + n
+    calls = _records(CallRecord, doc["calls"], len(stat), stats=[None if k < 0 else stats[k] for k in stat],
+                     histogram=_histograms(doc, arrays), feature_maps=maps)
+    params = _records(ParamRecord, doc["params"], sum(map(len, doc["keys"])))
+    by_module, by_params, c, p = [], [], 0, 0
+    for n, keys in zip(doc["calls_of"], doc["keys"]):
+        by_module.append(tuple(calls[c:c + n]))
+        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
+        c, p = c + n, p + len(keys)
+    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=[frozenset(t) for t in doc["traits"]],
+                       calls=by_module, params=by_params)
+    return _capture(doc, stats, {m.name: m for m in reports})
+
+
+def _column(columns: list, kind, name: str, n: int) -> list:
+    """One field of ``n`` records of ``_columns``' columns, read as ``_records`` reads it."""
+    _, flat, nested, index = _PLANS[kind]
+    i = index[name]
+    read = _flat if i in flat else _nested if i in nested else None
+    column = columns[i]
+    if type(column) is dict:
+        return [column["same"] if read is None else read(column["same"])] * n
+    return column if read is None else [read(v) for v in column]
+
+
+def columns(data: bytes):
+    """What ``decode`` reads, as the capture's own fields (its ``modules`` empty) and its modules, calls and
+    parameters as ``aligned.Columns``, without their records: what ``gather`` merges when the ranks line up."""
+    from .aligned import Columns
+    from .distributed import _LARGEST, _SUMMED, stats_table
+
+    doc, arrays, stats = _read(data)
+    stat, metas, _ = doc["call_parts"]
+    n, calls = len(stat), doc["calls"]
+    call = lambda name: _column(calls, CallRecord, name, n)  # noqa: E731
+    module = lambda name: _column(doc["modules"], ModuleReport, name, len(doc["keys"]))  # noqa: E731
+    held = [None if k < 0 else stats[k] for k in stat]
+    sizes = {None if h is None else h[0] for h in metas}
+    bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
+    arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(doc, arrays)) if bins is None else dict(
+        edges=arrays["edges"].reshape(n, bins + 1), counts=arrays["counts"].reshape(n, bins),
+        sums=np.array([h[1:] for h in metas], dtype=np.int64).reshape(n, 5))
+    columns = Columns(
+        names=module("name"), layout=[(k, tuple(keys)) for k, keys in zip(doc["calls_of"], doc["keys"])],
+        reports=None, calls=None, params=_records(ParamRecord, doc["params"], sum(map(len, doc["keys"]))),
+        where=list(zip(*[call(f) for f in ("input_dtypes", "output_dtypes", "input_devices", "output_devices")])),
+        grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
+        table=stats_table(held), bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
+        module_fields=dict(devices=module("devices"), dtypes=module("dtypes"),
+                           traits=[frozenset(t) for t in doc["traits"]], unsupported_ops=module("unsupported_ops")))
+    return _capture(doc, stats, {}), columns
