@@ -3,7 +3,8 @@
 The store's format (``Capture.save``) names every field of every record, for files that a later release must
 still read. Between the ranks of one job, which run the same code, records travel by position instead: each
 record type's dataclass fields in their order, as JSON lists, with the bulk numbers as raw arrays (statistics as
-float64 rows, histogram counts and edges, feature-map bits). A field added to a record travels as JSON without a
+float64 rows, histogram counts and edges, feature-map bits, and columns of floats such as the norms: writing and
+reading floats as text is most of the cost of JSON). A field added to a record travels as JSON without a
 change here. Decoding reads JSON and raw numeric arrays only.
 
 Layout: an 8-byte little-endian length of the JSON document, the document, then the arrays named in it.
@@ -44,13 +45,14 @@ _MODULE = _fields(ModuleReport, "calls", "params", "traits")
 _INPUT = _fields(InputRecord, "stats", "per_rank")
 _HEAD = [f.name for f in dataclasses.fields(Capture)
          if f.name not in ("modules", "findings", "inputs", "error", "output", "model", "batch")]
-_ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16}
+_ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16, "floats": np.float64}
 
 
 class _Writer:
     def __init__(self):
         self.stats: list[list[float]] = []
-        self.parts: dict[str, list[np.ndarray]] = {"counts": [], "edges": [], "maps": []}
+        self.parts: dict[str, list[np.ndarray]] = {"counts": [], "edges": [], "maps": [], "floats": []}
+        self.floats = 0
 
     def stat(self, s: TensorStats | None) -> int:
         if s is None:
@@ -65,6 +67,13 @@ class _Writer:
         self.parts["edges"].append(h.edges)
         return [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
 
+    def float_column(self, column: list[float | None]) -> dict:
+        """A column of floats (some None) as raw float64 numbers: where they start, how many, which are None."""
+        none = [i for i, v in enumerate(column) if v is None]
+        self.parts["floats"].append(np.array([0.0 if v is None else v for v in column], dtype=np.float64))
+        self.floats += len(column)
+        return {"floats": [self.floats - len(column), len(column)], "none": none}
+
     def maps(self, maps) -> list | None:
         if maps is None:
             return None
@@ -73,8 +82,9 @@ class _Writer:
         return list(bits.shape)
 
 
-def _columns(records: list, getters: list) -> list:
-    """Records' fields as columns; a column whose values are all the same (of one type) as {"same": value}."""
+def _columns(records: list, getters: list, w: _Writer) -> list:
+    """Records' fields as columns; a column whose values are all the same (of one type) as {"same": value}, one of
+    floats and None as ``_Writer.float_column``."""
     if not records:
         return []
     out = []
@@ -87,7 +97,12 @@ def _columns(records: list, getters: list) -> list:
         same = column.count(first) == len(column) and len(set(map(type, column))) == 1
         if same and isinstance(first, (tuple, list)):  # (8, 512) == (8, 512.0): compare as written
             same = len(set(map(repr, column))) == 1
-        out.append({"same": first} if same else column)
+        if same:
+            out.append({"same": first})
+        elif float in (types := set(map(type, column))) and types <= {float, type(None)}:
+            out.append(w.float_column(column))
+        else:
+            out.append(column)
     return out
 
 
@@ -104,14 +119,14 @@ def encode(cap: Capture) -> bytes:
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
         "inputs": [[_row(_INPUT, i), w.stat(i.stats)] for i in cap.inputs],
-        "modules": _columns(modules, _MODULE),
+        "modules": _columns(modules, _MODULE, w),
         "traits": [sorted(m.traits) for m in modules],
         "keys": [list(m.params) for m in modules],
         "calls_of": [len(m.calls) for m in modules],
-        "calls": _columns(calls, _CALL),
+        "calls": _columns(calls, _CALL, w),
         "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
                        [w.maps(c.feature_maps) for c in calls]],
-        "params": _columns(params, _PARAM),
+        "params": _columns(params, _PARAM, w),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
     for name, parts in w.parts.items():
@@ -197,6 +212,15 @@ def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
     arrays["stats"] = table = arrays["stats"].reshape(-1, len(_STATS))
+    floats = arrays["floats"]
+    for part in ("modules", "calls", "params"):  # columns of floats back to lists
+        for i, column in enumerate(doc[part]):
+            if type(column) is dict and "floats" in column:
+                start, n = column["floats"]
+                values = floats[start:start + n].tolist()
+                for k in column["none"]:
+                    values[k] = None
+                doc[part][i] = values
     columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
     return doc, arrays, [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
 
