@@ -31,7 +31,7 @@ from .distributed import (
     merge_tables,
     stats_table,
 )
-from .records import CallRecord, Capture, ModuleReport, ParamRecord, build
+from .records import CallRecord, Capture, ModuleReport, ParamRecord, adopt, build
 from .stats import Histogram, TensorStats
 
 
@@ -144,8 +144,8 @@ def _calls(ranks: list[Columns]) -> list[CallRecord]:
             for d, c in zip(zip(*[r.dead for r in ranks]), first)]
     finite = [_all_of(f) for f in zip(*[r.finite for r in ranks])]
     stats = merge_tables([r.table for r in ranks])
-    return [build(CallRecord, c.__dict__, index=i, stats=s, histogram=h, grad_output_norm=g, dead_units=d,
-                  input_finite=f, per_rank=p, **w)
+    return [adopt(CallRecord, {**c.__dict__, "index": i, "stats": s, "histogram": h, "grad_output_norm": g,
+                               "dead_units": d, "input_finite": f, "per_rank": p, **w})
             for c, i, s, h, g, d, f, p, w in zip(first, position.tolist(), stats, _histograms_of(ranks), grads, dead,
                                                   finite, zip(*[r.stats for r in ranks]), where)]
 
@@ -159,8 +159,9 @@ def _params(ranks: list[Columns]) -> list[ParamRecord]:
             norm, grad_norm = first.norm, first.grad_norm
         else:
             norm, grad_norm = _global(held, "norm"), _global(held, "grad_norm")
-        out.append(build(ParamRecord, first.__dict__, norm=norm, grad_norm=grad_norm, shard=None, checksum=None,
-                         finite=_all_of(tuple([p.finite for p in held])), per_rank=held))
+        out.append(adopt(ParamRecord, {**first.__dict__, "norm": norm, "grad_norm": grad_norm, "shard": None,
+                                       "checksum": None, "finite": _all_of(tuple([p.finite for p in held])),
+                                       "per_rank": held}))
     return out
 
 
@@ -188,7 +189,7 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     out, c, p = {}, 0, 0
     for m, change in zip(first, changes):
         k, q = len(m.calls), len(m.params)
-        out[m.name] = build(ModuleReport, m.__dict__, calls=tuple(calls[c:c + k]),
-                            params=MappingProxyType(dict(zip(m.params, params[p:p + q]))), **change)
+        out[m.name] = adopt(ModuleReport, {**m.__dict__, "calls": tuple(calls[c:c + k]),
+                                           "params": MappingProxyType(dict(zip(m.params, params[p:p + q]))), **change})
         c, p = c + k, p + q
     return out

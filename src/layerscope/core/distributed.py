@@ -36,7 +36,7 @@ from torch import nn
 from . import wire
 from .collector import paused
 from .nested import iter_tensors
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, build, copy_with
+from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, adopt, build, copy_with
 from .stats import Histogram, TensorStats, local
 
 # The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
@@ -471,8 +471,8 @@ def binned(edges: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> list[Hist
     summed, first = counts.sum(axis=1), edges[:, 0].copy()  # first: a row per call, not every rank's edges kept
     totals = sums.sum(axis=1)
     for j, (sampled, numel, under, over, rebinned) in zip(np.flatnonzero(shared).tolist(), totals[shared].tolist()):
-        out[j] = build(Histogram, counts=summed[j], edges=first[j], sampled=sampled, numel=numel, under=under,
-                       over=over, rebinned=rebinned > 0)
+        out[j] = adopt(Histogram, {"counts": summed[j], "edges": first[j], "sampled": sampled, "numel": numel,
+                                   "under": under, "over": over, "rebinned": rebinned > 0})
     if shared.all():
         return out
     other = np.flatnonzero(~shared)

@@ -43,6 +43,14 @@ def build(kind, fields=(), **more):
     return record
 
 
+def adopt(kind, fields: dict):
+    """``build`` from a dict of every field, which the record takes as its own: no keywords to pack, half the cost of
+    ``build`` for the tens of thousands of records of a merge."""
+    record = object.__new__(kind)
+    object.__setattr__(record, "__dict__", fields)
+    return record
+
+
 def copy_with(record, **changes):
     """``dataclasses.replace`` of such a record (see ``build``): every other field, also one added later, as the
     record has it."""
