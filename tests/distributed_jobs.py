@@ -104,7 +104,11 @@ def _train_step(model, x, y):
 def _ddp(rank, out):
     model = nn.parallel.DistributedDataParallel(make_model())
     x, y = make_batch(rank)
-    _capture_and_gather(rank, out, model, x, y)
+    cap = _capture_and_gather(rank, out, model, x, y)
+    on_1 = layerscope.gather(cap, dst=1)  # the other ranks' captures decoded whole: the same job
+    assert (on_1 is None) == (rank != 1)
+    if on_1 is not None:
+        on_1.save(os.path.join(out, "merged_on_1.lsc"))
     _train_step(model, x, y)
     if rank == 0:
         for name, p in model.module.named_parameters():

@@ -129,6 +129,7 @@ def test_ddp_global_norms_exact_stats_and_the_model_trains_on(jobs, tmp_path):
     merged = check_job(folder, "module.", batches, data_parallel_outputs(batches), tmp_path)
     assert merged[""].type_name == "DistributedDataParallel"
     assert not [f for f in merged.findings if f.kind == "rank_desync"]
+    same(load(folder / "merged_on_1.lsc"), load(folder / "merged.lsc"))  # gather(cap, dst=1): the same records
     check_stepped(folder, batches)
 
 
