@@ -196,8 +196,11 @@ class _Look:
     @functools.cached_property
     def _own(self) -> dict[str, tuple[list[str], list[str], list[str]]]:
         """Each module's own parameters: all of them, the trainable ones, the frozen ones."""
-        out = {}
+        out, none = {}, ([], [], [])
         for name, report in self.modules.items():
+            if not report.params:
+                out[name] = none
+                continue
             params = report.params.items()
             out[name] = ([k for k, _ in params], [k for k, p in params if p.trainable],
                          [k for k, p in params if not p.trainable])
@@ -343,9 +346,9 @@ class _Look:
     # -- gradients ----------------------------------------------------------------------------------
 
     def gradients(self, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
-        grads = {n: r.param_grad_norms for n, r in self.modules.items()}
+        grads = {n: r.param_grad_norms if r.params else {} for n, r in self.modules.items()}
         trainable = {n: own[1] for n, own in self._own.items()}
-        got = {n: [g for k in trainable[n] if (g := grads[n].get(k)) is not None] for n in self.modules}
+        got = {n: [g for k in ks if (g := grads[n].get(k)) is not None] if ks else [] for n, ks in trainable.items()}
         received = got.__getitem__  # the gradient norms of a module's own trainable parameters that got one
 
         found = self._no_grad(trainable, grads)
