@@ -258,6 +258,29 @@ def test_the_inspector_and_the_report_show_per_rank_values_and_ranks_of_findings
     assert (tmp_path / "job.html").stat().st_size > 0
 
 
+def test_statistics_of_all_calls_at_once_equal_merging_them_one_by_one():
+    rng = np.random.default_rng(1)
+    ranks = []
+    for r in range(3):
+        stats = []
+        for i in range(60):
+            values = rng.normal(1e3 * (i % 3), 1 + r, size=int(rng.integers(1, 50)))
+            values[: i % 4] = np.nan if r == 1 else np.inf  # a few non-finite values
+            if i % 7 == r:
+                values[:] = np.nan  # no finite value on this rank
+            stats.append(None if i % 11 == r else TensorStats.of(values))  # a rank that did not make the call
+        ranks.append(stats)
+    got = distributed.merge_tables([distributed.stats_table(stats) for stats in ranks])
+    for i, row in enumerate(zip(*ranks)):
+        present = [s for s in row if s is not None]
+        want = present[0] if present else None
+        for s in present[1:]:
+            want = want.merge(s)
+        assert (got[i] is None) == (want is None), i
+        if want is not None:
+            same(got[i], want, f"call {i}")
+
+
 def test_histograms_of_all_calls_at_once_equal_merging_them_one_by_one():
     rng = np.random.default_rng(0)
     calls, expected = [], []

@@ -23,13 +23,16 @@ from .distributed import (
     _SUMMED,
     _WHERE,
     _WHERE_FIELDS,
-    _global,
     _histograms,
+    _param,
     _union,
+    all_of,
     binned,
     costs_of,
+    dead_in_job,
     merge_tables,
     stats_table,
+    times,
 )
 from .records import CallRecord, Capture, ModuleReport, ParamRecord, adopt, build
 from .stats import Histogram, TensorStats
@@ -69,9 +72,8 @@ class Columns:
         calls = [c for m in reports for c in m.calls]
         stats = [c.stats for c in calls]
         hists = [c.histogram for c in calls]
-        bins = hists[0].counts.size if hists and None not in hists else None
-        if bins is not None and any(h.counts.size != bins for h in hists):
-            bins = None
+        sizes = {None if h is None else h.counts.size for h in hists}
+        bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
         arrays = dict(edges=None, counts=None, sums=None) if bins is None else dict(
             edges=np.stack([h.edges for h in hists]), counts=np.stack([h.counts for h in hists]),
             sums=np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(_HIST_FIELDS)))
@@ -104,11 +106,6 @@ def _same(columns: list[list]) -> bool:
     return all(column == columns[0] for column in columns[1:])
 
 
-def _all_of(flags: tuple) -> bool | None:
-    """False when some rank says False, else None when some rank does not know, else True."""
-    return False if False in flags else None if None in flags else True
-
-
 def _root_sum_squares(columns: list[list[float | None]]) -> list[float | None]:
     """sqrt(sum of squares) over the ranks of each row's values that are not None; None where every rank's is."""
     known = np.array([[v is not None for v in column] for column in columns])
@@ -139,10 +136,8 @@ def _calls(ranks: list[Columns]) -> list[CallRecord]:
         where = [{} if ws.count(ws[0]) == len(ws) else dict(zip(_WHERE_FIELDS, [_union(list(g)) for g in zip(*ws)]))
                  for ws in zip(*wheres)]
     grads = _root_sum_squares([r.grads for r in ranks])  # the norm of all ranks' output gradients together
-    # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
-    dead = [None if None in d else 0 if min(d) == 0 else c.units if min(d) == c.units else None
-            for d, c in zip(zip(*[r.dead for r in ranks]), first)]
-    finite = [_all_of(f) for f in zip(*[r.finite for r in ranks])]
+    dead = [dead_in_job(d, c.units) for d, c in zip(zip(*[r.dead for r in ranks]), first)]
+    finite = [all_of(f) for f in zip(*[r.finite for r in ranks])]
     stats = merge_tables([r.table for r in ranks])
     return [adopt(CallRecord, {**c.__dict__, "index": i, "stats": s, "histogram": h, "grad_output_norm": g,
                                "dead_units": d, "input_finite": f, "per_rank": p, **w})
@@ -152,22 +147,7 @@ def _calls(ranks: list[Columns]) -> list[CallRecord]:
 
 def _params(ranks: list[Columns]) -> list[ParamRecord]:
     """The merged parameters, in module order."""
-    out = []
-    for held in zip(*[r.params for r in ranks]):
-        first = held[0]
-        if first.shard is None:  # a plain tensor: a replica on every rank, its norms the first rank's
-            norm, grad_norm = first.norm, first.grad_norm
-        else:
-            norm, grad_norm = _global(held, "norm"), _global(held, "grad_norm")
-        out.append(adopt(ParamRecord, {**first.__dict__, "norm": norm, "grad_norm": grad_norm, "shard": None,
-                                       "checksum": None, "finite": _all_of(tuple([p.finite for p in held])),
-                                       "per_rank": held}))
-    return out
-
-
-def _times(value, n: int):
-    """A number of one rank's summed over n identical ranks (as sum() would add it up)."""
-    return value if value is None or n == 1 else value * n if type(value) is int else sum([value] * n)
+    return list(map(_param, zip(*[r.params for r in ranks])))
 
 
 def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
@@ -177,7 +157,7 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     rows = [r.costs for r in ranks]
     ops = [r.module_fields["unsupported_ops"] for r in ranks]
     if _same(rows) and _same(ops):  # replicas: n times the sums
-        changes = [dict(zip(_SUMMED, [_times(v, n) for v in row[:len(_SUMMED)]])) for row in rows[0]]
+        changes = [dict(zip(_SUMMED, [times(v, n) for v in row[:len(_SUMMED)]])) for row in rows[0]]
     else:
         changes = [costs_of(r, o) for r, o in zip(zip(*rows), zip(*ops))]
     for field in ("devices", "dtypes", "traits"):

@@ -399,11 +399,28 @@ def _costs(present: Sequence) -> dict:
     return costs_of([_COSTS(m) for m in present], [m.unsupported_ops for m in present])
 
 
+def times(value, n: int):
+    """One rank's number summed over n identical ranks (as sum() would add it up); None stays None."""
+    return value if value is None or n == 1 else value * n if type(value) is int else sum([value] * n)
+
+
+def all_of(flags: Sequence[bool | None]) -> bool | None:
+    """Whether something holds on every rank: False when some rank says False, else None when some rank does not
+    know, else True."""
+    return False if False in flags else None if None in flags else True
+
+
+def dead_in_job(dead: Sequence[int | None], units: int | None) -> int | None:
+    """A ReLU's dead units in the job from each rank's count: a unit is dead when it is dead on every rank, known
+    when some rank has none dead (0) or every rank has all of them dead; None otherwise."""
+    return None if None in dead else 0 if min(dead) == 0 else units if min(dead) == units else None
+
+
 def costs_of(rows: Sequence[tuple], ops: Sequence[tuple[str, ...]]) -> dict:
     """``_costs`` of a module from each rank's ``_COSTS`` row and unsupported ops."""
     n, first = len(rows), rows[0]
     if rows.count(first) == n:  # the same on every rank (replicas): n times the sums
-        summed = [v if v is None or n == 1 else v * n if type(v) is int else sum([v] * n) for v in first[:_N_SUMMED]]
+        summed = [times(v, n) for v in first[:_N_SUMMED]]
         out = dict(zip(_SUMMED + _LARGEST, summed + list(first[_N_SUMMED:])))
     else:
         out = {}
@@ -550,10 +567,8 @@ def _call(per_rank: Sequence[CallRecord | None], index: int, stats: TensorStats 
         stats=stats,
         histogram=histogram,
         grad_output_norm=math.sqrt(sum(g * g for g in grads)) if grads else None,  # of all ranks' outputs together
-        # a unit is dead in the job when it is dead on every rank: known when some rank has none or all are
-        dead_units=None if None in dead else 0 if min(dead) == 0 else first.units if min(dead) == first.units
-        else None,
-        input_finite=False if False in finite else None if None in finite else True,
+        dead_units=dead_in_job(dead, first.units),
+        input_finite=all_of(finite),
         per_rank=tuple([None if c is None else c.stats for c in per_rank]),
         **changes,
     )
@@ -600,12 +615,11 @@ _COUNT, _MEAN, _M2, _MIN, _MAX = (_STATS.index(n) for n in ("count", "mean", "m2
 _MOMENTS = [_MEAN, _M2, _MIN, _MAX]
 
 
-def _param(per_rank: list[ParamRecord | None]) -> ParamRecord:
-    held = [p for p in per_rank if p is not None]
-    finite = [p.finite for p in held]
-    return copy_with(held[0], norm=_global(held, "norm"), grad_norm=_global(held, "grad_norm"), shard=None,
-                     checksum=None, finite=False if False in finite else None if None in finite else True,
-                     per_rank=tuple(per_rank))
+def _param(per_rank: Sequence[ParamRecord | None]) -> ParamRecord:
+    held = [p for p in per_rank if p is not None] if None in per_rank else per_rank
+    return adopt(ParamRecord, {**held[0].__dict__, "norm": _global(held, "norm"),
+                               "grad_norm": _global(held, "grad_norm"), "shard": None, "checksum": None,
+                               "finite": all_of([p.finite for p in held]), "per_rank": tuple(per_rank)})
 
 
 def _global(held: list[ParamRecord], attr: str) -> float | None:

@@ -288,7 +288,7 @@ def columns(data: bytes):
     """What ``decode`` reads, as the capture's own fields (its ``modules`` empty) and its modules, calls and
     parameters as ``aligned.Columns``, without their records: what ``gather`` merges when the ranks line up."""
     from .aligned import Columns
-    from .distributed import _LARGEST, _SUMMED, stats_table
+    from .distributed import _HIST_FIELDS, _LARGEST, _SUMMED, _WHERE_FIELDS, stats_table
 
     doc, arrays, stats = _read(data)
     stat, metas, _ = doc["call_parts"]
@@ -300,11 +300,11 @@ def columns(data: bytes):
     bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
     arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(doc, arrays)) if bins is None else dict(
         edges=arrays["edges"].reshape(n, bins + 1), counts=arrays["counts"].reshape(n, bins),
-        sums=np.array([h[1:] for h in metas], dtype=np.int64).reshape(n, 5))
+        sums=np.array([h[1:] for h in metas], dtype=np.int64).reshape(n, len(_HIST_FIELDS)))
     columns = Columns(
         names=module("name"), layout=[(k, tuple(keys)) for k, keys in zip(doc["calls_of"], doc["keys"])],
         reports=None, calls=None, params=_records(ParamRecord, doc["params"], sum(map(len, doc["keys"]))),
-        where=list(zip(*[call(f) for f in ("input_dtypes", "output_dtypes", "input_devices", "output_devices")])),
+        where=list(zip(*[call(f) for f in _WHERE_FIELDS])),
         grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
         table=stats_table(held), bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
         module_fields=dict(devices=module("devices"), dtypes=module("dtypes"),
