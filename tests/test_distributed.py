@@ -332,7 +332,14 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     sent = [wire.encode(c) for c in ranks[1:]]
     heads, read = zip(*[wire.columns(data) for data in sent])
     got = distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])))
-    same(got, distributed.merge([ranks[0], *map(wire.decode, sent)]))
+    want = distributed.merge([ranks[0], *map(wire.decode, sent)])
+    same(got, want)
+    # and from the lean bytes a rank sends once the digests say the ranks line up
+    assert len({wire.digest(c) for c in ranks}) == 1
+    lean = [wire.encode(c, lean=True) for c in ranks[1:]]
+    assert all(len(a) < len(b) for a, b in zip(lean, sent))
+    heads, read = zip(*[wire.columns(data, columns[0]) for data in lean])
+    same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read]))), want)
 
 
 @pytest.mark.parametrize("index", range(len(zoo())))
@@ -340,3 +347,17 @@ def test_what_a_rank_sends_keeps_every_record_of_the_zoo(index):
     model, batch = zoo()[index]
     cap = layerscope.capture(model, batch)
     same(cap, wire.decode(wire.encode(cap)))
+
+
+def test_lean_bytes_are_read_only_against_a_capture_that_lines_up():
+    model, batch = zoo()[0]
+    cap = layerscope.capture(model, batch)
+    data = wire.encode(cap, lean=True)
+    with pytest.raises(ValueError, match="columns"):
+        wire.decode(data)
+    with pytest.raises(ValueError, match="lines up"):
+        wire.columns(data)
+    renamed = {f"{name}_": report for name, report in cap.modules.items()}
+    assert wire.digest(cap) != wire.digest(dataclasses.replace(cap, modules=MappingProxyType(renamed)))
+    fewer = dict(list(cap.modules.items())[:-1])
+    assert wire.digest(cap) != wire.digest(dataclasses.replace(cap, modules=MappingProxyType(fewer)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import operator
 import sys
@@ -201,25 +202,46 @@ def gather(cap, dst: int = 0):
 
 
 def _gather(dist, cap: Capture, dst: int) -> Capture | None:
-    from .aligned import Columns, lined_up
+    from .aligned import Columns
 
+    # When every rank's modules line up with rank 0's (the usual job) and rank 0 merges, the others send only what
+    # the merge reads of them, and rank 0 reads it as columns, without building their modules' and calls' records.
+    lean = dst == 0 and _lined_up(dist, cap)
     columns = {}
 
     def meanwhile():  # dst reads its own capture into columns while the other ranks encode theirs
         columns[dst] = Columns.of(cap)
 
-    received = collect(dist, cap, dst, wire.encode, lambda data: data, meanwhile)
+    received = collect(dist, cap, dst, functools.partial(wire.encode, lean=lean), lambda data: data, meanwhile)
     if received is None:
         return None
-    if dst == 0:  # the others' modules as columns, without their records, when the ranks line up (the usual job)
-        heads = [cap]
+    if lean:
+        own = columns.get(0) or Columns.of(cap)
+        heads, columns = [cap], {0: own}
         for data in received[1:]:
-            head, columns[len(heads)] = wire.columns(data)
+            head, columns[len(heads)] = wire.columns(data, own)
             heads.append(head)
-        if dst in columns and lined_up([columns[r] for r in range(len(heads))]):
-            return _merge(_checked(heads), columns)
+        return _merge(_checked(heads), columns)
     captures = [cap if r == dst else wire.decode(data) for r, data in enumerate(received)]
     return _merge(_checked(captures), {dst: columns[dst]} if dst in columns else None)
+
+
+def _lined_up(dist, cap: Capture) -> bool:
+    """Whether every rank's capture has rank 0's modules, calls and parameters (``wire.digest``): a collective."""
+    try:
+        mine = np.frombuffer(wire.digest(cap), dtype=np.int64).copy()
+    except Exception:  # noqa: BLE001 - a capture too broken to digest lines up with no other; encode will say why
+        mine = np.array([-1, dist.get_rank()], dtype=np.int64)
+    digest = torch.from_numpy(mine).to(_device(dist))
+    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, digest)
+    return all(torch.equal(d, digests[0]) for d in digests[1:])
+
+
+def _device(dist) -> torch.device:
+    """Where the default group's collectives take their tensors: the current CUDA device for NCCL, else the CPU."""
+    nccl = "nccl" in str(dist.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def collect(dist, record, dst: int, encode, decode, meanwhile=None) -> list | None:
@@ -253,7 +275,7 @@ def _exchange(dist, payload: bytes, dst: int, meanwhile=None) -> list[bytes] | N
     payloads padded to the longest. ``meanwhile`` runs once this rank's size is sent, before waiting for the
     others'."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    device = _device(dist)
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     work = dist.all_gather(sizes, size, async_op=True)

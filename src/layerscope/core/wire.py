@@ -7,12 +7,17 @@ float64 rows, histogram counts and edges, feature-map bits, and columns of float
 reading floats as text is most of the cost of JSON). A field added to a record travels as JSON without a
 change here. Decoding reads JSON and raw numeric arrays only.
 
+When every rank holds the same modules, calls and parameters (``digest``), a rank other than the first sends
+only what the merge takes from it (``encode(cap, lean=True)``): the first rank's records give the rest.
+
 Layout: an 8-byte little-endian length of the JSON document, the document, then the arrays named in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import operator
 from types import MappingProxyType
@@ -106,9 +111,30 @@ def _columns(records: list, getters: list, w: _Writer) -> list:
     return out
 
 
-def encode(cap: Capture) -> bytes:
-    """A rank's own capture (not a merged one) as bytes; its live objects stay behind."""
+def digest(cap: Capture) -> bytes:
+    """16 bytes that ranks whose captures hold the same modules in the same order, with as many calls and the same
+    parameter names, share (what ``aligned.lined_up`` compares), and others do not."""
+    layout = [[name, len(m.calls), list(m.params)] for name, m in cap.modules.items()]
+    return hashlib.blake2b(json.dumps(layout, separators=(",", ":")).encode(), digest_size=16).digest()
+
+
+@functools.cache
+def _lean() -> tuple[list, list]:
+    """The getters of ``encode(lean=True)`` for calls and modules: the fields the merge of ranks that line up reads
+    of every rank but the first (``aligned.Columns``; stats, histograms and traits travel apart)."""
+    from .distributed import _LARGEST, _SUMMED, _WHERE_FIELDS
+
+    kept = {CallRecord: {*_WHERE_FIELDS, "grad_output_norm", "dead_units", "input_finite"},
+            ModuleReport: {*_SUMMED, *_LARGEST, "devices", "dtypes", "unsupported_ops"}}
+    return [_fields(kind, *(f.name for f in dataclasses.fields(kind) if f.name not in kept[kind]))
+            for kind in (CallRecord, ModuleReport)]
+
+
+def encode(cap: Capture, lean: bool = False) -> bytes:
+    """A rank's own capture (not a merged one) as bytes; its live objects stay behind. ``lean``: only what the merge
+    reads of a rank whose modules line up with the first rank's (``digest``); read with ``columns(data, like)``."""
     w = _Writer()
+    call_fields, module_fields = _lean() if lean else (_CALL, _MODULE)
     modules = list(cap.modules.values())
     calls = [c for m in modules for c in m.calls]
     params = [p for m in modules for p in m.params.values()]
@@ -119,13 +145,14 @@ def encode(cap: Capture) -> bytes:
         "error": error,
         "findings": [dataclasses.asdict(f) for f in cap.findings],
         "inputs": [[_row(_INPUT, i), w.stat(i.stats)] for i in cap.inputs],
-        "modules": _columns(modules, _MODULE, w),
+        "lean": lean,
+        "modules": _columns(modules, module_fields, w),
         "traits": [sorted(m.traits) for m in modules],
-        "keys": [list(m.params) for m in modules],
-        "calls_of": [len(m.calls) for m in modules],
-        "calls": _columns(calls, _CALL, w),
+        "keys": None if lean else [list(m.params) for m in modules],
+        "calls_of": None if lean else [len(m.calls) for m in modules],
+        "calls": _columns(calls, call_fields, w),
         "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
-                       [w.maps(c.feature_maps) for c in calls]],
+                       [None] * len(calls) if lean else [w.maps(c.feature_maps) for c in calls]],
         "params": _columns(params, _PARAM, w),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
@@ -253,6 +280,8 @@ def _capture(doc: dict, stats: list[TensorStats], modules: dict) -> Capture:
 def decode(data: bytes) -> Capture:
     """The capture ``encode`` wrote (``output``, ``model`` and ``batch`` None)."""
     doc, arrays, stats = _read(data)
+    if doc["lean"]:
+        raise ValueError("these bytes hold only a part of a capture (encode(lean=True)): read them with columns()")
     stat, _, maps = doc["call_parts"]
     maps, at = list(maps), 0
     for i, shape in enumerate(maps):
@@ -284,9 +313,11 @@ def _column(columns: list, kind, name: str, n: int) -> list:
     return column if read is None else [read(v) for v in column]
 
 
-def columns(data: bytes):
+def columns(data: bytes, like=None):
     """What ``decode`` reads, as the capture's own fields (its ``modules`` empty) and its modules, calls and
-    parameters as ``aligned.Columns``, without their records: what ``gather`` merges when the ranks line up."""
+    parameters as ``aligned.Columns``, without their records: what ``gather`` merges when the ranks line up.
+    ``like``: the Columns of a capture with the same ``digest``, whose module names and layout lean bytes leave out
+    (required for those)."""
     from .aligned import Columns
     from .distributed import _HIST_FIELDS, _LARGEST, _SUMMED, _WHERE_FIELDS, stats_table
 
@@ -294,16 +325,22 @@ def columns(data: bytes):
     stat, metas, _ = doc["call_parts"]
     n, calls = len(stat), doc["calls"]
     call = lambda name: _column(calls, CallRecord, name, n)  # noqa: E731
-    module = lambda name: _column(doc["modules"], ModuleReport, name, len(doc["keys"]))  # noqa: E731
+    module = lambda name: _column(doc["modules"], ModuleReport, name, len(doc["traits"]))  # noqa: E731
     held = [None if k < 0 else stats[k] for k in stat]
     sizes = {None if h is None else h[0] for h in metas}
     bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
     arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(doc, arrays)) if bins is None else dict(
         edges=arrays["edges"].reshape(n, bins + 1), counts=arrays["counts"].reshape(n, bins),
         sums=np.array([h[1:] for h in metas], dtype=np.int64).reshape(n, len(_HIST_FIELDS)))
+    if doc["lean"]:
+        if like is None:
+            raise ValueError("lean bytes (encode(lean=True)) are read with the Columns of a rank that lines up")
+        names, layout = like.names, like.layout
+    else:
+        names, layout = module("name"), [(k, tuple(keys)) for k, keys in zip(doc["calls_of"], doc["keys"])]
     columns = Columns(
-        names=module("name"), layout=[(k, tuple(keys)) for k, keys in zip(doc["calls_of"], doc["keys"])],
-        reports=None, calls=None, params=_records(ParamRecord, doc["params"], sum(map(len, doc["keys"]))),
+        names=names, layout=layout, reports=None, calls=None,
+        params=_records(ParamRecord, doc["params"], sum(len(keys) for _, keys in layout)),
         where=list(zip(*[call(f) for f in _WHERE_FIELDS])),
         grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
         table=stats_table(held), bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
