@@ -19,7 +19,6 @@ import numpy as np
 from .distributed import (
     _COSTS,
     _HIST,
-    _HIST_FIELDS,
     _SUMMED,
     _WHERE,
     _WHERE_FIELDS,
@@ -35,7 +34,7 @@ from .distributed import (
     times,
 )
 from .records import CallRecord, Capture, ModuleReport, ParamRecord, adopt, build
-from .stats import Histogram, TensorStats
+from .stats import HIST_SCALARS, Histogram, TensorStats
 
 
 class Columns:
@@ -58,7 +57,7 @@ class Columns:
     bins: int | None  # every call's histogram has this many bins; then edges, counts, sums as arrays [calls, ...]
     edges: np.ndarray | None
     counts: np.ndarray | None
-    sums: np.ndarray | None  # _HIST_FIELDS
+    sums: np.ndarray | None  # HIST_SCALARS
     costs: list[tuple]  # each module's _COSTS
     module_fields: dict[str, list]  # devices, dtypes, traits, unsupported_ops: each module's
 
@@ -76,7 +75,7 @@ class Columns:
         bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
         arrays = dict(edges=None, counts=None, sums=None) if bins is None else dict(
             edges=np.stack([h.edges for h in hists]), counts=np.stack([h.counts for h in hists]),
-            sums=np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(_HIST_FIELDS)))
+            sums=np.array([_HIST(h) for h in hists], dtype=np.int64).reshape(-1, len(HIST_SCALARS)))
         return cls(
             names=list(cap.modules), layout=[(len(m.calls), tuple(m.params)) for m in reports], reports=reports,
             calls=calls, params=[p for m in reports for p in m.params.values()], where=[_WHERE(c) for c in calls],
@@ -147,7 +146,11 @@ def _calls(ranks: list[Columns]) -> list[CallRecord]:
 
 def _params(ranks: list[Columns]) -> list[ParamRecord]:
     """The merged parameters, in module order."""
-    return list(map(_param, zip(*[r.params for r in ranks])))
+    # a plain tensor is a replica on every rank: its norms are the first rank's (as _param finds them, faster)
+    return [_param(row) if row[0].shard is not None else
+            adopt(ParamRecord, {**row[0].__dict__, "shard": None, "checksum": None,
+                                "finite": all_of([p.finite for p in row]), "per_rank": row})
+            for row in zip(*[r.params for r in ranks])]
 
 
 def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:

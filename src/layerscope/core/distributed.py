@@ -38,7 +38,7 @@ from . import wire
 from .collector import paused
 from .nested import iter_tensors
 from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, ParamRecord, adopt, build, copy_with
-from .stats import Histogram, TensorStats, local
+from .stats import HIST_SCALARS, Histogram, TensorStats, local
 
 # The findings computed again on a merged capture, from its merged records (global norms, the model's flags);
 # every other kind is a rank's finding about its own pass, kept from that rank's capture.
@@ -494,7 +494,7 @@ def _histograms(per_call: list[Sequence[Histogram | None]]) -> list[Histogram | 
         flat, shape = [h for row in hists for h in row], (len(rows), len(hists[0]))
         merged = binned(np.stack([h.edges for h in flat]).reshape(*shape, bins + 1),
                         np.stack([h.counts for h in flat]).reshape(*shape, bins),
-                        np.array([_HIST(h) for h in flat], dtype=np.int64).reshape(*shape, len(_HIST_FIELDS)))
+                        np.array([_HIST(h) for h in flat], dtype=np.int64).reshape(*shape, len(HIST_SCALARS)))
         for i, h in zip(rows, merged):
             out[i] = h
     return out
@@ -502,7 +502,7 @@ def _histograms(per_call: list[Sequence[Histogram | None]]) -> list[Histogram | 
 
 def binned(edges: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> list[Histogram]:
     """Calls' histograms of every rank merged, from arrays [calls, ranks, ...] of their edges, counts and
-    ``_HIST_FIELDS`` (one number of bins for all): summed where the ranks share their edges, spread onto shared
+    ``HIST_SCALARS`` (one number of bins for all): summed where the ranks share their edges, spread onto shared
     equal bins where they do not (``_histograms``)."""
     calls, ranks, bins = counts.shape
     out: list[Histogram | None] = [None] * calls
@@ -537,8 +537,7 @@ def binned(edges: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> list[Hist
     return out
 
 
-_HIST_FIELDS = ("sampled", "numel", "under", "over", "rebinned")
-_HIST = operator.attrgetter(*_HIST_FIELDS)
+_HIST = operator.attrgetter(*HIST_SCALARS)
 
 
 def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -110,6 +110,9 @@ class TensorStats:
                    checked=finite.size, nan_count=nan, inf_count=a.size - finite.size - nan)
 
 
+HIST_SCALARS = ("sampled", "numel", "under", "over", "rebinned")  # Histogram's fields besides its two arrays
+
+
 @dataclass(frozen=True, eq=False)
 class Histogram:
     """Counts of finite values in the bins between ``edges`` (numpy's convention: [e0, e1), ..., and the

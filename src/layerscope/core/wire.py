@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord, build
-from .stats import Histogram, TensorStats
+from .stats import HIST_SCALARS, Histogram, TensorStats
 from .store import _plain
 
 
@@ -50,13 +50,17 @@ _MODULE = _fields(ModuleReport, "calls", "params", "traits")
 _INPUT = _fields(InputRecord, "stats", "per_rank")
 _HEAD = [f.name for f in dataclasses.fields(Capture)
          if f.name not in ("modules", "findings", "inputs", "error", "output", "model", "batch")]
-_ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16, "floats": np.float64}
+# "hists": a row of each call's number of bins (-1: no histogram) and HIST_SCALARS
+_ARRAYS = {"stats": np.float64, "counts": np.int64, "edges": np.float64, "maps": np.int16, "floats": np.float64,
+           "hists": np.int64}
+_HIST_ROW = operator.attrgetter(*HIST_SCALARS)
+_NO_HIST = (-1,) + (0,) * len(HIST_SCALARS)
 
 
 class _Writer:
     def __init__(self):
         self.stats: list[list[float]] = []
-        self.parts: dict[str, list[np.ndarray]] = {"counts": [], "edges": [], "maps": [], "floats": []}
+        self.parts: dict[str, list[np.ndarray]] = {"counts": [], "edges": [], "maps": [], "floats": [], "hists": []}
         self.floats = 0
 
     def stat(self, s: TensorStats | None) -> int:
@@ -65,12 +69,20 @@ class _Writer:
         self.stats.append(_STAT(s))
         return len(self.stats) - 1
 
-    def histogram(self, h: Histogram | None) -> list | None:
-        if h is None:
-            return None
-        self.parts["counts"].append(h.counts)
-        self.parts["edges"].append(h.edges)
-        return [len(h.counts), h.sampled, h.numel, h.under, h.over, h.rebinned]
+    def stats_of(self, stats: list[TensorStats | None]) -> list[int]:
+        """``stat`` of each."""
+        start = len(self.stats)
+        self.stats += [_STAT(s) for s in stats if s is not None]
+        places = iter(range(start, len(self.stats)))
+        return [-1 if s is None else next(places) for s in stats]
+
+    def histograms(self, hists: list[Histogram | None]) -> None:
+        """Each one's counts and edges, and its row of "hists"."""
+        held = [h for h in hists if h is not None]
+        self.parts["counts"] += [h.counts for h in held]
+        self.parts["edges"] += [h.edges for h in held]
+        rows = [_NO_HIST if h is None else (h.counts.size, *_HIST_ROW(h)) for h in hists]
+        self.parts["hists"].append(np.array(rows, dtype=np.int64).reshape(-1, len(_NO_HIST)))
 
     def float_column(self, column: list[float | None]) -> dict:
         """A column of floats (some None) as raw float64 numbers: where they start, how many, which are None."""
@@ -87,6 +99,11 @@ class _Writer:
         return list(bits.shape)
 
 
+def _texts(value) -> bool:
+    """Whether a tuple or list holds only text (or None), nested ones too."""
+    return all(v is None or type(v) is str or (type(v) in (tuple, list) and _texts(v)) for v in value)
+
+
 def _columns(records: list, getters: list, w: _Writer) -> list:
     """Records' fields as columns; a column whose values are all the same (of one type) as {"same": value}, one of
     floats and None as ``_Writer.float_column``."""
@@ -100,8 +117,8 @@ def _columns(records: list, getters: list, w: _Writer) -> list:
         column = list(map(get, records))
         first = column[0]
         same = column.count(first) == len(column) and len(set(map(type, column))) == 1
-        if same and isinstance(first, (tuple, list)):  # (8, 512) == (8, 512.0): compare as written
-            same = len(set(map(repr, column))) == 1
+        if same and isinstance(first, (tuple, list)) and not _texts(first):  # (8, 512) == (8, 512.0): compare
+            same = len(set(map(repr, column))) == 1  # as written (text equals only the same text)
         if same:
             out.append({"same": first})
         elif float in (types := set(map(type, column))) and types <= {float, type(None)}:
@@ -151,13 +168,14 @@ def encode(cap: Capture, lean: bool = False) -> bytes:
         "keys": None if lean else [list(m.params) for m in modules],
         "calls_of": None if lean else [len(m.calls) for m in modules],
         "calls": _columns(calls, call_fields, w),
-        "call_parts": [[w.stat(c.stats) for c in calls], [w.histogram(c.histogram) for c in calls],
+        "call_parts": [w.stats_of([c.stats for c in calls]), w.histograms([c.histogram for c in calls]),
                        [None] * len(calls) if lean else [w.maps(c.feature_maps) for c in calls]],
         "params": _columns(params, _PARAM, w),
     }
     arrays = {"stats": np.asarray(w.stats, dtype=np.float64).reshape(-1, len(_STATS))}
     for name, parts in w.parts.items():
-        arrays[name] = np.concatenate(parts).astype(_ARRAYS[name], copy=False) if parts else np.zeros(0, _ARRAYS[name])
+        arrays[name] = (np.concatenate(parts, axis=None).astype(_ARRAYS[name], copy=False) if parts
+                        else np.zeros(0, _ARRAYS[name]))
     doc["arrays"] = {name: a.size for name, a in arrays.items()}
     text = json.dumps(doc, default=_plain, separators=(",", ":")).encode()
     return b"".join([len(text).to_bytes(8, "little"), text, *(a.tobytes() for a in arrays.values())])
@@ -239,6 +257,7 @@ def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
     arrays["stats"] = table = arrays["stats"].reshape(-1, len(_STATS))
+    arrays["hists"] = arrays["hists"].reshape(-1, len(_NO_HIST))
     floats = arrays["floats"]
     for part in ("modules", "calls", "params"):  # columns of floats back to lists
         for i, column in enumerate(doc[part]):
@@ -252,16 +271,17 @@ def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
     return doc, arrays, [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
 
 
-def _histograms(doc: dict, arrays: dict[str, np.ndarray]) -> list[Histogram | None]:
-    hists, at = list(doc["call_parts"][1]), {"counts": 0, "edges": 0}
-    for i, h in enumerate(hists):
-        if h is not None:
-            bins, sampled, numel, under, over, rebinned = h
-            counts = arrays["counts"][at["counts"]:at["counts"] + bins]
-            edges = arrays["edges"][at["edges"]:at["edges"] + bins + 1]
-            at["counts"], at["edges"] = at["counts"] + bins, at["edges"] + bins + 1
-            hists[i] = build(Histogram, counts=counts, edges=edges, sampled=sampled, numel=numel, under=under,
-                             over=over, rebinned=rebinned)
+def _histograms(arrays: dict[str, np.ndarray]) -> list[Histogram | None]:
+    hists, at = [], {"counts": 0, "edges": 0}
+    for bins, sampled, numel, under, over, rebinned in arrays["hists"].tolist():
+        if bins < 0:
+            hists.append(None)
+            continue
+        counts = arrays["counts"][at["counts"]:at["counts"] + bins]
+        edges = arrays["edges"][at["edges"]:at["edges"] + bins + 1]
+        at["counts"], at["edges"] = at["counts"] + bins, at["edges"] + bins + 1
+        hists.append(build(Histogram, counts=counts, edges=edges, sampled=sampled, numel=numel, under=under,
+                           over=over, rebinned=bool(rebinned)))
     return hists
 
 
@@ -290,7 +310,7 @@ def decode(data: bytes) -> Capture:
             bits = arrays["maps"][at:at + n].reshape(shape).copy()
             maps[i], at = torch.from_numpy(bits).view(torch.bfloat16), at + n
     calls = _records(CallRecord, doc["calls"], len(stat), stats=[None if k < 0 else stats[k] for k in stat],
-                     histogram=_histograms(doc, arrays), feature_maps=maps)
+                     histogram=_histograms(arrays), feature_maps=maps)
     params = _records(ParamRecord, doc["params"], sum(map(len, doc["keys"])))
     by_module, by_params, c, p = [], [], 0, 0
     for n, keys in zip(doc["calls_of"], doc["keys"]):
@@ -319,19 +339,22 @@ def columns(data: bytes, like=None):
     ``like``: the Columns of a capture with the same ``digest``, whose module names and layout lean bytes leave out
     (required for those)."""
     from .aligned import Columns
-    from .distributed import _HIST_FIELDS, _LARGEST, _SUMMED, _WHERE_FIELDS, stats_table
+    from .distributed import _LARGEST, _SUMMED, _WHERE_FIELDS
 
     doc, arrays, stats = _read(data)
-    stat, metas, _ = doc["call_parts"]
+    stat = doc["call_parts"][0]
     n, calls = len(stat), doc["calls"]
     call = lambda name: _column(calls, CallRecord, name, n)  # noqa: E731
     module = lambda name: _column(doc["modules"], ModuleReport, name, len(doc["traits"]))  # noqa: E731
     held = [None if k < 0 else stats[k] for k in stat]
-    sizes = {None if h is None else h[0] for h in metas}
-    bins = sizes.pop() if len(sizes) == 1 and None not in sizes else None
-    arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(doc, arrays)) if bins is None else dict(
+    table = np.full((n, len(_STATS)), np.nan)  # distributed.stats_table(held), from the rows as they came
+    rows = np.asarray(stat, dtype=np.int64).reshape(-1)
+    table[rows >= 0] = arrays["stats"][rows[rows >= 0]]
+    sizes = np.unique(arrays["hists"][:, 0]).tolist()
+    bins = sizes[0] if len(sizes) == 1 and sizes[0] >= 0 else None
+    arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(arrays)) if bins is None else dict(
         edges=arrays["edges"].reshape(n, bins + 1), counts=arrays["counts"].reshape(n, bins),
-        sums=np.array([h[1:] for h in metas], dtype=np.int64).reshape(n, len(_HIST_FIELDS)))
+        sums=arrays["hists"][:, 1:])
     if doc["lean"]:
         if like is None:
             raise ValueError("lean bytes (encode(lean=True)) are read with the Columns of a rank that lines up")
@@ -343,7 +366,7 @@ def columns(data: bytes, like=None):
         params=_records(ParamRecord, doc["params"], sum(len(keys) for _, keys in layout)),
         where=list(zip(*[call(f) for f in _WHERE_FIELDS])),
         grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
-        table=stats_table(held), bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
+        table=table, bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
         module_fields=dict(devices=module("devices"), dtypes=module("dtypes"),
                            traits=[frozenset(t) for t in doc["traits"]], unsupported_ops=module("unsupported_ops")))
     return _capture(doc, stats, {}), columns
