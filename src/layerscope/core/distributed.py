@@ -738,6 +738,10 @@ def _odd_ranks(p: ParamRecord, plain: bool) -> tuple[int, list[int]] | None:
     """(reference rank, the ranks whose replica differs from it) for a merged parameter, None when all agree."""
     if not p.per_rank or (not p.placements and not plain):
         return None
+    if not p.placements and None not in p.per_rank:  # a replica on every rank: each against rank 0's
+        ref = p.per_rank[0]
+        odd = [r for r, q in enumerate(p.per_rank) if r and _differs(ref, q)]
+        return (0, odd) if odd else None
     groups: dict[int, list[tuple[int, ParamRecord]]] = {}
     for r, q in _present(p.per_rank):
         groups.setdefault(q.shard[0] if q.shard else 0, []).append((r, q))
@@ -782,7 +786,8 @@ def desync(cap: Capture, look) -> list[Finding]:
 def _agree(stats: list[TensorStats]) -> bool:
     """Whether the ranks' statistics of one output are the same up to rounding."""
     a = stats[0]
-    if all(s == a for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max):
+    same = a.__dict__  # every field equal (a comparison of the records' dicts, which == would make tuples of)
+    if all(s.__dict__ == same for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max):
         return True  # the very same numbers (std is finite with them): no need to weigh the rounding
     scale = max(a.std, abs(a.mean), abs(a.min), abs(a.max), 1e-30) * 1e-5
     return all(s.count == a.count and s.nan_count == a.nan_count and s.inf_count == a.inf_count
