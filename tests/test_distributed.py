@@ -20,7 +20,7 @@ from torch import nn
 import layerscope
 from distributed_jobs import SCENARIOS, WORLD, make_batch, make_model, run_job
 from layerscope import TensorStats, load
-from layerscope.core import aligned, distributed, versions, wire
+from layerscope.core import aligned, distributed, findings, versions, wire
 from layerscope.core.records import copy_with
 from test_records import same, zoo
 
@@ -340,6 +340,9 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     assert all(len(a) < len(b) for a, b in zip(lean, sent))
     heads, read = zip(*[wire.columns(data, columns[0]) for data in lean])
     same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read]))), want)
+    # with the findings looking up the modules' structure as gather does, from the first rank's capture
+    like = findings._Look(ranks[0]).structure()
+    same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])), like), want)
 
 
 @pytest.mark.parametrize("index", range(len(zoo())))

@@ -203,14 +203,17 @@ def gather(cap, dst: int = 0):
 
 def _gather(dist, cap: Capture, dst: int) -> Capture | None:
     from .aligned import Columns
+    from .findings import _Look
 
     # When every rank's modules line up with rank 0's (the usual job) and rank 0 merges, the others send only what
     # the merge reads of them, and rank 0 reads it as columns, without building their modules' and calls' records.
     lean = dst == 0 and _lined_up(dist, cap)
-    columns = {}
+    columns, looks = {}, []
 
     def meanwhile():  # dst reads its own capture into columns while the other ranks encode theirs
         columns[dst] = Columns.of(cap)
+        if lean:  # and what the merged findings look up of its modules, which the merged capture shares
+            looks.append(_Look(cap).structure())
 
     received = collect(dist, cap, dst, functools.partial(wire.encode, lean=lean), lambda data: data, meanwhile)
     if received is None:
@@ -221,7 +224,7 @@ def _gather(dist, cap: Capture, dst: int) -> Capture | None:
         for data in received[1:]:
             head, columns[len(heads)] = wire.columns(data, own)
             heads.append(head)
-        return _merge(_checked(heads), columns)
+        return _merge(_checked(heads), columns, looks[0] if looks else None)
     captures = [cap if r == dst else wire.decode(data) for r, data in enumerate(received)]
     return _merge(_checked(captures), {dst: columns[dst]} if dst in columns else None)
 
@@ -317,12 +320,17 @@ def _checked(captures: Sequence[Capture]) -> list[Capture]:
     return captures
 
 
-def _merge(captures: list[Capture], columns: dict | None = None) -> Capture:
-    from .findings import find
+def _merge(captures: list[Capture], columns: dict | None = None, like=None) -> Capture:
+    """``merge``; ``like``: a ``findings._Look`` at the first capture, when the captures line up (its lookups of
+    the modules' structure hold for the merged capture too)."""
+    from .findings import find, group
 
     with paused():
         cap = merge_records(captures, columns)
-        return dataclasses.replace(cap, findings=tuple(find(cap)))
+        if like is None:
+            return dataclasses.replace(cap, findings=tuple(find(cap)))
+        ratios = {k: find.__kwdefaults__[k] for k in ("vanishing_ratio", "exploding_ratio")}
+        return dataclasses.replace(cap, findings=tuple(group(merged_findings(cap, **ratios, like=like))))
 
 
 def merge_records(captures: list[Capture], columns: dict | None = None) -> Capture:
@@ -690,14 +698,15 @@ def _rank_findings(captures: list[Capture]) -> list[Finding]:
 # -- findings of a merged capture --------------------------------------------------------------------------------
 
 
-def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
+def merged_findings(cap: Capture, vanishing_ratio: float, exploding_ratio: float, like=None) -> list[Finding]:
     """``find()`` of a merged capture: the ranks' own findings as its records hold them, and the job-wide rules
-    on the merged records: gradients (global norms), frozen, unused and training-mode layers, ``rank_desync``."""
+    on the merged records: gradients (global norms), frozen, unused and training-mode layers, ``rank_desync``.
+    ``like``: a look whose ``structure()`` this capture shares (see ``_merge``)."""
     from .findings import _finite, _Look
 
     kept = [f for f in cap.findings if f.kind not in JOB_WIDE]
     # the gradients are those of one rank's loss (DDP and FSDP2 average over ranks): scale by one rank's outputs
-    look = _Look(dataclasses.replace(cap, output_numel=cap.output_numel // cap.world_size))
+    look = _Look(dataclasses.replace(cap, output_numel=cap.output_numel // cap.world_size), like)
     echo = any(f.kind in ("input_nonfinite", "nan", "inf") for f in kept)  # the gradients only echo the NaN/Inf
     found = list(kept)
     if not echo and cap.error is None and cap.loss_kind is not None and _finite(cap.loss):

@@ -128,9 +128,21 @@ def group(found: list[Finding]) -> list[Finding]:
 class _Look:
     """The capture with the lookups the rules share."""
 
-    def __init__(self, cap: Capture):
+    _STRUCTURE = ("_bottom_up", "_under", "_own")  # what depends only on the modules' names, children and parameters
+
+    def __init__(self, cap: Capture, like: _Look | None = None):
+        """``like``: a look at a capture with the same modules, children and parameters (names and
+        ``trainable``), whose lookups of that structure this one takes (see ``structure``)."""
         self.cap = cap
         self.modules = cap.modules
+        if like is not None:
+            self.__dict__.update({key: like.__dict__[key] for key in self._STRUCTURE if key in like.__dict__})
+
+    def structure(self) -> _Look:
+        """This look, with its lookups of the modules' structure made (for another look to take them)."""
+        for key in self._STRUCTURE:
+            getattr(self, key)
+        return self
 
     def position(self, name: str) -> float:
         calls = self.modules[name].calls
