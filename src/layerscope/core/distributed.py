@@ -323,14 +323,14 @@ def _checked(captures: Sequence[Capture]) -> list[Capture]:
 def _merge(captures: list[Capture], columns: dict | None = None, like=None) -> Capture:
     """``merge``; ``like``: a ``findings._Look`` at the first capture, when the captures line up (its lookups of
     the modules' structure hold for the merged capture too)."""
-    from .findings import find, group
+    from .findings import EXPLODING_RATIO, VANISHING_RATIO, find, group
 
     with paused():
         cap = merge_records(captures, columns)
         if like is None:
             return dataclasses.replace(cap, findings=tuple(find(cap)))
-        ratios = {k: find.__kwdefaults__[k] for k in ("vanishing_ratio", "exploding_ratio")}
-        return dataclasses.replace(cap, findings=tuple(group(merged_findings(cap, **ratios, like=like))))
+        found = merged_findings(cap, VANISHING_RATIO, EXPLODING_RATIO, like)
+        return dataclasses.replace(cap, findings=tuple(group(found)))
 
 
 def merge_records(captures: list[Capture], columns: dict | None = None) -> Capture:
@@ -766,12 +766,15 @@ def desync(cap: Capture, look) -> list[Finding]:
     """``rank_desync``: replicated parameters whose values differ between ranks (by their checksums); and, under
     DDP with the very same batch on every rank, the first module whose output differs between ranks."""
     plain = _replicated_plain(cap)
-    odd = {name: {k: o for k, p in report.params.items() if (o := _odd_ranks(p, plain))}
-           for name, report in cap.modules.items()}
+    odd: dict[str, dict[str, tuple[int, list[int]]]] = {}  # the modules with parameters that differ
+    for name, report in cap.modules.items():
+        for k, p in report.params.items():
+            if o := _odd_ranks(p, plain):
+                odd.setdefault(name, {})[k] = o
     relevant = lambda n: any(p.per_rank for p in cap[n].params.values())  # noqa: E731
     found = []
-    for name in look.highest(relevant, lambda n: bool(odd[n])):
-        inside = [(n, k, o) for n in look.inside(name) for k, o in odd[n].items()]
+    for name in look.highest(relevant, odd.__contains__) if odd else []:
+        inside = [(n, k, o) for n in look.inside(name) for k, o in odd.get(n, {}).items()]
         ranks = sorted({r for _, _, (_, rs) in inside for r in rs})
         n, k, (ref, odd_ranks) = inside[0]
         p = cap[n].params[k].per_rank
@@ -792,12 +795,18 @@ def desync(cap: Capture, look) -> list[Finding]:
     return found
 
 
-def _agree(stats: list[TensorStats]) -> bool:
-    """Whether the ranks' statistics of one output are the same up to rounding."""
+def _alike(stats: Sequence[TensorStats]) -> bool:
+    """Whether the statistics are the very same finite numbers (then std is finite too): ``_agree`` at once."""
     a = stats[0]
     same = a.__dict__  # every field equal (a comparison of the records' dicts, which == would make tuples of)
-    if all(s.__dict__ == same for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max):
-        return True  # the very same numbers (std is finite with them): no need to weigh the rounding
+    return all(s.__dict__ == same for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max)
+
+
+def _agree(stats: list[TensorStats]) -> bool:
+    """Whether the ranks' statistics of one output are the same up to rounding."""
+    if _alike(stats):
+        return True  # no need to weigh the rounding
+    a = stats[0]
     scale = max(a.std, abs(a.mean), abs(a.min), abs(a.max), 1e-30) * 1e-5
     return all(s.count == a.count and s.nan_count == a.nan_count and s.inf_count == a.inf_count
                and all(abs(x - y) <= scale for x, y in ((s.mean, a.mean), (s.std, a.std), (s.min, a.min),
@@ -810,7 +819,10 @@ def _output_desync(cap: Capture, look) -> list[Finding]:
     if not same_batch:
         return []
     for name, call in cap.calls:
-        held = _present(call.per_rank or ())
+        per_rank = call.per_rank
+        if not per_rank or (None not in per_rank and _alike(per_rank)):
+            continue
+        held = _present(per_rank)
         if len(held) > 1 and not _agree([s for _, s in held]):
             ref, a = held[0]
             ranks = [r for r, s in held[1:] if not _agree([a, s])]

@@ -26,11 +26,14 @@ _OVERFLOW_NEAR = 1e30
 _HUGE_GRAD = 1e12  # a finite gradient norm this large next to Inf ones: they overflowed, nothing else went wrong
 
 
+VANISHING_RATIO, EXPLODING_RATIO = 1e-3, 1e4  # find()'s defaults for the gradient rules
+
+
 def find(
     cap: Capture,
     *,
-    vanishing_ratio: float = 1e-3,
-    exploding_ratio: float = 1e4,
+    vanishing_ratio: float = VANISHING_RATIO,
+    exploding_ratio: float = EXPLODING_RATIO,
     dead_fraction: float = 0.9,
     saturated_fraction: float = 0.5,
     saturated_margin: float = 0.02,
