@@ -94,6 +94,9 @@ class Columns:
         return self._hists
 
 
+_NO_PARAMS = MappingProxyType({})  # the parameters of every merged module without any (read-only: one for all)
+
+
 def lined_up(ranks: list[Columns]) -> bool:
     """Whether every rank has the first one's modules, in its order, with as many calls and the same parameters."""
     first = ranks[0]
@@ -160,7 +163,9 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     rows = [r.costs for r in ranks]
     ops = [r.module_fields["unsupported_ops"] for r in ranks]
     if _same(rows) and _same(ops):  # replicas: n times the sums
-        changes = [dict(zip(_SUMMED, [times(v, n) for v in row[:len(_SUMMED)]])) for row in rows[0]]
+        summed = [[v * n for v in column] if set(map(type, column)) == {int} else [times(v, n) for v in column]
+                  for column in list(zip(*rows[0]))[:len(_SUMMED)]]
+        changes = [dict(zip(_SUMMED, values)) for values in zip(*summed)]
     else:
         changes = [costs_of(r, o) for r, o in zip(zip(*rows), zip(*ops))]
     for field in ("devices", "dtypes", "traits"):
@@ -172,7 +177,7 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     out, c, p = {}, 0, 0
     for m, change in zip(first, changes):
         k, q = len(m.calls), len(m.params)
-        out[m.name] = adopt(ModuleReport, {**m.__dict__, "calls": tuple(calls[c:c + k]),
-                                           "params": MappingProxyType(dict(zip(m.params, params[p:p + q]))), **change})
+        own = MappingProxyType(dict(zip(m.params, params[p:p + q]))) if q else _NO_PARAMS
+        out[m.name] = adopt(ModuleReport, {**m.__dict__, "calls": tuple(calls[c:c + k]), "params": own, **change})
         c, p = c + k, p + q
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import operator
 import sys
@@ -207,7 +206,13 @@ def _gather(dist, cap: Capture, dst: int) -> Capture | None:
 
     # When every rank's modules line up with rank 0's (the usual job) and rank 0 merges, the others send only what
     # the merge reads of them, and rank 0 reads it as columns, without building their modules' and calls' records.
-    lean = dst == 0 and _lined_up(dist, cap)
+    ahead = []
+
+    def early():  # while the digests travel, a rank that sends to rank 0 encodes as if the ranks line up
+        if dst == 0 and dist.get_rank() != dst:
+            ahead.append(wire.encode(cap, lean=True))  # (an error is raised again by the encode below)
+
+    lean = dst == 0 and _lined_up(dist, cap, early)
     columns, looks = {}, []
 
     def meanwhile():  # dst reads its own capture into columns while the other ranks encode theirs
@@ -215,7 +220,8 @@ def _gather(dist, cap: Capture, dst: int) -> Capture | None:
         if lean:  # and what the merged findings look up of its modules, which the merged capture shares
             looks.append(_Look(cap).structure())
 
-    received = collect(dist, cap, dst, functools.partial(wire.encode, lean=lean), lambda data: data, meanwhile)
+    encode = (lambda c: ahead[0] if ahead else wire.encode(c, lean=True)) if lean else wire.encode
+    received = collect(dist, cap, dst, encode, lambda data: data, meanwhile)
     if received is None:
         return None
     if lean:
@@ -229,15 +235,19 @@ def _gather(dist, cap: Capture, dst: int) -> Capture | None:
     return _merge(_checked(captures), {dst: columns[dst]} if dst in columns else None)
 
 
-def _lined_up(dist, cap: Capture) -> bool:
-    """Whether every rank's capture has rank 0's modules, calls and parameters (``wire.digest``): a collective."""
+def _lined_up(dist, cap: Capture, meanwhile) -> bool:
+    """Whether every rank's capture has rank 0's modules, calls and parameters (``wire.digest``): a collective.
+    ``meanwhile`` runs while the digests travel (its errors are left to the work that follows)."""
     try:
         mine = np.frombuffer(wire.digest(cap), dtype=np.int64).copy()
     except Exception:  # noqa: BLE001 - a capture too broken to digest lines up with no other; encode will say why
         mine = np.array([-1, dist.get_rank()], dtype=np.int64)
     digest = torch.from_numpy(mine).to(_device(dist))
     digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(digests, digest)
+    work = dist.all_gather(digests, digest, async_op=True)
+    with contextlib.suppress(Exception):  # the collective must complete on every rank whatever happens here
+        meanwhile()
+    work.wait()
     return all(torch.equal(d, digests[0]) for d in digests[1:])
 
 

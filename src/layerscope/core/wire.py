@@ -131,7 +131,8 @@ def _columns(records: list, getters: list, w: _Writer) -> list:
 def digest(cap: Capture) -> bytes:
     """16 bytes that ranks whose captures hold the same modules in the same order, with as many calls and the same
     parameter names, share (what ``aligned.lined_up`` compares), and others do not."""
-    layout = [[name, len(m.calls), list(m.params)] for name, m in cap.modules.items()]
+    modules = cap.modules
+    layout = [list(modules), [len(m.calls) for m in modules.values()], [list(m.params) for m in modules.values()]]
     return hashlib.blake2b(json.dumps(layout, separators=(",", ":")).encode(), digest_size=16).digest()
 
 
