@@ -124,8 +124,24 @@ def _columns(records: list, getters: list, w: _Writer) -> list:
         elif float in (types := set(map(type, column))) and types <= {float, type(None)}:
             out.append(w.float_column(column))
         else:
-            out.append(column)
+            out.append(_coded(column) or column)
     return out
+
+
+def _coded(column: list) -> dict | None:
+    """A column of few distinct texts or tuples of texts (devices, dtypes, traits) as those values and each row's
+    number among them; None for other columns (text equals only the same text, so nothing else is merged)."""
+    text = lambda v: v is None or type(v) is str or (type(v) is tuple and _texts(v))  # noqa: E731
+    if not column or not text(column[0]):  # (shapes, numbers: at once)
+        return None
+    try:
+        distinct = list(dict.fromkeys(column))
+    except TypeError:  # lists or dicts inside
+        return None
+    if len(distinct) * 4 > len(column) or not all(map(text, distinct)):
+        return None
+    number = {v: i for i, v in enumerate(distinct)}
+    return {"values": distinct, "codes": list(map(number.__getitem__, column))}
 
 
 def digest(cap: Capture) -> bytes:
@@ -165,7 +181,7 @@ def encode(cap: Capture, lean: bool = False) -> bytes:
         "inputs": [[_row(_INPUT, i), w.stat(i.stats)] for i in cap.inputs],
         "lean": lean,
         "modules": _columns(modules, module_fields, w),
-        "traits": [sorted(m.traits) for m in modules],
+        "traits": (lambda t: _coded(t) or t)([tuple(sorted(m.traits)) for m in modules]),
         "keys": None if lean else [list(m.params) for m in modules],
         "calls_of": None if lean else [len(m.calls) for m in modules],
         "calls": _columns(calls, call_fields, w),
@@ -226,23 +242,32 @@ def _nested(value):
     return _tuples(value) if type(value) in (list, dict) else value
 
 
+def _expand(column, read, n: int) -> list:
+    """The ``n`` values of one of ``_columns``' columns, each read with ``read`` (None: as it is)."""
+    if type(column) is not dict:
+        return column if read is None else [read(v) for v in column]
+    if "values" in column:  # _coded
+        values = column["values"] if read is None else [read(v) for v in column["values"]]
+        return list(map(values.__getitem__, column["codes"]))
+    value = column["same"] if read is None else read(column["same"])
+    try:
+        hash(value)
+        return [value] * n
+    except TypeError:  # a dict inside: each record its own
+        return [value] * n if read is None else [read(column["same"]) for _ in range(n)]
+
+
+def _traits(doc: dict) -> list[frozenset]:
+    return _expand(doc["traits"], frozenset, 0)
+
+
 def _records(kind, columns: list, n: int, **apart) -> list:
     """The ``n`` records of ``_columns``' columns and the fields written apart (lists of ``n`` values)."""
     names, flat, nested, index = _PLANS[kind]
     if not n:
         return []
-    columns = list(columns)
-    for i, column in enumerate(columns):
-        read = _flat if i in flat else _nested if i in nested else None
-        if type(column) is dict:
-            value = column["same"] if read is None else read(column["same"])
-            try:
-                hash(value)
-                columns[i] = [value] * n
-            except TypeError:  # a dict inside: each record its own
-                columns[i] = [read(column["same"]) for _ in range(n)]
-        elif read is not None:
-            columns[i] = [read(v) for v in column]
+    columns = [_expand(column, _flat if i in flat else _nested if i in nested else None, n)
+               for i, column in enumerate(columns)]
     for name, values in apart.items():
         columns[index[name]] = values
     return [build(kind, zip(names, row)) for row in zip(*columns)]
@@ -318,7 +343,7 @@ def decode(data: bytes) -> Capture:
         by_module.append(tuple(calls[c:c + n]))
         by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
         c, p = c + n, p + len(keys)
-    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=[frozenset(t) for t in doc["traits"]],
+    reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=_traits(doc),
                        calls=by_module, params=by_params)
     return _capture(doc, stats, {m.name: m for m in reports})
 
@@ -327,11 +352,7 @@ def _column(columns: list, kind, name: str, n: int) -> list:
     """One field of ``n`` records of ``_columns``' columns, read as ``_records`` reads it."""
     _, flat, nested, index = _PLANS[kind]
     i = index[name]
-    read = _flat if i in flat else _nested if i in nested else None
-    column = columns[i]
-    if type(column) is dict:
-        return [column["same"] if read is None else read(column["same"])] * n
-    return column if read is None else [read(v) for v in column]
+    return _expand(columns[i], _flat if i in flat else _nested if i in nested else None, n)
 
 
 def columns(data: bytes, like=None):
@@ -346,7 +367,8 @@ def columns(data: bytes, like=None):
     stat = doc["call_parts"][0]
     n, calls = len(stat), doc["calls"]
     call = lambda name: _column(calls, CallRecord, name, n)  # noqa: E731
-    module = lambda name: _column(doc["modules"], ModuleReport, name, len(doc["traits"]))  # noqa: E731
+    traits = _traits(doc)
+    module = lambda name: _column(doc["modules"], ModuleReport, name, len(traits))  # noqa: E731
     held = [None if k < 0 else stats[k] for k in stat]
     table = np.full((n, len(_STATS)), np.nan)  # distributed.stats_table(held), from the rows as they came
     rows = np.asarray(stat, dtype=np.int64).reshape(-1)
@@ -369,5 +391,5 @@ def columns(data: bytes, like=None):
         grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
         table=table, bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
         module_fields=dict(devices=module("devices"), dtypes=module("dtypes"),
-                           traits=[frozenset(t) for t in doc["traits"]], unsupported_ops=module("unsupported_ops")))
+                           traits=traits, unsupported_ops=module("unsupported_ops")))
     return _capture(doc, stats, {}), columns
