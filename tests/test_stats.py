@@ -147,13 +147,14 @@ def test_norm_does_not_overflow_and_matches_float64():
     assert float(norm(x.half())) == pytest.approx(float(x.half().double().norm()), rel=1e-5)
 
 
-@pytest.mark.parametrize("n", [16_383, 16_384 * 3 + 5, 8_000_000])
+@pytest.mark.parametrize("n", [16_383, 2**20, 2**20 + 16_384 * 3 + 5, 8_000_000])
 def test_norm_of_many_large_values_stays_within_float32_rounding(n):
     """A single float32 dot over millions of values of one sign rounds by 2e-4 in some BLAS builds (OpenBLAS on
-    AVX2): norm() adds dots over rows in float64."""
+    AVX2), 3e-5 up to a million: past that norm() adds dots over rows in float64. (The norm's error is half the
+    sum of squares'.)"""
     from layerscope.core.stats import norm
 
     x = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8).float()
     want = float(np.sqrt(np.square(x.double().numpy()).sum()))
-    assert float(norm(x)) == pytest.approx(want, rel=1e-5)
-    assert float(norm(x.view(-1, 1).expand(-1, 2).t())) == pytest.approx(want * 2**0.5, rel=1e-5)  # not contiguous
+    assert float(norm(x)) == pytest.approx(want, rel=2e-5)
+    assert float(norm(x.view(-1, 1).expand(-1, 2).t())) == pytest.approx(want * 2**0.5, rel=2e-5)  # not contiguous

@@ -351,24 +351,26 @@ def _count(flat: torch.Tensor, total: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
 
 
-_ROW = 1 << 14  # norm(): the length of the float32 dots whose results are added in float64
+# norm(): one float32 dot up to _ONE_DOT values (rounding within 3e-5 relative), else dots over rows of _ROW values
+# added in float64 (a batched matmul costs 0.1 ms more than one dot: worth it only for large tensors)
+_ONE_DOT, _ROW = 1 << 20, 1 << 14
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a tensor as a float64 scalar on its device.
 
-    On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is taken by
-    float32 BLAS dots over rows of ``_ROW`` (16,384) values, one batched matmul, and the rows' sums added in
-    float64: as fast as one dot, whose rounding grows with its length in some BLAS builds (a relative error of
-    2e-4 over 8 million values from 0 to 255 with OpenBLAS on AVX2, against 1e-5 for the rows). Redone in float64
+    On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is a float32
+    BLAS dot, whose rounding grows with its length in some BLAS builds (a relative error of 2e-4 over 8 million
+    values from 0 to 255 with OpenBLAS on AVX2): past a million values, dots over rows of 16,384 values (one
+    batched matmul, about as fast as one dot there) whose sums are added in float64 (1e-5). Redone in float64
     only when it overflowed (a norm above ~1.8e19). Elsewhere, one float64 vector_norm: no copy to the CPU, no
     sync. Of a DTensor, the norm of this process's shard."""
     flat = local(t).detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        rows = flat.numel() // _ROW
-        if rows < 2:
+        if flat.numel() <= _ONE_DOT:
             squares = torch.dot(flat, flat).double()
         else:
+            rows = flat.numel() // _ROW
             tail = flat[rows * _ROW:]
             block = flat[: rows * _ROW].view(rows, 1, _ROW)
             squares = torch.bmm(block, block.transpose(1, 2)).double().sum() + torch.dot(tail, tail).double()
