@@ -244,13 +244,20 @@ def _lined_up(dist, cap: Capture, meanwhile) -> bool:
         mine = np.frombuffer(wire.digest(cap), dtype=np.int64).copy()
     except Exception:  # noqa: BLE001 - a capture too broken to digest lines up with no other; encode will say why
         mine = np.array([-1, dist.get_rank()], dtype=np.int64)
-    digest = torch.from_numpy(mine).to(_device(dist))
-    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
-    work = dist.all_gather(digests, digest, async_op=True)
-    with contextlib.suppress(Exception):  # the collective must complete on every rank whatever happens here
-        meanwhile()
-    work.wait()
+    digests = _all_gather(dist, torch.from_numpy(mine).to(_device(dist)), meanwhile)
     return all(torch.equal(d, digests[0]) for d in digests[1:])
+
+
+def _all_gather(dist, tensor: torch.Tensor, meanwhile=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, in rank order; ``meanwhile`` runs while they travel (its errors are suppressed: the
+    collective must complete on every rank whatever happens there)."""
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    work = dist.all_gather(out, tensor, async_op=True)
+    if meanwhile is not None:
+        with contextlib.suppress(Exception):
+            meanwhile()
+    work.wait()
+    return out
 
 
 def _device(dist) -> torch.device:
@@ -291,13 +298,7 @@ def _exchange(dist, payload: bytes, dst: int, meanwhile=None) -> list[bytes] | N
     others'."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(dist)
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    work = dist.all_gather(sizes, size, async_op=True)
-    if meanwhile is not None:
-        with contextlib.suppress(Exception):  # the collective must complete on every rank whatever happens here
-            meanwhile()
-    work.wait()
+    sizes = _all_gather(dist, torch.tensor([len(payload)], dtype=torch.int64, device=device), meanwhile)
     lengths = [int(s) for s in sizes]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
@@ -339,7 +340,7 @@ def _merge(captures: list[Capture], columns: dict | None = None, like=None) -> C
 
     with paused():
         cap = merge_records(captures, columns)
-        if like is None:
+        if like is None or not cap.merged:  # (one rank: find's own rules)
             return dataclasses.replace(cap, findings=tuple(find(cap)))
         found = merged_findings(cap, VANISHING_RATIO, EXPLODING_RATIO, like)
         return dataclasses.replace(cap, findings=tuple(group(found)))

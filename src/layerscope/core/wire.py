@@ -131,14 +131,13 @@ def _columns(records: list, getters: list, w: _Writer) -> list:
 def _coded(column: list) -> dict | None:
     """A column of few distinct texts or tuples of texts (devices, dtypes, traits) as those values and each row's
     number among them; None for other columns (text equals only the same text, so nothing else is merged)."""
-    text = lambda v: v is None or type(v) is str or (type(v) is tuple and _texts(v))  # noqa: E731
-    if not column or not text(column[0]):  # (shapes, numbers: at once)
+    if not column or not _texts(column[:1]):  # (shapes, numbers: at once)
         return None
     try:
         distinct = list(dict.fromkeys(column))
     except TypeError:  # lists or dicts inside
         return None
-    if len(distinct) * 4 > len(column) or not all(map(text, distinct)):
+    if len(distinct) * 4 > len(column) or not _texts(distinct):
         return None
     number = {v: i for i, v in enumerate(distinct)}
     return {"values": distinct, "codes": list(map(number.__getitem__, column))}
@@ -172,6 +171,7 @@ def encode(cap: Capture, lean: bool = False) -> bytes:
     modules = list(cap.modules.values())
     calls = [c for m in modules for c in m.calls]
     params = [p for m in modules for p in m.params.values()]
+    traits = [tuple(sorted(m.traits)) for m in modules]
     error = None if cap.error is None else {f.name: getattr(cap.error, f.name) for f in dataclasses.fields(CaptureError)
                                             if f.name != "exception"}
     doc = {
@@ -181,7 +181,7 @@ def encode(cap: Capture, lean: bool = False) -> bytes:
         "inputs": [[_row(_INPUT, i), w.stat(i.stats)] for i in cap.inputs],
         "lean": lean,
         "modules": _columns(modules, module_fields, w),
-        "traits": (lambda t: _coded(t) or t)([tuple(sorted(m.traits)) for m in modules]),
+        "traits": _coded(traits) or traits,
         "keys": None if lean else [list(m.params) for m in modules],
         "calls_of": None if lean else [len(m.calls) for m in modules],
         "calls": _columns(calls, call_fields, w),
