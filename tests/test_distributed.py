@@ -364,3 +364,15 @@ def test_lean_bytes_are_read_only_against_a_capture_that_lines_up():
     assert wire.digest(cap) != wire.digest(dataclasses.replace(cap, modules=MappingProxyType(renamed)))
     fewer = dict(list(cap.modules.items())[:-1])
     assert wire.digest(cap) != wire.digest(dataclasses.replace(cap, modules=MappingProxyType(fewer)))
+
+
+def test_a_merge_of_one_capture_keeps_its_dead_units_and_findings():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([-1.0, 1.0, 1.0, 1.0]))  # channel 0 dead on every item, the others alive
+    cap = layerscope.capture(model, torch.randn(3, 4))
+    assert cap["1"].calls[0].dead_units == 1
+    merged = distributed.merge([cap])
+    assert not merged.merged and merged["1"].calls[0].dead_units == 1
+    assert [(f.kind, f.module) for f in merged.findings] == [(f.kind, f.module) for f in cap.findings]

@@ -455,8 +455,10 @@ def all_of(flags: Sequence[bool | None]) -> bool | None:
 
 def dead_in_job(dead: Sequence[int | None], units: int | None) -> int | None:
     """A ReLU's dead units in the job from each rank's count: a unit is dead when it is dead on every rank, known
-    when some rank has none dead (0) or every rank has all of them dead; None otherwise."""
-    return None if None in dead else 0 if min(dead) == 0 else units if min(dead) == units else None
+    when some rank has none dead (0) or every rank has all of them dead, or there is one rank; None otherwise."""
+    if None in dead:
+        return None
+    return dead[0] if len(dead) == 1 else 0 if min(dead) == 0 else units if min(dead) == units else None
 
 
 def costs_of(rows: Sequence[tuple], ops: Sequence[tuple[str, ...]]) -> dict:
