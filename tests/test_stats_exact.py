@@ -234,3 +234,27 @@ def test_fixed_edges_count_values_on_and_next_to_every_edge(seed):
         counts, _ = np.histogram(seen, bins=edges)
         np.testing.assert_array_equal(hist.counts, counts)
         assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())
+
+
+@pytest.mark.parametrize("power", [-149, -140, -127, -126, -125, -60, -1, 0, 1, 10, 30])
+@pytest.mark.parametrize("first", [-70, -32, 0, 5, (1 << 24) - 40])
+def test_float32_values_on_aligned_edges_of_every_width(power, first):
+    """Aligned edges (watch's own: a power-of-two width, its multiples) bin float32 values in float32 where that is
+    exact (widths from 2**-126 to 1, bin numbers below 2**24) and in float64 elsewhere: on each edge, one float step
+    either side, far outside (to float32's limits) and between, counted as numpy counts them in float64."""
+    rng = np.random.default_rng([power + 200, first + 100])
+    width = 2.0**power
+    edges = width * np.arange(first, first + 41, dtype=np.float64)
+    on = edges.astype(np.float32)
+    big = np.finfo(np.float32).max
+    values = np.concatenate([on, np.nextafter(on, np.float32(np.inf)), np.nextafter(on, np.float32(-np.inf)),
+                             np.array([-big, big, 0.0, -0.0, 1e-45, -1e-45], dtype=np.float32),
+                             (edges[0] + (edges[-1] - edges[0]) * rng.uniform(-0.2, 1.2, 3000)).astype(np.float32)])
+    x = torch.from_numpy(rng.permutation(values))
+    batch = StatsBatch(sample_size=x.numel())
+    slot = batch.add(x, edges)
+    _, hist = batch.results()[slot]
+    seen = x.double().numpy()
+    counts, _ = np.histogram(seen, bins=edges)
+    np.testing.assert_array_equal(hist.counts, counts)
+    assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())

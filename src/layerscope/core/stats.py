@@ -316,7 +316,13 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
     first, scale, aligned = torch.tensor(uniform, dtype=torch.float64, device=m.device).T[:, :, None]
     if m.dtype == torch.float32 and bool(aligned.all()):
         scratch = scratch or Scratch()
-        place = torch.mul(m, scale, out=scratch.get("place", m.shape, torch.float64, m.device))  # exact: 2**-p
+        # a width from 2**-126 to 1 scales by 2**p, 0 <= p <= 126: exact in float32 too (no rounding to 0; beyond
+        # float32's range +-Inf, which lands in under or over), and the bins' numbers are small integers: half the
+        # bytes to write and read
+        wide = bool(((scale < 1) | (scale > 2.0**126) | ((first * scale).abs() + k >= 1 << 24)).any())
+        kind = torch.float64 if wide else torch.float32
+        scale, first = scale.to(kind), first.to(kind)
+        place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
         start = first * scale  # the first edge over the width: a whole number
         end = place == start + k  # on the last edge: numpy's closed last bin
         place.floor_().clamp_(start - 1, start + k).sub_(start - 2).sub_(end.to(place.dtype))
@@ -377,6 +383,16 @@ def norm(t: torch.Tensor) -> torch.Tensor:
         if torch.isfinite(squares):
             return squares.sqrt()
     return torch.linalg.vector_norm(flat, dtype=torch.float64)
+
+
+def _channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sums over every dim but 1 (the channels). Of a contiguous tensor of 3 dims or more, each (item, channel)
+    row is summed, then the items: memory read in order, about the cost of one flat sum (one reduction over dims
+    0, 2, 3 strides through it and costs 1.4-1.7x that on CPU)."""
+    if x.dim() >= 3 and x.is_contiguous():
+        n, c = x.shape[:2]
+        return x.view(n * c, -1).sum(1).view(n, c).sum(0)
+    return x.sum(dim=[d for d in range(x.dim()) if d != 1])
 
 
 class _Group:
@@ -520,7 +536,7 @@ class StatsBatch:
         flat = x.reshape(-1)
         per_channel = None
         if dead_slot is not None:
-            per_channel = x.sum(dim=[d for d in range(x.dim()) if d != 1])
+            per_channel = _channel_sums(x)
             self.dead[dead_slot] = (per_channel == 0).sum()  # non-negative values: a sum of 0 is all zeros
         (lo, hi, total, root, zeros), sample = self._passes(flat, per_channel)
         nan = inf = 0

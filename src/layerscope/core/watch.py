@@ -32,6 +32,7 @@ from .stats import Scratch, StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
 
+UPDATE_BLOCK = 256  # a large parameter's update is measured on evenly spaced blocks of this many neighbours
 EDGE_MARGIN = 2.0  # automatic histogram edges reach at least this many times the first sampled step's largest value
 _C = {name: i for i, name in enumerate(CALL_FIELDS)}
 _P = {name: i for i, name in enumerate(PARAM_FIELDS)}
@@ -70,7 +71,9 @@ def watch(
       dropped (the first step and the first step with NaN/Inf stay), so memory stays bounded however long the
       run. The one-pass findings of a step are taken before it is dropped.
     - ``sample_size``: large tensors are summarised on an evenly strided sample of this many elements (as in
-      ``capture``), and so is the update of a parameter with more elements than this.
+      ``capture``); the update of a parameter with more elements than this is measured on as many elements,
+      taken as evenly spaced blocks of ``UPDATE_BLOCK`` neighbours (read in a few cache lines, where a strided
+      sample of a 1 MB weight touches most of it).
     - ``thresholds``: the findings' thresholds (``layerscope.core.trends.DEFAULTS`` documents each).
 
     Every hook is removed when the ``with`` block ends, also on an exception. The parameters end bit-identical
@@ -158,8 +161,8 @@ class _Sample:
         self.lrs: tuple[float, ...] = ()
         self.scale = 1.0
         self.grad_scale = 1.0  # what the parameters' gradient norms are divided by: the scale, unless read unscaled
-        self.before: list | None = None  # the update samples: [(rows, counts, values before)] per device/dtype
-        self.updates: dict[int, torch.Tensor] = {}
+        self.before: list | None = None  # the update samples: [(row, copy of its sample before the step)]
+        self.updates: dict[int, float] = {}
         self.updated = False
         self.iteration = None  # the GradScaler's record of the iteration the sample began in (see _skipped)
 
@@ -436,19 +439,13 @@ class _Watcher:
         stage = states.get(id(self.optimizer), {}).get("stage")
         return getattr(stage, "name", None) == "UNSCALED"
 
-    def _update_samples(self, rows: list[int]) -> list:
-        """Evenly strided samples (all elements up to ``sample_size``) of these parameters, one copy per device
-        and dtype: [(rows, sample sizes, values)]."""
-        groups: dict[tuple, list] = {}
-        for row in rows:
-            p = local(self.params[row]).detach()
-            if p.is_meta or not p.is_floating_point() or p.numel() == 0:
-                continue
-            groups.setdefault((p.device, p.dtype), []).append(row)
+    def _update_samples(self, rows: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """A copy of the sample (see ``_sample_of``) of each of these parameters, taken before the optimizer's step."""
         out = []
-        for group in groups.values():
-            parts = [self._sample_of(self.params[row]) for row in group]
-            out.append((group, [len(s) for s in parts], torch.cat(parts)))
+        for row in rows:
+            p = local(self.params[row])
+            if not p.is_meta and p.is_floating_point() and p.numel():
+                out.append((row, self._sample_of(p).clone()))
         return out
 
     def _sample_of(self, p: torch.Tensor) -> torch.Tensor:
@@ -456,19 +453,21 @@ class _Watcher:
         n = flat.numel()
         if n <= self.sample_size:
             return flat
-        return flat[:: max(1, n // self.sample_size) | 1][: self.sample_size]
+        blocks = max(1, self.sample_size // UPDATE_BLOCK)
+        width = self.sample_size // blocks
+        spacing = max(1, (n - width) // max(1, blocks - 1))  # the last block ends within the tensor
+        return flat.unfold(0, width, spacing)[:blocks].reshape(-1)
 
     def _after_update(self) -> None:
-        """||w after - w before|| of each parameter, from its sample (scaled up by the share it covers)."""
+        """||w after - w before|| of each parameter, from its sample (scaled up by the share it covers): one
+        multi-tensor difference and norm for all of them (float32 sums: a few parts in a million)."""
         cur = self.current
-        for rows, sizes, before in cur.before:
-            after = torch.cat([self._sample_of(self.params[row]) for row in rows])
-            squares = (after - before).double().square()
-            sums = torch.segment_reduce(squares, "sum", lengths=torch.tensor(sizes, device=squares.device))
-            share = torch.tensor([local(self.params[row]).numel() / size for row, size in zip(rows, sizes)],
-                                 dtype=torch.float64, device=squares.device)
-            for row, value in zip(rows, (sums * share).sqrt()):
-                cur.updates[row] = value
+        if cur.before:
+            rows, before = zip(*cur.before)
+            samples = [self._sample_of(self.params[row]) for row in rows]
+            diffs = dict(enumerate(torch._foreach_sub(samples, list(before))))
+            for i, value in fast_norms(diffs).items():
+                cur.updates[rows[i]] = value * math.sqrt(local(self.params[rows[i]]).numel() / len(before[i]))
         cur.before = None
         cur.updated = True
 
@@ -482,13 +481,13 @@ class _Watcher:
         calls = rec.calls if rec is not None else []
         deferred = [c["grad"] for c in calls if c["grad"] is not None]
         deferred += [c["dead"] for c in calls if c["dead"] is not None]
-        deferred += [*cur.grads.values(), *cur.stale.values(), *cur.updates.values()]
+        deferred += [*cur.grads.values(), *cur.stale.values()]
         host = iter(_host(deferred))
         grads = [next(host) / cur.scale if c["grad"] is not None else math.nan for c in calls]
         dead = [next(host) if c["dead"] is not None else math.nan for c in calls]
         grad_norms = {row: next(host) / cur.grad_scale for row in cur.grads}
         stale = {row: next(host) / cur.scale for row in cur.stale}
-        updates = {row: next(host) for row in cur.updates}
+        updates = cur.updates
 
         bins = max((len(e) - 1 for e in self.run.edges.values()), default=0)
         counts = np.zeros((len(calls), bins), dtype=np.int32)
