@@ -32,7 +32,7 @@ from .stats import Scratch, StatsBatch, local, norm
 from .tree import module_tree
 from .trends import DEFAULTS
 
-UPDATE_BLOCK = 256  # a large parameter's update is measured on evenly spaced blocks of this many neighbours
+UPDATE_BLOCK = 16  # a large parameter's update is measured on evenly spaced blocks of this many neighbours
 EDGE_MARGIN = 2.0  # automatic histogram edges reach at least this many times the first sampled step's largest value
 _C = {name: i for i, name in enumerate(CALL_FIELDS)}
 _P = {name: i for i, name in enumerate(PARAM_FIELDS)}
@@ -72,8 +72,9 @@ def watch(
       run. The one-pass findings of a step are taken before it is dropped.
     - ``sample_size``: large tensors are summarised on an evenly strided sample of this many elements (as in
       ``capture``); the update of a parameter with more elements than this is measured on as many elements,
-      taken as evenly spaced blocks of ``UPDATE_BLOCK`` neighbours (read in a few cache lines, where a strided
-      sample of a 1 MB weight touches most of it).
+      taken as evenly spaced blocks of ``UPDATE_BLOCK`` neighbours, 64 bytes of float32 (a strided sample of a
+      1 MB weight touches most of its cache lines), an odd number of elements apart (not in step with a row's
+      length: a weight's rows and columns are all met).
     - ``thresholds``: the findings' thresholds (``layerscope.core.trends.DEFAULTS`` documents each).
 
     Every hook is removed when the ``with`` block ends, also on an exception. The parameters end bit-identical
@@ -456,6 +457,8 @@ class _Watcher:
         blocks = max(1, self.sample_size // UPDATE_BLOCK)
         width = self.sample_size // blocks
         spacing = max(1, (n - width) // max(1, blocks - 1))  # the last block ends within the tensor
+        if spacing % 2 == 0 and spacing > width:  # odd, not in step with the rows of a weight; blocks still apart
+            spacing -= 1
         return flat.unfold(0, width, spacing)[:blocks].reshape(-1)
 
     def _after_update(self) -> None:
