@@ -3,6 +3,7 @@
     python benchmarks/bench_watch.py              # digits CNN, ResNet-18 (batch 16, 224 x 224), the 2,001-module
                                                   # stack; then the memory a long run keeps
     python benchmarks/bench_watch.py --quick      # fewer rounds, no memory run
+    python benchmarks/bench_watch.py --quick --cpu --models stack2001 digits   # some models, by CPU time
     python benchmarks/bench_watch.py --memory-only --memory-steps 100000   # the memory figure alone, measured
 
 Each method trains the same model in blocks of steps, each block from the same weights and optimizer state; blocks
@@ -41,6 +42,7 @@ import layerscope
 from bench_capture import stack  # the same 2,001-module stack
 
 TARGETS = {"watch every=10": 1.05, "watch every=1": 1.5}
+CLOCK = time.perf_counter  # --cpu: time.process_time (less swayed by other work on a shared machine)
 
 
 def digits_cnn():
@@ -111,7 +113,7 @@ class NaiveStats:
 
 def block(model, batch, loss_fn, opt, steps: int, log=None, end=None) -> float:
     x, y = batch
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         loss = loss_fn(model(x), y)
         opt.zero_grad()
@@ -121,7 +123,7 @@ def block(model, batch, loss_fn, opt, steps: int, log=None, end=None) -> float:
             log(loss=loss)
         if end is not None:
             end()
-    return (time.perf_counter() - start) / steps
+    return (CLOCK() - start) / steps
 
 
 def compare(factory, steps: int, rounds: int) -> dict[str, float]:
@@ -136,10 +138,10 @@ def compare(factory, steps: int, rounds: int) -> dict[str, float]:
             return block(model, batch, loss_fn, opt, steps)
         if name in runs:
             with runs[name] as run:
-                start = time.perf_counter()
+                start = CLOCK()
                 block(model, batch, loss_fn, opt, steps, log=run.log)
                 run._judge()  # the one-pass findings of the block's sampled steps: deferred work, paid here
-                return (time.perf_counter() - start) / steps
+                return (CLOCK() - start) / steps
         with naive[name] as hooks:
             return block(model, batch, loss_fn, opt, steps, end=hooks.end_step)
 
@@ -224,18 +226,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds, no memory run")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS),
+                        help="models by the first word of their name (digits, resnet-18, stack2001)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time by this process's CPU time (less swayed by other work on a shared machine)")
     parser.add_argument("--memory-steps", type=int, default=20_000)
     parser.add_argument("--memory-width", type=int, default=16)
     parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.cpu else time.perf_counter
     torch.set_num_threads(2)
     rounds = 3 if args.quick else args.rounds
+    chosen = [name for name in MODELS if any(name.lower().split()[0] == m.lower().split()[0] for m in args.models)]
+    if not chosen and not args.memory_only:
+        parser.error(f"no model called {args.models}: choose from {[name.split()[0] for name in MODELS]}")
     if not args.memory_only:
-        for name in args.models:
+        for name in chosen:
             factory, steps = MODELS[name]
             row = compare(factory, steps, rounds)
-            print(f"\n== {name}: blocks of {steps} steps, median of {rounds} rounds; unwatched "
+            clock = "CPU time" if args.cpu else "wall time"
+            print(f"\n== {name}: blocks of {steps} steps, median of {rounds} rounds, {clock}; unwatched "
                   f"{row['unwatched ms/step']:.1f} ms/step ==", flush=True)
             for key, value in row.items():
                 if key == "unwatched ms/step":
