@@ -42,7 +42,6 @@ import layerscope
 from bench_capture import stack  # the same 2,001-module stack
 
 TARGETS = {"watch every=10": 1.05, "watch every=1": 1.5}
-CLOCK = time.perf_counter  # --cpu: time.process_time (less swayed by other work on a shared machine)
 
 
 def digits_cnn():
@@ -111,9 +110,9 @@ class NaiveStats:
             self.stats.clear()
 
 
-def block(model, batch, loss_fn, opt, steps: int, log=None, end=None) -> float:
+def block(model, batch, loss_fn, opt, steps: int, log=None, end=None, clock=time.perf_counter) -> float:
     x, y = batch
-    start = CLOCK()
+    start = clock()
     for _ in range(steps):
         loss = loss_fn(model(x), y)
         opt.zero_grad()
@@ -123,10 +122,10 @@ def block(model, batch, loss_fn, opt, steps: int, log=None, end=None) -> float:
             log(loss=loss)
         if end is not None:
             end()
-    return (CLOCK() - start) / steps
+    return (clock() - start) / steps
 
 
-def compare(factory, steps: int, rounds: int) -> dict[str, float]:
+def compare(factory, steps: int, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     model, batch, loss_fn, opt = factory()
     model.train()
     runs = {"watch every=10": layerscope.watch(model, opt, every=10),
@@ -135,15 +134,15 @@ def compare(factory, steps: int, rounds: int) -> dict[str, float]:
 
     def method(name):
         if name == "unwatched":
-            return block(model, batch, loss_fn, opt, steps)
+            return block(model, batch, loss_fn, opt, steps, clock=clock)
         if name in runs:
             with runs[name] as run:
-                start = CLOCK()
+                start = clock()
                 block(model, batch, loss_fn, opt, steps, log=run.log)
                 run._judge()  # the one-pass findings of the block's sampled steps: deferred work, paid here
-                return (CLOCK() - start) / steps
+                return (clock() - start) / steps
         with naive[name] as hooks:
-            return block(model, batch, loss_fn, opt, steps, end=hooks.end_step)
+            return block(model, batch, loss_fn, opt, steps, end=hooks.end_step, clock=clock)
 
     names = ["unwatched", *runs, *naive]
     for name in names:  # warm-up: one block each (the first sampled steps also pick the histogram edges)
@@ -234,8 +233,7 @@ def main() -> None:
     parser.add_argument("--memory-width", type=int, default=16)
     parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
-    global CLOCK
-    CLOCK = time.process_time if args.cpu else time.perf_counter
+    clock, clock_name = (time.process_time, "CPU time") if args.cpu else (time.perf_counter, "wall time")
     torch.set_num_threads(2)
     rounds = 3 if args.quick else args.rounds
     chosen = [name for name in MODELS if any(name.lower().split()[0] == m.lower().split()[0] for m in args.models)]
@@ -244,9 +242,8 @@ def main() -> None:
     if not args.memory_only:
         for name in chosen:
             factory, steps = MODELS[name]
-            row = compare(factory, steps, rounds)
-            clock = "CPU time" if args.cpu else "wall time"
-            print(f"\n== {name}: blocks of {steps} steps, median of {rounds} rounds, {clock}; unwatched "
+            row = compare(factory, steps, rounds, clock)
+            print(f"\n== {name}: blocks of {steps} steps, median of {rounds} rounds, {clock_name}; unwatched "
                   f"{row['unwatched ms/step']:.1f} ms/step ==", flush=True)
             for key, value in row.items():
                 if key == "unwatched ms/step":

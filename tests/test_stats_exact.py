@@ -226,14 +226,19 @@ def test_fixed_edges_count_values_on_and_next_to_every_edge(seed):
     values = np.concatenate([on, np.nextafter(on, kind(np.inf)), np.nextafter(on, kind(-np.inf)),
                              (edges[0] + (edges[-1] - edges[0]) * rng.uniform(-0.2, 1.2, 5000)).astype(kind)])
     for n in (len(values), 70_000):  # the buffer path, and the large path (strided sample)
-        x = torch.from_numpy(np.resize(rng.permutation(values), n).astype(kind)).to(dtype)
-        batch = StatsBatch(sample_size=n)
-        slot = batch.add(x, edges)
-        _, hist = batch.results()[slot]
-        seen = x.double().numpy()
-        counts, _ = np.histogram(seen, bins=edges)
-        np.testing.assert_array_equal(hist.counts, counts)
-        assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())
+        binned_like_numpy(torch.from_numpy(np.resize(rng.permutation(values), n).astype(kind)).to(dtype), edges)
+
+
+def binned_like_numpy(x: torch.Tensor, edges: np.ndarray) -> None:
+    """Every value of ``x`` binned on the fixed ``edges`` (a sample of all of them) where numpy's float64 comparisons
+    put it, and those outside counted as under and over."""
+    batch = StatsBatch(sample_size=x.numel())
+    slot = batch.add(x, edges)
+    _, hist = batch.results()[slot]
+    seen = x.double().numpy()
+    counts, _ = np.histogram(seen, bins=edges)
+    np.testing.assert_array_equal(hist.counts, counts)
+    assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())
 
 
 @pytest.mark.parametrize("power", [-149, -140, -127, -126, -125, -60, -1, 0, 1, 10, 30])
@@ -250,11 +255,4 @@ def test_float32_values_on_aligned_edges_of_every_width(power, first):
     values = np.concatenate([on, np.nextafter(on, np.float32(np.inf)), np.nextafter(on, np.float32(-np.inf)),
                              np.array([-big, big, 0.0, -0.0, 1e-45, -1e-45], dtype=np.float32),
                              (edges[0] + (edges[-1] - edges[0]) * rng.uniform(-0.2, 1.2, 3000)).astype(np.float32)])
-    x = torch.from_numpy(rng.permutation(values))
-    batch = StatsBatch(sample_size=x.numel())
-    slot = batch.add(x, edges)
-    _, hist = batch.results()[slot]
-    seen = x.double().numpy()
-    counts, _ = np.histogram(seen, bins=edges)
-    np.testing.assert_array_equal(hist.counts, counts)
-    assert (hist.under, hist.over) == ((seen < edges[0]).sum(), (seen > edges[-1]).sum())
+    binned_like_numpy(torch.from_numpy(rng.permutation(values)), edges)

@@ -319,11 +319,11 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
         # a width from 2**-126 to 1 scales by 2**p, 0 <= p <= 126: exact in float32 too (no rounding to 0; beyond
         # float32's range +-Inf, which lands in under or over), and the bins' numbers are small integers: half the
         # bytes to write and read
-        wide = bool(((scale < 1) | (scale > 2.0**126) | ((first * scale).abs() + k >= 1 << 24)).any())
-        kind = torch.float64 if wide else torch.float32
-        scale, first = scale.to(kind), first.to(kind)
-        place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
         start = first * scale  # the first edge over the width: a whole number
+        wide = bool(((scale < 1) | (scale > 2.0**126) | (start.abs() + k >= 1 << 24)).any())
+        kind = torch.float64 if wide else torch.float32
+        scale, start = scale.to(kind), start.to(kind)
+        place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
         end = place == start + k  # on the last edge: numpy's closed last bin
         place.floor_().clamp_(start - 1, start + k).sub_(start - 2).sub_(end.to(place.dtype))
         small = m.device.type == "cpu" and m.numel() * (k + 4) < 1 << 31  # bincount's int32: fewer bytes to read

@@ -468,9 +468,9 @@ class _Watcher:
         if cur.before:
             rows, before = zip(*cur.before)
             samples = [self._sample_of(self.params[row]) for row in rows]
-            diffs = dict(enumerate(torch._foreach_sub(samples, list(before))))
-            for i, value in fast_norms(diffs).items():
-                cur.updates[rows[i]] = value * math.sqrt(local(self.params[rows[i]]).numel() / len(before[i]))
+            diffs = dict(zip(rows, torch._foreach_sub(samples, list(before))))
+            for row, value in fast_norms(diffs).items():
+                cur.updates[row] = value * math.sqrt(local(self.params[row]).numel() / diffs[row].numel())
         cur.before = None
         cur.updated = True
 
