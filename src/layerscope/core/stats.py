@@ -38,7 +38,7 @@ import torch
 # near float32's maximum overflow) or when the values' span is below _NARROW (squares of deviations underflow).
 _WIDE, _NARROW = 2.0**50, 2.0**-30
 
-# The per-row summary vector built on the device, in this order.
+# A summary's fields, in this order (see _summary).
 _FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
 
 
@@ -210,30 +210,35 @@ class Scratch:
 
 def _rows(m: torch.Tensor, bins: int, span: tuple | None = None, histogram: bool = True,
           scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact summaries of each row of ``m`` [k, n] (all values finite): a [k, 12] float64 vector per
-    row in the order of _FIELDS, and [k, bins] histogram counts (None without ``histogram``: rows binned
-    on fixed edges). ``span`` = (min, max) [k] tensors sets the histogram range instead of the rows' own range.
-    ``scratch``: where to keep the work buffers."""
+    """The sums of each row of ``m`` [k, n] (all values finite) that ``_summary`` turns into its statistics, a
+    [k, 4] float64 tensor (each row's mean rounded to the dtype, the sum of the values less it, the sum of their
+    squares, the zeros), and [k, bins] histogram counts (None without ``histogram``: rows binned on fixed edges).
+    ``span`` = (min, max) [k] tensors sets the histogram range instead of the rows' own range. ``scratch``: where
+    to keep the work buffers."""
     k, n = m.shape
     scratch = scratch or Scratch()
-    mn, mx = (m.amin(1), m.amax(1)) if span is None else span  # row-wise aminmax is several times slower on CPU
-    flat = mx <= mn
     shift = m.sum(1) / n  # each row's mean, rounded to its dtype: summing around it, nothing cancels
     work = torch.sub(m, shift[:, None], out=scratch.get("work", (k, n), m.dtype, m.device))  # reused below
-    total = work.sum(1).double()  # what the rounding of the mean left over
-    mean = shift.double() + total / n
-    m2 = (work.square_().sum(1).double() - total * total / n).clamp_min_(0)
+    total = work.sum(1)  # what the rounding of the mean left over
+    squares = work.square_().sum(1)
     if n < 1 << 24:  # zeros as 0/1 in the float buffer, exact in its sums: three times faster than bools
-        zeros = torch.eq(m, 0, out=work).sum(1).double()
+        sums = torch.stack([shift, total, squares, torch.eq(m, 0, out=work).sum(1)], 1).double()
     else:
-        zeros = (m == 0).sum(1).double()
-    lo, hi = mn.double(), mx.double()
-    lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)  # numpy's range for equal values
-    counts = _own_counts(m, work, mn, mx, flat, bins, scratch) if histogram else None
-    none = torch.zeros_like(m2)
-    size = none + n
-    vec = torch.stack([size, mean, m2, mn.double(), mx.double(), zeros, size, none, none, lo, hi, size], dim=1)
-    return vec, counts
+        sums = torch.stack([shift.double(), total.double(), squares.double(), (m == 0).sum(1).double()], 1)
+    counts = None
+    if histogram:
+        mn, mx = (m.amin(1), m.amax(1)) if span is None else span  # row-wise aminmax is several times slower on CPU
+        counts = _own_counts(m, work, mn, mx, mx <= mn, bins, scratch)
+    return sums, counts
+
+
+def _summary(count: int, shift: float, total: float, squares: float, zeros: float, lo: float, hi: float,
+             nan: int = 0, inf: int = 0) -> tuple:
+    """A row's statistics in the order of _FIELDS from its sums (see _rows; ``count`` values, all binned), in
+    float64: the mean is the shift plus the mean of what is left, M2 the squares less what the shift missed."""
+    left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)  # numpy's range for equal values
+    return (count, shift + total / count, max(squares - total * total / count, 0.0), lo, hi, int(zeros), count,
+            nan, inf, left, right, count)
 
 
 def _own_counts(m: torch.Tensor, work: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, flat: torch.Tensor,
@@ -248,19 +253,19 @@ def _own_counts(m: torch.Tensor, work: torch.Tensor, mn: torch.Tensor, mx: torch
     return _flat_counts(torch.bincount(idx.view(-1), minlength=k * bins).view(k, bins), flat, n)
 
 
-def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """_rows for one flat tensor holding NaN/Inf: summarise its finite values, count the others."""
+def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[dict, torch.Tensor]:
+    """The statistics (by _FIELDS) and histogram counts of one flat tensor holding NaN/Inf: its finite values
+    summarised, the others counted."""
     finite = x[torch.isfinite(x)]
-    if finite.numel():
-        if finite.dtype == torch.float32 and _wide(*torch.aminmax(finite)):
-            finite = finite.double()
-        vec, counts = _rows(finite[None], bins)
-        vec, counts = vec[0].clone(), counts[0]
-    else:
-        vec = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, -0.5, 0.5, 0], dtype=torch.float64, device=x.device)
-        counts = torch.zeros(bins, dtype=torch.long, device=x.device)
-    vec[7], vec[8] = torch.isnan(x).sum(), torch.isinf(x).sum()
-    return vec, counts
+    nan, inf = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()
+    if not finite.numel():
+        return dict(zip(_FIELDS, (0, 0.0, 0.0, 0.0, 0.0, 0, 0, nan, inf, -0.5, 0.5, 0))), \
+            torch.zeros(bins, dtype=torch.long, device=x.device)
+    lo, hi = torch.stack(torch.aminmax(finite)).tolist()
+    if finite.dtype == torch.float32 and _wide(lo, hi):
+        finite = finite.double()
+    sums, counts = _rows(finite[None], bins)
+    return dict(zip(_FIELDS, _summary(finite.numel(), *sums[0].tolist(), lo, hi, nan, inf))), counts[0]
 
 
 def _check_edges(edges) -> np.ndarray:
@@ -302,43 +307,50 @@ def _uniform(edges: np.ndarray) -> tuple[float, float, bool] | None:
 
 
 def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
-             scratch: Scratch | None = None) -> torch.Tensor:
+             scratch: Scratch | None = None, stride: int = 0) -> torch.Tensor:
     """For each value of ``m`` [r, n], how many of its row's ``bounds`` [r, k + 3] (see _thresholds) lie strictly
-    below it: ``torch.searchsorted(bounds, m)``. With ``uniform`` (each row's _uniform, and every value of ``m``
-    finite), arithmetically instead, several times faster, and the same to the last value. Aligned edges and
-    float32 values: value / width is exact in float64, so its floor is the bin (a value on the last edge is in
-    the last bin). Other uniform edges: the bin is read off the value's position in float64, and the values
-    within 1e-6 of a bin's width from an edge, whose position may round across it, are compared with the bounds
-    next to it."""
-    if uniform is None:
-        return torch.searchsorted(bounds, m)
-    k = bounds.shape[1] - 3
-    first, scale, aligned = torch.tensor(uniform, dtype=torch.float64, device=m.device).T[:, :, None]
-    if m.dtype == torch.float32 and bool(aligned.all()):
+    below it: ``torch.searchsorted(bounds, m)``, plus ``stride`` times the row's number (so that the indices of all
+    rows can be counted at once). With ``uniform`` (each row's _uniform, and every value of ``m`` finite),
+    arithmetically instead, several times faster, and the same to the last value. Aligned edges and float32
+    values: value / width is exact in float64, so its floor is the bin (a value on the last edge is in the last
+    bin). Other uniform edges: the bin is read off the value's position in float64, and the values within 1e-6 of
+    a bin's width from an edge, whose position may round across it, are compared with the bounds next to it."""
+    r, k = len(m), bounds.shape[1] - 3
+    if uniform is not None and m.dtype == torch.float32 and all(u[2] for u in uniform):
         scratch = scratch or Scratch()
-        # a width from 2**-126 to 1 scales by 2**p, 0 <= p <= 126: exact in float32 too (no rounding to 0; beyond
-        # float32's range +-Inf, which lands in under or over), and the bins' numbers are small integers: half the
-        # bytes to write and read
-        start = first * scale  # the first edge over the width: a whole number
-        wide = bool(((scale < 1) | (scale > 2.0**126) | (start.abs() + k >= 1 << 24)).any())
+        # Per row, from its (first edge, 1 / width): the first edge over the width (a whole number), the last one,
+        # and what to take off the floor of value / width to get the index. A width from 2**-126 to 1 scales by
+        # 2**p, 0 <= p <= 126: exact in float32 too (no rounding to 0; beyond float32's range +-Inf, which lands in
+        # under or over), and the indices are small integers: half the bytes to write and read.
+        rows = [(scale, first * scale) for first, scale, _ in uniform]
+        wide = any(scale < 1 or scale > 2.0**126 or abs(start) + k + 2 + r * stride >= 1 << 24
+                   for scale, start in rows)
         kind = torch.float64 if wide else torch.float32
-        scale, start = scale.to(kind), start.to(kind)
+        consts = torch.tensor([[scale, start + k, start - 1, start - 2 - i * stride]
+                               for i, (scale, start) in enumerate(rows)], dtype=kind, device=m.device)
+        scale, last, low, shift = (consts[:, i:i + 1] for i in range(4))
         place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
-        end = place == start + k  # on the last edge: numpy's closed last bin
-        place.floor_().clamp_(start - 1, start + k).sub_(start - 2).sub_(end.to(place.dtype))
+        end = place == last  # on the last edge: numpy's closed last bin
+        place.floor_().clamp_(low, last).sub_(shift).sub_(end.to(place.dtype))
         small = m.device.type == "cpu" and m.numel() * (k + 4) < 1 << 31  # bincount's int32: fewer bytes to read
         idx = scratch.get("index", m.shape, torch.int32 if small else torch.long, m.device)
-        return idx.copy_(place)  # under e0: 1; bin j: j + 2; over ek: k + 2
-    place = torch.sub(m, first).mul_(scale)  # float64 (first is), a new tensor: m is the caller's
-    idx = place.floor()
-    off = place.sub_(idx)
-    near = ((off < 1e-6) | (off > 1 - 1e-6)).nonzero(as_tuple=True)
-    idx = idx.clamp_(-1, k).long().add_(2)  # under e0: 1; bin j: j + 2; over ek: k + 2
-    if len(near[0]):
-        x, at = m[near], idx[near]
-        rows = near[0]
-        at += (x > bounds[rows, at]).long() - (x <= bounds[rows, at - 1]).long()
-        idx[near] = at
+        return idx.copy_(place)  # under e0: 1; bin j: j + 2; over ek: k + 2 (plus the row's offset)
+    if uniform is None:
+        idx = torch.searchsorted(bounds, m)
+    else:
+        first, scale, _ = torch.tensor(uniform, dtype=torch.float64, device=m.device).T[:, :, None]
+        place = torch.sub(m, first).mul_(scale)  # float64 (first is), a new tensor: m is the caller's
+        idx = place.floor()
+        off = place.sub_(idx)
+        near = ((off < 1e-6) | (off > 1 - 1e-6)).nonzero(as_tuple=True)
+        idx = idx.clamp_(-1, k).long().add_(2)  # under e0: 1; bin j: j + 2; over ek: k + 2
+        if len(near[0]):
+            x, at = m[near], idx[near]
+            rows = near[0]
+            at += (x > bounds[rows, at]).long() - (x <= bounds[rows, at - 1]).long()
+            idx[near] = at
+    if stride and r > 1:
+        idx += torch.arange(0, r * stride, stride, dtype=idx.dtype, device=idx.device)[:, None]
     return idx
 
 
@@ -416,7 +428,7 @@ class StatsBatch:
     def __init__(self, bins: int = 64, small: int = 1 << 16, budget: int = 1 << 20, sample_size: int = 8192,
                  edges: dict | None = None, scratch: Scratch | None = None):
         self.bins, self.small, self.budget, self.sample_size = bins, small, budget, sample_size
-        self._slots: list = []  # per add: None, or [numel, vec, row, counts, fixed-edges counts or None]
+        self._slots: list = []  # per add: None, or [numel, sums, row, counts, fixed-edges counts or None]: see results
         self._groups: dict[tuple, _Group] = {}
         # id(edges) -> (edges, checked copy, {(device, dtype): bounds}, _uniform of them); ``edges`` shares it
         # between batches (the sampled steps of a run bin on the same edges every time)
@@ -484,8 +496,7 @@ class StatsBatch:
             uniform = [f[3] for f in fixed]
             if any(u is None for u in uniform) or not all(finite[i] for i in rows):
                 uniform = None
-            idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform, self._scratch)  # bounds below
-            idx += torch.arange(0, len(rows) * (size + 1), size + 1, dtype=idx.dtype, device=idx.device)[:, None]
+            idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform, self._scratch, size + 1)
             counts = _count(idx.reshape(-1), len(rows) * (size + 1))
             for row, i, f in zip(counts.view(len(rows), size + 1), rows, fixed):
                 self._slots[slots[i]][4] = (row, f[1])
@@ -498,12 +509,12 @@ class StatsBatch:
         m = torch.stack(group.copies, out=m)
         group.copies.clear()
         mn, mx = m.amin(1), m.amax(1)
-        finite = torch.isfinite(mn) & torch.isfinite(mx)
+        lows, highs = torch.stack([mn, mx]).tolist()
+        finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(lows, highs)]
         if m.dtype == torch.float32:
-            wide = (torch.maximum(mx, -mn) > _WIDE) | ((mx > mn) & (mx - mn < _NARROW))
-            finite, wide = torch.stack([finite, wide & finite]).tolist()
+            wide = [ok and _wide(lo, hi) for ok, lo, hi in zip(finite, lows, highs)]
         else:
-            finite, wide = finite.tolist(), [False] * len(m)
+            wide = [False] * len(m)
         self._bin_rows(m, group.slots, finite)
         own = [self._slots[slot][4] is None for slot in group.slots]  # rows binned on their own range
         for narrow in (True, False):
@@ -513,14 +524,14 @@ class StatsBatch:
             everything = len(good) == len(finite)
             rows = m if everything else m[good]
             span = (mn, mx) if everything and narrow else None
-            vec, counts = _rows(rows if narrow else rows.double(), self.bins, span, any(own[i] for i in good),
-                                self._scratch)
+            sums, counts = _rows(rows if narrow else rows.double(), self.bins, span, any(own[i] for i in good),
+                                 self._scratch)
             for row, i in enumerate(good):
-                self._slots[group.slots[i]][1:4] = [vec, row, counts]
+                self._slots[group.slots[i]][1:4] = [sums, (row, lows[i], highs[i]), counts]
         for i, ok in enumerate(finite):
             if not ok:
-                vec, counts = _with_non_finite(m[i], self.bins)
-                self._slots[group.slots[i]][1:4] = [vec, None, counts]
+                known, counts = _with_non_finite(m[i], self.bins)
+                self._slots[group.slots[i]][1:4] = [None, known, counts]
 
     def _passes(self, flat: torch.Tensor, per_channel: torch.Tensor | None = None) -> tuple[list[float], torch.Tensor]:
         """The three passes (aminmax, sum, dot; the sum given as ``per_channel`` sums) and the zeros of an evenly
@@ -611,13 +622,12 @@ class StatsBatch:
             if slot is None:
                 out.append(None)
                 continue
-            numel, vec, row, counts, fixed = slot
-            if isinstance(row, dict):  # a large tensor: all known already but the histogram
-                f = row
-                count, mean, m2, lo, hi, zeros, checked, nan, inf = (f[k] for k in _FIELDS[:9])
-                left, right, binned = f["lo"], f["hi"], f["binned"]
-            else:
-                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = cpu(vec, row).tolist()
+            numel, sums, row, counts, fixed = slot
+            if isinstance(row, dict):  # a large tensor, or one holding NaN/Inf: all known already but the histogram
+                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = (row[k] for k in _FIELDS)
+            else:  # a row of a buffer: (its row in the sums, min, max)
+                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = _summary(
+                    numel, *cpu(sums, row[0]).tolist(), row[1], row[2])
             stats = TensorStats(numel, int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
             if fixed is None:
                 out.append([stats, numel, binned])
@@ -634,6 +644,6 @@ class StatsBatch:
             for i, e in zip(index, edges):
                 stats, numel, binned = out[i]
                 _, _, row, counts, _ = self._slots[i]
-                c = cpu(counts, None if isinstance(row, dict) else row).astype(np.int64, copy=False)
+                c = cpu(counts, None if isinstance(row, dict) else row[0]).astype(np.int64, copy=False)
                 out[i] = (stats, Histogram(counts=c, edges=e, sampled=int(binned), numel=numel))
         return out
