@@ -616,6 +616,27 @@ def test_one_pass_findings_are_kept_once_with_their_steps(digits):
     assert len(run.records) <= 4 and run.steps[0] == 0
 
 
+
+def test_the_judged_findings_are_those_of_each_steps_capture():
+    """The run judges each sampled step on a lean rebuild (only the histograms of saturating activations): its
+    findings are those of the step's full capture, a saturated sigmoid's (read off its histogram) among them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)  # the sigmoid's inputs are far from 0: most of its outputs sit at 0 or 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with watch(model, opt, every=1) as run:
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(loss=loss)
+    found = {(f.kind, f.module) for f in run.findings if "sampled_steps" in f.details}  # the one-pass ones
+    assert ("saturated_activation", "1") in found
+    assert found == {(f.kind, f.module) for step in run.steps for f in run.at(step).findings}
+
 # -- records: bounded, saved, exported ------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from . import traits
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors, shape_tree
 from .records import CallRecord
-from .stats import StatsBatch, local, norm
+from .stats import StatsBatch, local, norm, norm_value
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -138,7 +138,7 @@ class Recorder:
                 if costs is not None:
                     costs.pause()
                 try:
-                    call["grad"] = norm(g)
+                    call["grad"] = norm_value(g)
                 finally:
                     if costs is not None:
                         costs.resume()

@@ -379,7 +379,7 @@ class Run:
         unjudged, self._unjudged = self._unjudged, []
         with paused():  # each step is rebuilt as a Capture: thousands of small records
             for record in unjudged:  # not cached: at() keeps the Captures someone looks at
-                cap = self._captures.get(record.step) or self._capture(record)
+                cap = self._captures.get(record.step) or self._capture(record, judging=True)
                 for f in cap.findings:
                     seen = self._seen.get((f.kind, f.module))
                     if seen is None:
@@ -447,15 +447,19 @@ class Run:
         i = int(np.searchsorted(np.frombuffer(steps, dtype=np.int64), step, side="right")) - 1
         return values[i] if i >= 0 and steps[i] == step else None
 
-    def _capture(self, record: StepRecord) -> Capture:
+    def _capture(self, record: StepRecord, judging: bool = False) -> Capture:
+        """The step as a Capture with its one-pass findings. ``judging``: for those findings only, so without the
+        histograms they do not read (all but those of saturating activations, which have ``bounds``)."""
         names = list(self.structure.modules)
+        binned = self.edges if not judging else {
+            name: edges for name, edges in self.edges.items() if self.structure.modules[name].bounds is not None}
         calls: list[list[CallRecord]] = [[] for _ in names]
         ranks = None if record.rank_calls is None else record.rank_calls.tolist()
         for i, (layout, row) in enumerate(zip(record.layout, record.calls.tolist())):
             module, in_shapes, out_shapes, in_dtypes, out_dtypes, in_devices, out_devices = layout
             stats, hist = _stats(row), None
             if stats is not None:
-                edges = self.edges.get(names[module])
+                edges = binned.get(names[module])
                 if edges is not None:
                     hist = build(Histogram, counts=record.counts[i, :len(edges) - 1].astype(np.int64), edges=edges,
                                  sampled=int(row[_SAMPLED]), numel=stats.numel, under=int(row[_UNDER]),

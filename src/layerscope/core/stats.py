@@ -375,7 +375,14 @@ _ONE_DOT, _ROW = 1 << 20, 1 << 14
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of a tensor as a float64 scalar on its device.
+    """The L2 norm of a tensor as a float64 scalar on its device (see ``norm_value``)."""
+    value = norm_value(t)
+    return torch.tensor(value, dtype=torch.float64) if isinstance(value, float) else value
+
+
+def norm_value(t: torch.Tensor) -> float | torch.Tensor:
+    """The L2 norm of a tensor: a float where it is known at once (a CPU tensor of up to a million values), else a
+    float64 scalar on its device, to be read with others (no sync for each).
 
     On CPU a float64 reduction is about 12x slower than a float32 one, so there the sum of squares is a float32
     BLAS dot, whose rounding grows with its length in some BLAS builds (a relative error of 2e-4 over 8 million
@@ -385,10 +392,10 @@ def norm(t: torch.Tensor) -> torch.Tensor:
     sync. Of a DTensor, the norm of this process's shard."""
     flat = local(t).detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        if flat.numel() <= _ONE_DOT:  # read at once (no sync to wait for on the CPU): three tensor ops fewer
+        if flat.numel() <= _ONE_DOT:
             squares = float(torch.dot(flat, flat))
             if squares < math.inf:
-                return torch.tensor(math.sqrt(squares), dtype=torch.float64)
+                return math.sqrt(squares)
         else:
             rows = flat.numel() // _ROW
             tail = flat[rows * _ROW:]

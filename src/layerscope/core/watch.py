@@ -28,7 +28,7 @@ from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms
 from .records import InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
-from .stats import Scratch, StatsBatch, local, norm
+from .stats import Scratch, StatsBatch, local, norm_value
 from .tree import module_tree
 from .trends import DEFAULTS
 
@@ -155,8 +155,8 @@ class _Sample:
         self.training: np.ndarray | None = None
         self.output_numel = 0
         self.backward_seen = False
-        self.grads: dict[int, torch.Tensor] = {}  # parameter row -> norm of its .grad after the latest backward
-        self.stale: dict[int, torch.Tensor] = {}  # parameter row -> norm of the .grad left from earlier steps
+        self.grads: dict[int, float | torch.Tensor] = {}  # parameter row -> norm of its .grad after the latest backward
+        self.stale: dict[int, float | torch.Tensor] = {}  # parameter row -> norm of the .grad left from earlier steps
         self.norms: dict[int, float] = {}
         self.group: np.ndarray | None = None
         self.lrs: tuple[float, ...] = ()
@@ -319,7 +319,7 @@ class _Watcher:
         """After each backward: the norm of the gradient accumulated so far (the last backward's is the step's)."""
         g = param.grad
         if self.current is not None and g is not None:
-            self.current.grads[row] = norm(g)  # stats.norm: a DTensor's own shard, a float32 dot on the CPU
+            self.current.grads[row] = norm_value(g)  # a DTensor's own shard; on the CPU, a float at once
 
     def _record_forward(self, args, kwargs) -> None:
         cur = self.current
@@ -390,7 +390,7 @@ class _Watcher:
         for row, (ref, version) in (self._marks or {}).items():
             g = self.params[row].grad
             if g is not None and ref() is g and g._version == version:  # the same tensor, unchanged: not cleared
-                cur.stale[row] = norm(g)
+                cur.stale[row] = norm_value(g)
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if self._sampling():
@@ -539,12 +539,15 @@ class _Watcher:
         self.run._notify()
 
 
-def _host(values: list[torch.Tensor]) -> list[float]:
-    """Scalar tensors as floats, in order: one copy to the CPU per device."""
+def _host(values: list) -> list[float]:
+    """Floats, and scalar tensors as floats, in order: one copy to the CPU per device."""
     by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(values):
-        by_device.setdefault(t.device, []).append(i)
     out = [0.0] * len(values)
+    for i, t in enumerate(values):
+        if isinstance(t, float):
+            out[i] = t
+        else:
+            by_device.setdefault(t.device, []).append(i)
     for index in by_device.values():
         for i, v in zip(index, torch.stack([values[i].double() for i in index]).cpu().tolist()):
             out[i] = v
