@@ -627,15 +627,11 @@ def test_the_judged_findings_are_those_of_each_steps_capture():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
     with watch(model, opt, every=1) as run:
-        for _ in range(3):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.log(loss=loss)
+        train(model, opt, [(x, y)] * 3, run)
     found = {(f.kind, f.module) for f in run.findings if "sampled_steps" in f.details}  # the one-pass ones
     assert ("saturated_activation", "1") in found
     assert found == {(f.kind, f.module) for step in run.steps for f in run.at(step).findings}
+
 
 # -- records: bounded, saved, exported ------------------------------------------------------------------------------
 

@@ -270,15 +270,27 @@ def dtype_name(t: torch.Tensor) -> str:
 def norms(tensors: dict[int, torch.Tensor], taken: dict[int, torch.Tensor] | None = None) -> dict[int, float]:
     """The norm of each tensor, by key, copied to the CPU once per device (see ``stats.norm``); ``taken``: norms
     already computed, by key (those tensors are not read again)."""
-    by_device: dict[torch.device, dict[int, torch.Tensor]] = {}
+    values = {}
     for key, t in tensors.items():
         if not t.is_meta:
             done = None if taken is None else taken.get(key)
-            by_device.setdefault(t.device, {})[key] = norm(t) if done is None else done
-    values = {}
-    for group in by_device.values():
-        values.update(zip(group, torch.stack(list(group.values())).cpu().tolist()))
-    return values
+            values[key] = norm(t) if done is None else done
+    return dict(zip(values, host(list(values.values()))))
+
+
+def host(values: list[float | torch.Tensor]) -> list[float]:
+    """Floats, and scalar tensors as floats, in order: one copy to the CPU per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    out = [0.0] * len(values)
+    for i, t in enumerate(values):
+        if isinstance(t, float):
+            out[i] = t
+        else:
+            by_device.setdefault(t.device, []).append(i)
+    for index in by_device.values():
+        for i, v in zip(index, torch.stack([values[i].double() for i in index]).cpu().tolist()):
+            out[i] = v
+    return out
 
 
 def fast_norms(tensors: dict[int, torch.Tensor]) -> dict[int, float]:

@@ -25,7 +25,7 @@ from .capture import _bin_plan, float_inputs
 from .collector import Pause
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors
-from .recorder import Recorder, dtype_name, fast_norms
+from .recorder import Recorder, dtype_name, fast_norms, host
 from .records import InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
 from .stats import Scratch, StatsBatch, local, norm_value
@@ -485,11 +485,11 @@ class _Watcher:
         deferred = [c["grad"] for c in calls if c["grad"] is not None]
         deferred += [c["dead"] for c in calls if c["dead"] is not None]
         deferred += [*cur.grads.values(), *cur.stale.values()]
-        host = iter(_host(deferred))
-        grads = [next(host) / cur.scale if c["grad"] is not None else math.nan for c in calls]
-        dead = [next(host) if c["dead"] is not None else math.nan for c in calls]
-        grad_norms = {row: next(host) / cur.grad_scale for row in cur.grads}
-        stale = {row: next(host) / cur.scale for row in cur.stale}
+        read = iter(host(deferred))
+        grads = [next(read) / cur.scale if c["grad"] is not None else math.nan for c in calls]
+        dead = [next(read) if c["dead"] is not None else math.nan for c in calls]
+        grad_norms = {row: next(read) / cur.grad_scale for row in cur.grads}
+        stale = {row: next(read) / cur.scale for row in cur.stale}
         updates = cur.updates
 
         bins = max((len(e) - 1 for e in self.run.edges.values()), default=0)
@@ -537,18 +537,3 @@ class _Watcher:
         self.open = False
         self._marks = self._grad_marks() if self._sampling() else None
         self.run._notify()
-
-
-def _host(values: list) -> list[float]:
-    """Floats, and scalar tensors as floats, in order: one copy to the CPU per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    out = [0.0] * len(values)
-    for i, t in enumerate(values):
-        if isinstance(t, float):
-            out[i] = t
-        else:
-            by_device.setdefault(t.device, []).append(i)
-    for index in by_device.values():
-        for i, v in zip(index, torch.stack([values[i].double() for i in index]).cpu().tolist()):
-            out[i] = v
-    return out
