@@ -196,3 +196,23 @@ def test_garbage_collector_state_is_put_back():
     with pytest.raises(TypeError):
         capture("not a model", torch.randn(2))
     assert gc.isenabled()
+
+
+def test_a_settled_pause_puts_what_it_built_in_the_oldest_generation_and_leaves_a_freeze_alone():
+    import gc
+
+    from layerscope.core.collector import paused
+
+    with paused(settle=True):
+        built = [[i] for i in range(1000)]  # (lists: tracked by the collector)
+    assert gc.isenabled()
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert all(id(b) in oldest for b in built)
+    gc.freeze()  # the process's own: a settled pause must not let these go
+    try:
+        frozen = gc.get_freeze_count()
+        with paused(settle=True):
+            more = [[i] for i in range(1000)]
+        assert gc.get_freeze_count() == frozen and gc.isenabled() and len(more) == len(built)
+    finally:
+        gc.unfreeze()

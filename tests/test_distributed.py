@@ -339,7 +339,11 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     lean = [wire.encode(c, lean=True) for c in ranks[1:]]
     assert all(len(a) < len(b) for a, b in zip(lean, sent))
     heads, read = zip(*[wire.columns(data, columns[0]) for data in lean])
-    same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read]))), want)
+    merged = distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])))
+    same(merged, want)
+    # a parameter record read from lean bytes is rank 0's own record when it holds the very same values
+    params = [p.per_rank for m in merged.modules.values() for p in m.params.values()]
+    assert all((p[r] is p[0]) == (vars(p[r]) == vars(p[0])) for p in params for r in (1, 2))
     # with the findings looking up the modules' structure as gather does, from the first rank's capture
     like = findings._Look(ranks[0]).structure()
     same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])), like), want)
@@ -350,6 +354,18 @@ def test_what_a_rank_sends_keeps_every_record_of_the_zoo(index):
     model, batch = zoo()[index]
     cap = layerscope.capture(model, batch)
     same(cap, wire.decode(wire.encode(cap)))
+
+
+def test_a_replicas_parameter_records_read_from_lean_bytes_are_those_of_rank_0():
+    model, batch = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(3, 4)
+    ranks = [dataclasses.replace(layerscope.capture(model, b, target=torch.tensor([0, 1, 1])), rank=r)
+             for r, b in enumerate([batch, batch, batch * 2])]
+    own = aligned.Columns.of(ranks[0])
+    read = [wire.columns(wire.encode(c, lean=True), own) for c in ranks[1:]]
+    merged = distributed._merge([ranks[0], *[head for head, _ in read]], {0: own, 1: read[0][1], 2: read[1][1]})
+    params = [p.per_rank for m in merged.modules.values() for p in m.params.values()]
+    assert len(params) == 4 and all(p[1] is p[0] and p[2] is not p[0] for p in params)  # rank 2: other gradients
+    assert all(p[2].grad_norm != p[0].grad_norm and p[2].norm == p[0].norm for p in params)
 
 
 def test_lean_bytes_are_read_only_against_a_capture_that_lines_up():

@@ -194,7 +194,7 @@ def gather(cap, dst: int = 0):
     world = dist.get_world_size()
     if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
         raise ValueError(f"dst must be a rank of the job, 0 to {world - 1}, got {dst!r}")
-    with paused():  # thousands of small records: full collections would cost more than the work
+    with paused(settle=True):  # thousands of small records: full collections would cost more than the work
         if isinstance(cap, Run):
             from .run_ranks import gather_run
 
@@ -338,7 +338,7 @@ def _merge(captures: list[Capture], columns: dict | None = None, like=None) -> C
     the modules' structure hold for the merged capture too)."""
     from .findings import EXPLODING_RATIO, VANISHING_RATIO, find, group
 
-    with paused():
+    with paused(settle=True):
         cap = merge_records(captures, columns)
         if like is None or not cap.merged:  # (one rank: find's own rules)
             return dataclasses.replace(cap, findings=tuple(find(cap)))
@@ -784,7 +784,8 @@ def desync(cap: Capture, look) -> list[Finding]:
     odd: dict[str, dict[str, tuple[int, list[int]]]] = {}  # the modules with parameters that differ
     for name, report in cap.modules.items():
         for k, p in report.params.items():
-            if o := _odd_ranks(p, plain):
+            ranks = p.per_rank  # (one record on every rank: a replica that agrees, as gather reads one)
+            if ranks and ranks.count(ranks[0]) != len(ranks) and (o := _odd_ranks(p, plain)):
                 odd.setdefault(name, {})[k] = o
     relevant = lambda n: any(p.per_rank for p in cap[n].params.values())  # noqa: E731
     found = []
@@ -814,7 +815,10 @@ def _alike(stats: Sequence[TensorStats]) -> bool:
     """Whether the statistics are the very same finite numbers (then std is finite too): ``_agree`` at once."""
     a = stats[0]
     same = a.__dict__  # every field equal (a comparison of the records' dicts, which == would make tuples of)
-    return all(s.__dict__ == same for s in stats[1:]) and math.isfinite(a.mean + a.m2 + a.min + a.max)
+    for s in stats[1:]:
+        if s.__dict__ != same:
+            return False
+    return math.isfinite(a.mean + a.m2 + a.min + a.max)
 
 
 def _agree(stats: list[TensorStats]) -> bool:
@@ -833,10 +837,10 @@ def _output_desync(cap: Capture, look) -> list[Finding]:
                                     for i in cap.inputs)
     if not same_batch:
         return []
-    for name, call in cap.calls:
+    differ = [(name, c) for name, m in cap.modules.items() for c in m.calls
+              if c.per_rank and (None in c.per_rank or not _alike(c.per_rank))]
+    for name, call in sorted(differ, key=lambda pair: pair[1].index):  # the first in the order of the calls
         per_rank = call.per_rank
-        if not per_rank or (None not in per_rank and _alike(per_rank)):
-            continue
         held = _present(per_rank)
         if len(held) > 1 and not _agree([s for _, s in held]):
             ref, a = held[0]

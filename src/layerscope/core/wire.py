@@ -261,8 +261,10 @@ def _traits(doc: dict) -> list[frozenset]:
     return _expand(doc["traits"], frozenset, 0)
 
 
-def _records(kind, columns: list, n: int, **apart) -> list:
-    """The ``n`` records of ``_columns``' columns and the fields written apart (lists of ``n`` values)."""
+def _records(kind, columns: list, n: int, like: list | None = None, **apart) -> list:
+    """The ``n`` records of ``_columns``' columns and the fields written apart (lists of ``n`` values). ``like``:
+    another rank's ``n`` records of the kind; where a row holds the very values of its record there, that record is
+    taken as it is (a replica's parameter under DDP: one record for both ranks, none built)."""
     names, flat, nested, index = _PLANS[kind]
     if not n:
         return []
@@ -270,7 +272,10 @@ def _records(kind, columns: list, n: int, **apart) -> list:
                for i, column in enumerate(columns)]
     for name, values in apart.items():
         columns[index[name]] = values
-    return [build(kind, zip(names, row)) for row in zip(*columns)]
+    if like is None:
+        return [build(kind, zip(names, row)) for row in zip(*columns)]
+    values = operator.attrgetter(*names)
+    return [same if row == values(same) else build(kind, zip(names, row)) for row, same in zip(zip(*columns), like)]
 
 
 def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
@@ -386,7 +391,8 @@ def columns(data: bytes, like=None):
         names, layout = module("name"), [(k, tuple(keys)) for k, keys in zip(doc["calls_of"], doc["keys"])]
     columns = Columns(
         names=names, layout=layout, reports=None, calls=None,
-        params=_records(ParamRecord, doc["params"], sum(len(keys) for _, keys in layout)),
+        params=_records(ParamRecord, doc["params"], sum(len(keys) for _, keys in layout),
+                        like=like.params if doc["lean"] else None),
         where=list(zip(*[call(f) for f in _WHERE_FIELDS])),
         grads=call("grad_output_norm"), dead=call("dead_units"), finite=call("input_finite"), stats=held,
         table=table, bins=bins, **arrays_of, costs=list(zip(*[module(f) for f in _SUMMED + _LARGEST])),
