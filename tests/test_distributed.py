@@ -341,9 +341,12 @@ def test_lined_up_captures_merged_a_field_at_a_time_give_the_records_of_the_gene
     heads, read = zip(*[wire.columns(data, columns[0]) for data in lean])
     merged = distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])))
     same(merged, want)
-    # a parameter record read from lean bytes is rank 0's own record when it holds the very same values
+    # a parameter record (or a call's statistics) read from lean bytes is rank 0's own when it holds the very same
+    # values
     params = [p.per_rank for m in merged.modules.values() for p in m.params.values()]
     assert all((p[r] is p[0]) == (vars(p[r]) == vars(p[0])) for p in params for r in (1, 2))
+    stats = [c.per_rank for m in merged.modules.values() for c in m.calls if c.per_rank[0] is not None]
+    assert all((s[r] is s[0]) == (vars(s[r]) == vars(s[0])) for s in stats for r in (1, 2))
     # with the findings looking up the modules' structure as gather does, from the first rank's capture
     like = findings._Look(ranks[0]).structure()
     same(distributed._merge([ranks[0], *heads], dict(enumerate([columns[0], *read])), like), want)
@@ -366,6 +369,8 @@ def test_a_replicas_parameter_records_read_from_lean_bytes_are_those_of_rank_0()
     params = [p.per_rank for m in merged.modules.values() for p in m.params.values()]
     assert len(params) == 4 and all(p[1] is p[0] and p[2] is not p[0] for p in params)  # rank 2: other gradients
     assert all(p[2].grad_norm != p[0].grad_norm and p[2].norm == p[0].norm for p in params)
+    stats = [c.per_rank for m in merged.modules.values() for c in m.calls]  # and so are the calls' statistics
+    assert len(stats) == 4 and all(s[1] is s[0] and s[2] is not s[0] and s[2].mean != s[0].mean for s in stats)
 
 
 def test_lean_bytes_are_read_only_against_a_capture_that_lines_up():

@@ -361,12 +361,12 @@ class _Look:
     # -- gradients ----------------------------------------------------------------------------------
 
     def gradients(self, vanishing_ratio: float, exploding_ratio: float) -> list[Finding]:
-        grads = {n: r.param_grad_norms if r.params else {} for n, r in self.modules.items()}
         trainable = {n: own[1] for n, own in self._own.items()}
-        got = {n: [g for k in ks if (g := grads[n].get(k)) is not None] if ks else [] for n, ks in trainable.items()}
+        got = {n: [g for k in ks if (g := report.params[k].grad_norm) is not None] if (ks := trainable[n]) else []
+               for n, report in self.modules.items()}
         received = got.__getitem__  # the gradient norms of a module's own trainable parameters that got one
 
-        found = self._no_grad(trainable, grads)
+        found = self._no_grad(trainable)
         broken = [n for n, gs in got.items() if gs and not all(map(_finite, gs))]
         if broken:
             largest = max((g for gs in got.values() for g in gs if _finite(g)), default=0.0)
@@ -408,9 +408,9 @@ class _Look:
                    f"Pass target= or loss_fn= to capture() to judge the gradients.")
         return [Finding("flat_loss", "info", name, message, {"largest_inner_grad": largest, "output_grad": top})]
 
-    def _no_grad(self, trainable: dict, grads: dict) -> list[Finding]:
+    def _no_grad(self, trainable: dict) -> list[Finding]:
         params = lambda n: self.modules[n].params
-        missing = lambda n: any(grads[n].get(k) is None and not params(n)[k].offloaded for k in trainable[n])
+        missing = lambda n: any((p := params(n)[k]).grad_norm is None and not p.offloaded for k in trainable[n])
         relevant = lambda n: bool(trainable[n]) and self.modules[n].called
         found = []
         starved = self.highest(relevant, missing)
@@ -487,9 +487,11 @@ class _Look:
         ratios = {}
         for name, report in self.modules.items():
             g = received(name)
+            if not g:
+                continue
             p = [report.params[k].norm for k in self.own_params(name, trainable=True)]
             gnorm, pnorm = _norm(g) / scale, _norm(v for v in p if v is not None)
-            if g and gnorm > 0 and pnorm > 0 and not self.has(name, "embedding"):
+            if gnorm > 0 and pnorm > 0 and not self.has(name, "embedding"):
                 ratios[name] = gnorm / pnorm
         if not ratios:
             return []

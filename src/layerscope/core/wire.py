@@ -278,8 +278,8 @@ def _records(kind, columns: list, n: int, like: list | None = None, **apart) -> 
     return [same if row == values(same) else build(kind, zip(names, row)) for row, same in zip(zip(*columns), like)]
 
 
-def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
-    """The JSON document, the raw arrays and the statistics' records of ``encode``'s bytes."""
+def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON document and the raw arrays of ``encode``'s bytes (the statistics' rows: ``_stats``)."""
     size = int.from_bytes(data[:8], "little")
     doc = json.loads(data[8:8 + size])
     arrays, offset = {}, 8 + size
@@ -287,7 +287,7 @@ def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
         n = doc["arrays"][name]
         arrays[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
-    arrays["stats"] = table = arrays["stats"].reshape(-1, len(_STATS))
+    arrays["stats"] = arrays["stats"].reshape(-1, len(_STATS))
     arrays["hists"] = arrays["hists"].reshape(-1, len(_NO_HIST))
     floats = arrays["floats"]
     for part in ("modules", "calls", "params"):  # columns of floats back to lists
@@ -298,8 +298,15 @@ def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray], list[TensorStats]]:
                 for k in column["none"]:
                     values[k] = None
                 doc[part][i] = values
+    return doc, arrays
+
+
+def _stats(table: np.ndarray, wanted: list[bool] | None = None) -> list[TensorStats | None]:
+    """The statistics' records of a table's rows: of every row, or of those ``wanted`` (None for the others)."""
     columns = [table[:, i].astype(np.int64 if is_int else np.float64).tolist() for i, is_int in enumerate(_STATS_INT)]
-    return doc, arrays, [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
+    if wanted is None:
+        return [build(TensorStats, zip(_STATS, row)) for row in zip(*columns)]
+    return [build(TensorStats, zip(_STATS, row)) if w else None for w, row in zip(wanted, zip(*columns))]
 
 
 def _histograms(arrays: dict[str, np.ndarray]) -> list[Histogram | None]:
@@ -330,7 +337,8 @@ def _capture(doc: dict, stats: list[TensorStats], modules: dict) -> Capture:
 
 def decode(data: bytes) -> Capture:
     """The capture ``encode`` wrote (``output``, ``model`` and ``batch`` None)."""
-    doc, arrays, stats = _read(data)
+    doc, arrays = _read(data)
+    stats = _stats(arrays["stats"])
     if doc["lean"]:
         raise ValueError("these bytes hold only a part of a capture (encode(lean=True)): read them with columns()")
     stat, _, maps = doc["call_parts"]
@@ -368,16 +376,22 @@ def columns(data: bytes, like=None):
     from .aligned import Columns
     from .distributed import _LARGEST, _SUMMED, _WHERE_FIELDS
 
-    doc, arrays, stats = _read(data)
+    doc, arrays = _read(data)
     stat = doc["call_parts"][0]
     n, calls = len(stat), doc["calls"]
     call = lambda name: _column(calls, CallRecord, name, n)  # noqa: E731
     traits = _traits(doc)
     module = lambda name: _column(doc["modules"], ModuleReport, name, len(traits))  # noqa: E731
-    held = [None if k < 0 else stats[k] for k in stat]
     table = np.full((n, len(_STATS)), np.nan)  # distributed.stats_table(held), from the rows as they came
     rows = np.asarray(stat, dtype=np.int64).reshape(-1)
     table[rows >= 0] = arrays["stats"][rows[rows >= 0]]
+    # a call whose statistics are the very numbers of the first rank's (the same batch on replicas) takes its record
+    same = (table == like.table).all(axis=1).tolist() if doc["lean"] and like is not None else [False] * n
+    wanted = [False] * len(arrays["stats"])
+    for k in [k for k, s in zip(stat, same) if k >= 0 and not s] + [k for _, k in doc["inputs"] if k >= 0]:
+        wanted[k] = True
+    stats = _stats(arrays["stats"], wanted)
+    held = [like.stats[i] if s else None if k < 0 else stats[k] for i, (k, s) in enumerate(zip(stat, same))]
     sizes = np.unique(arrays["hists"][:, 0]).tolist()
     bins = sizes[0] if len(sizes) == 1 and sizes[0] >= 0 else None
     arrays_of = dict(edges=None, counts=None, sums=None, hists=_histograms(arrays)) if bins is None else dict(
