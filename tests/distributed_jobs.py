@@ -54,6 +54,7 @@ def entry(rank, world, init, out, scenarios):
             folder = os.path.join(out, scenario)
             os.makedirs(folder, exist_ok=True)
             SCENARIOS[scenario](rank, folder)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -141,19 +141,31 @@ def _calls(ranks: list[Columns]) -> list[CallRecord]:
     dead = [dead_in_job(d, c.units) for d, c in zip(zip(*[r.dead for r in ranks]), first)]
     finite = [all_of(f) for f in zip(*[r.finite for r in ranks])]
     stats = merge_tables([r.table for r in ranks])
-    return [adopt(CallRecord, {**c.__dict__, "index": i, "stats": s, "histogram": h, "grad_output_norm": g,
-                               "dead_units": d, "input_finite": f, "per_rank": p, **w})
-            for c, i, s, h, g, d, f, p, w in zip(first, position.tolist(), stats, _histograms_of(ranks), grads, dead,
-                                                  finite, zip(*[r.stats for r in ranks]), where)]
+    out = []
+    for c, i, s, h, g, d, f, p, w in zip(first, position.tolist(), stats, _histograms_of(ranks), grads, dead, finite,
+                                          zip(*[r.stats for r in ranks]), where):
+        fields = c.__dict__.copy()  # (a copy and a few stores: half the cost of {**fields, ...})
+        fields["index"], fields["stats"], fields["histogram"], fields["grad_output_norm"] = i, s, h, g
+        fields["dead_units"], fields["input_finite"], fields["per_rank"] = d, f, p
+        if w:
+            fields.update(w)
+        out.append(adopt(CallRecord, fields))
+    return out
 
 
 def _params(ranks: list[Columns]) -> list[ParamRecord]:
     """The merged parameters, in module order."""
     # a plain tensor is a replica on every rank: its norms are the first rank's (as _param finds them, faster)
-    return [_param(row) if row[0].shard is not None else
-            adopt(ParamRecord, {**row[0].__dict__, "shard": None, "checksum": None,
-                                "finite": all_of([p.finite for p in row]), "per_rank": row})
-            for row in zip(*[r.params for r in ranks])]
+    out = []
+    for row in zip(*[r.params for r in ranks]):
+        if row[0].shard is not None:
+            out.append(_param(row))
+            continue
+        fields = row[0].__dict__.copy()
+        fields["shard"], fields["checksum"], fields["per_rank"] = None, None, row
+        fields["finite"] = all_of([p.finite for p in row])
+        out.append(adopt(ParamRecord, fields))
+    return out
 
 
 def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
@@ -177,7 +189,10 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
     out, c, p = {}, 0, 0
     for m, change in zip(first, changes):
         k, q = len(m.calls), len(m.params)
-        own = MappingProxyType(dict(zip(m.params, params[p:p + q]))) if q else _NO_PARAMS
-        out[m.name] = adopt(ModuleReport, {**m.__dict__, "calls": tuple(calls[c:c + k]), "params": own, **change})
+        fields = m.__dict__.copy()
+        fields["calls"] = tuple(calls[c:c + k])
+        fields["params"] = MappingProxyType(dict(zip(m.params, params[p:p + q]))) if q else _NO_PARAMS
+        fields.update(change)
+        out[m.name] = adopt(ModuleReport, fields)
         c, p = c + k, p + q
     return out
