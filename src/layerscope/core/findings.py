@@ -533,8 +533,10 @@ class _Look:
         found = []
         for name, report in self.modules.items():
             bounds = report.bounds
-            calls = [c for c in self.modules[name].calls if c.histogram is not None and c.histogram.sampled]
-            if bounds is None or not calls:
+            if bounds is None:
+                continue
+            calls = [c for c in report.calls if c.histogram is not None and c.histogram.sampled]
+            if not calls:
                 continue
             lo, hi = bounds
             near = margin * (hi - lo)
@@ -592,7 +594,8 @@ class _Look:
             found.append(Finding("compiled", "info", "", (
                 "The model is compiled with torch.compile, whose code ignores hooks added after its first run: this "
                 "capture recorded its original module (model._orig_mod), run eagerly with the same weights."), {}))
-        for name in self.highest(lambda n: True, lambda n: self.has(n, "uninitialised")):
+        lazy = [n for n, r in self.modules.items() if "uninitialised" in r.traits]
+        for name in self.highest(lambda n: True, set(lazy).__contains__) if lazy else ():
             found.append(Finding("uninitialised", "info", name, (
                 f"{self.label(name)} is a lazy module that has not been called yet: its parameters have no size, "
                 f"so they count as 0 here. Run the model once to initialise them."), {}))
