@@ -3,6 +3,7 @@
     python benchmarks/bench_gather.py            # 5 repeats of each, interleaved
     python benchmarks/bench_gather.py --quick    # 3 repeats
     python benchmarks/bench_gather.py --run      # gather(run) of a watched loop (4 sampled steps) instead
+    python benchmarks/bench_gather.py --own-batch  # each rank on its own batch (default: the same on both)
 
 Two CPU processes on gloo, one thread each, DDP on bench_capture's stack (500 x Linear(512)/ReLU/LayerNorm/Dropout,
 131M parameters), batch 8 per rank. Times, on rank 0 (dst) from a barrier: one DDP training step (forward,
@@ -10,6 +11,10 @@ backward with DDP's all-reduce, SGD step), the same step without DDP (one rank's
 also its parts: encoding a capture (what every other rank does) and merging two captures (what dst does, after
 decoding). Prints medians of wall and CPU time and the ratios (the machine is noisy: compare, don't quote absolute
 times; gather's CPU time on rank 0 leaves out the other rank's encoding, which its wall time waits for).
+
+By default both ranks train on the same batch, which makes the merge run DDP's check that replicas given the same
+batch compute the same outputs (``rank_desync``), and lets rank 1's statistics share rank 0's records; with
+``--own-batch`` each rank draws its own (seeded by its rank), as under a DistributedSampler.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _run_rank(rank: int, init: str, repeats: int) -> None:
     dist.destroy_process_group()
 
 
-def _rank(rank: int, init: str, repeats: int) -> None:
+def _rank(rank: int, init: str, repeats: int, own_batch: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     import layerscope
@@ -95,6 +100,8 @@ def _rank(rank: int, init: str, repeats: int) -> None:
     torch.manual_seed(0)
     plain = stack()
     model = nn.parallel.DistributedDataParallel(plain)
+    if own_batch:
+        torch.manual_seed(1 + rank)
     x, y = torch.randn(BATCH, 512), torch.randn(BATCH, 512)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -117,7 +124,9 @@ def _rank(rank: int, init: str, repeats: int) -> None:
         wall = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
         cpu = {name: statistics.median(c for _, c in ts) for name, ts in times.items()}
         print(f"stack2001: {len(cap.modules)} modules, {len(cap.calls)} calls, {cap.total_params / 1e6:.0f}M "
-              f"parameters, {len(wire.encode(cap)) / 1e6:.1f} MB sent per rank (median of {repeats}, rank 0)")
+              f"parameters, {len(wire.encode(cap)) / 1e6:.1f} MB sent per rank, "
+              f"{'each rank on its own batch' if own_batch else 'the same batch on both ranks'} "
+              f"(median of {repeats}, rank 0)")
         print(f"  {'':<30} {'wall ms':>9} {'CPU ms':>9}")
         for name in fns:
             print(f"  {name:<30} {wall[name] * 1e3:9.0f} {cpu[name] * 1e3:9.0f}")
@@ -131,10 +140,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run", action="store_true", help="gather(run) of a watched loop")
+    parser.add_argument("--own-batch", action="store_true", help="each rank on its own batch")
     args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_run_rank if args.run else _rank, args=(f"file://{tmp}/rendezvous", 3 if args.quick else args.repeats),
-                 nprocs=WORLD)
+        init = f"file://{tmp}/rendezvous"
+        if args.run:
+            mp.spawn(_run_rank, args=(init, repeats), nprocs=WORLD)
+        else:
+            mp.spawn(_rank, args=(init, repeats, args.own_batch), nprocs=WORLD)
 
 
 if __name__ == "__main__":
