@@ -27,10 +27,11 @@ class Pause:
             gc.disable()
 
     def end(self, settle: bool = False) -> None:
-        """``settle``: what was built during the pause is kept for long (a capture, a merge), so it joins the oldest
+        """``settle``: what was built during the pause is kept for long (a merge), so it joins the oldest
         generation at once (``gc.freeze`` and ``gc.unfreeze``: two list splices), where only the rare full
-        collections look at it, instead of a young collection looking at every object of it first. Skipped when the
-        process froze objects of its own (``gc.unfreeze`` would let those go)."""
+        collections look at it, instead of a young collection looking at every object of it first. Only for pauses in
+        which no user code runs: cyclic garbage the user's code left young would wait for a full collection too.
+        Skipped when the process froze objects of its own (``gc.unfreeze`` would let those go)."""
         if self.held:
             self.held = False
             if settle and not gc.get_freeze_count():

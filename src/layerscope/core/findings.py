@@ -594,8 +594,8 @@ class _Look:
             found.append(Finding("compiled", "info", "", (
                 "The model is compiled with torch.compile, whose code ignores hooks added after its first run: this "
                 "capture recorded its original module (model._orig_mod), run eagerly with the same weights."), {}))
-        lazy = [n for n, r in self.modules.items() if "uninitialised" in r.traits]
-        for name in self.highest(lambda n: True, set(lazy).__contains__) if lazy else ():
+        lazy = {n for n, r in self.modules.items() if "uninitialised" in r.traits}
+        for name in self.highest(lambda n: True, lazy.__contains__) if lazy else ():
             found.append(Finding("uninitialised", "info", name, (
                 f"{self.label(name)} is a lazy module that has not been called yet: its parameters have no size, "
                 f"so they count as 0 here. Run the model once to initialise them."), {}))

@@ -390,9 +390,10 @@ def columns(data: bytes, like=None):
     same = [False] * n
     if doc["lean"] and like is not None and like.table.shape == table.shape:
         same = (table.view(np.int64) == np.ascontiguousarray(like.table).view(np.int64)).all(axis=1).tolist()
-    wanted = [False] * len(arrays["stats"])
-    for k in [k for k, s in zip(stat, same) if k >= 0 and not s] + [k for _, k in doc["inputs"] if k >= 0]:
-        wanted[k] = True
+    wanted = [False] * len(arrays["stats"])  # the rows to build: those of the other calls, and of the inputs
+    for k in [*(k for k, s in zip(stat, same) if not s), *(k for _, k in doc["inputs"])]:
+        if k >= 0:
+            wanted[k] = True
     stats = _stats(arrays["stats"], wanted)
     held = [like.stats[i] if s else None if k < 0 else stats[k] for i, (k, s) in enumerate(zip(stat, same))]
     sizes = np.unique(arrays["hists"][:, 0]).tolist()
