@@ -4,6 +4,7 @@ Each scenario captures on every rank, gathers on rank 0 and saves the ranks' cap
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -197,6 +198,25 @@ def _device_mismatch_on_rank_1(rank, out):
     _capture_and_gather(rank, out, model, *make_batch(rank))
 
 
+def _unsendable_on_rank_1(rank, out):
+    """Rank 1's capture cannot be encoded: both ranks raise, no rank is left waiting, and the next gather works."""
+    model = nn.parallel.DistributedDataParallel(make_model())
+    x, y = make_batch(rank)
+    cap = layerscope.capture(model, x, target=y)
+    broken = cap
+    if rank == 1:
+        finding = layerscope.Finding(kind="custom", severity="info", module="", message="m", details={"x": object()})
+        broken = dataclasses.replace(cap, findings=(finding,))
+    try:
+        layerscope.gather(broken, dst=0)
+        outcome = "returned"
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the test's to check
+        outcome = f"{type(exc).__name__}: {exc}"
+    merged = layerscope.gather(cap, dst=0)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{outcome}\n{merged is not None and merged.world_size}")
+
+
 WATCH_STEPS, WATCH_EVERY, NAN_STEP = 5, 2, 4  # sampled: 0, 2, 4; rank 1's batch makes a NaN at step 4
 
 
@@ -331,5 +351,6 @@ def _watch_alone(rank, out):
 SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "tensor_parallel": _tensor_parallel, "dtensor": _dtensor_activations,
              "nan": _nan_on_rank_1,
              "desync": _desync, "rank_dependent": _rank_dependent, "device": _device_mismatch_on_rank_1,
+             "unsendable": _unsendable_on_rank_1,
              "watch_ddp": _watch_ddp, "watch_ddp_amp": _watch_ddp_amp, "watch_fsdp": _watch_fsdp,
              "watch_alone": _watch_alone}

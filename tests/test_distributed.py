@@ -215,6 +215,15 @@ def test_a_device_mismatch_on_one_rank_names_the_rank(jobs):
     assert merged["2"].calls[0].per_rank[1] is None  # rank 1 never got through it
 
 
+def test_a_rank_whose_capture_cannot_be_sent_makes_every_rank_raise_and_leaves_the_group_usable(jobs):
+    folder = jobs / "unsendable"
+    rank0, rank1 = [(folder / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    assert rank1[0] == "TypeError: cannot save a object in a layerscope file", rank1
+    assert rank0[0] == ("RuntimeError: gather(): rank 1 could not send its capture (TypeError: cannot save a "
+                        "object in a layerscope file)"), rank0
+    assert rank0[1] == "2" and rank1[1] == "False"  # the next gather: the merged capture on rank 0 only
+
+
 def test_gather_outside_a_job_and_bad_arguments():
     cap = layerscope.capture(make_model(), make_batch(0)[0])
     assert cap.rank is None and cap.world_size == 1 and not cap.merged

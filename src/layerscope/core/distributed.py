@@ -28,6 +28,7 @@ import dataclasses
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from types import MappingProxyType
 
@@ -268,45 +269,64 @@ def _device(dist) -> torch.device:
 
 def collect(dist, record, dst: int, encode, decode, meanwhile=None) -> list | None:
     """Every rank's record on ``dst`` in rank order (its own as it is, the others sent as ``encode``'s bytes and
-    read with ``decode``), None elsewhere. ``meanwhile``: what dst does while the others encode (its errors are
-    left for later: the merge does the same work again and raises them)."""
-    rank, failure = dist.get_rank(), None
-    if rank == dst:
-        payload = b"C"  # dst merges its own record as it is
-    else:
+    read with ``decode``, which is given them as a memoryview), None elsewhere. ``meanwhile``: what dst does while
+    the others encode (its errors are left for later: the merge does the same work again and raises them)."""
+    rank, failure, payload = dist.get_rank(), None, b""
+    if rank != dst:
         try:
-            payload = b"C" + encode(record)
+            payload = encode(record)
         except Exception as exc:  # noqa: BLE001 - sent to dst, raised below once every rank took part
-            failure, payload = exc, b"E" + f"{type(exc).__name__}: {exc}".encode()
-    parts = _exchange(dist, payload, dst, meanwhile if rank == dst else None)
+            failure, payload = exc, f"{type(exc).__name__}: {exc}".encode()
+    parts = _exchange(dist, payload, failure is not None, dst, meanwhile if rank == dst else None)
     if failure is not None:
         raise failure
     if parts is None:
         return None
     records = []
-    for r, part in enumerate(parts):
-        if part[:1] == b"E":
+    for r, (failed, part) in enumerate(parts):
+        if failed:
             raise RuntimeError(f"gather(): rank {r} could not send its {type(record).__name__.lower()} "
-                               f"({part[1:].decode()})")
-        records.append(record if r == dst else decode(part[1:]))
+                               f"({bytes(part).decode()})")
+        records.append(record if r == dst else decode(part))
     return records
 
 
-def _exchange(dist, payload: bytes, dst: int, meanwhile=None) -> list[bytes] | None:
-    """Every rank's payload on ``dst`` (in rank order), None elsewhere: the sizes all-gathered, then one gather of
-    payloads padded to the longest. ``meanwhile`` runs once this rank's size is sent, before waiting for the
-    others'."""
+def _exchange(dist, payload: bytes, failed: bool, dst: int, meanwhile=None) -> list[tuple[bool, memoryview]] | None:
+    """Every rank's (failed, payload) on ``dst``, in rank order (dst's own payload is empty), None elsewhere. Each
+    other rank sends dst its payload's size and whether it holds an error, then the payload itself (point to point:
+    no rank pads its bytes to the longest, and dst receives each into one buffer it reads in place). ``meanwhile``
+    runs on dst once it is ready to receive, before waiting for the others."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(dist)
-    sizes = _all_gather(dist, torch.tensor([len(payload)], dtype=torch.int64, device=device), meanwhile)
-    lengths = [int(s) for s in sizes]
-    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
-    padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-    received = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
-    dist.gather(padded, received, dst=dst)
-    if received is None:
+    head = torch.tensor([len(payload), int(failed)], dtype=torch.int64, device=device)
+    if rank != dst:
+        dist.send(head, dst)
+        if payload:
+            with warnings.catch_warnings():  # the bytes are only read (sent), never written
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(payload, dtype=torch.uint8)
+            dist.send(data.to(device), dst)
         return None
-    return [t[:n].cpu().numpy().tobytes() for t, n in zip(received, lengths)]
+    others = [r for r in range(world) if r != dst]
+    heads = {r: torch.empty_like(head) for r in others}
+    works = [dist.irecv(heads[r], src=r) for r in others]
+    if meanwhile is not None:
+        with contextlib.suppress(Exception):  # the other ranks' messages must be received whatever happens here
+            meanwhile()
+    for work in works:
+        work.wait()
+    sizes = {r: heads[r].tolist() for r in others}
+    buffers = {r: torch.empty(sizes[r][0], dtype=torch.uint8, device=device) for r in others}
+    works = [dist.irecv(buffers[r], src=r) for r in others if sizes[r][0]]
+    for work in works:
+        work.wait()
+    parts = []
+    for r in range(world):
+        if r == dst:
+            parts.append((False, memoryview(b"")))
+        else:
+            parts.append((bool(sizes[r][1]), memoryview(buffers[r].cpu().numpy())))
+    return parts
 
 
 # -- merge -------------------------------------------------------------------------------------------------------

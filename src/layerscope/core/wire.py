@@ -195,7 +195,7 @@ def encode(cap: Capture, lean: bool = False) -> bytes:
                         else np.zeros(0, _ARRAYS[name]))
     doc["arrays"] = {name: a.size for name, a in arrays.items()}
     text = json.dumps(doc, default=_plain, separators=(",", ":")).encode()
-    return b"".join([len(text).to_bytes(8, "little"), text, *(a.tobytes() for a in arrays.values())])
+    return b"".join([len(text).to_bytes(8, "little"), text, *arrays.values()])  # (the arrays' bytes as they are)
 
 
 def _tuples(value: Any) -> Any:
@@ -281,7 +281,7 @@ def _records(kind, columns: list, n: int, like: list | None = None, **apart) -> 
 def _read(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """The JSON document and the raw arrays of ``encode``'s bytes (the statistics' rows: ``_stats``)."""
     size = int.from_bytes(data[:8], "little")
-    doc = json.loads(data[8:8 + size])
+    doc = json.loads(bytes(data[8:8 + size]))  # (data may be a memoryview: gather reads its buffers in place)
     arrays, offset = {}, 8 + size
     for name, dtype in _ARRAYS.items():
         n = doc["arrays"][name]
