@@ -7,9 +7,10 @@ DTensor parameters keep their global shapes (the counts are the model's) and the
 DTensor activations are summarised on their local tensors.
 
 ``gather(cap, dst=0)`` is a collective every rank calls: each rank sends its capture (``wire``: JSON and raw
-numbers, no pickle) as one uint8 tensor, and ``dst`` merges them (``merge``) into one capture. A 16-byte digest
-all-gathered first tells whether every rank's modules line up with rank 0's; then, when rank 0 merges, the others
-send only what the merge reads of them (``wire.encode(lean=True)``). The merged capture holds:
+numbers, no pickle) to ``dst`` as one uint8 tensor, point to point, and ``dst`` merges them (``merge``) into one
+capture. A 16-byte digest all-gathered first tells whether every rank's modules line up with rank 0's; then, when
+rank 0 merges, the others send only what the merge reads of them (``wire.encode(lean=True)``). The merged capture
+holds:
 
 - parameter counts from DTensor global shapes; parameter and gradient norms of sharded parameters as global
   norms, the square root of the summed squares of the distinct shards' norms (no parameter is ever sent);

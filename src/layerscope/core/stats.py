@@ -336,7 +336,7 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
         idx = scratch.get("index", m.shape, torch.int32 if small else torch.long, m.device)
         return idx.copy_(place)  # under e0: 1; bin j: j + 2; over ek: k + 2 (plus the row's offset)
     if uniform is None:
-        idx = torch.searchsorted(bounds, m)
+        idx = torch.searchsorted(bounds, m.contiguous())  # (a strided sample: copied, as searchsorted would, silently)
     else:
         first, scale, _ = torch.tensor(uniform, dtype=torch.float64, device=m.device).T[:, :, None]
         place = torch.sub(m, first).mul_(scale)  # float64 (first is), a new tensor: m is the caller's
