@@ -569,11 +569,10 @@ def binned(edges: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> list[Hist
     spread = np.diff(at, axis=2).sum(axis=1).astype(np.int64)
     below = at[..., 0].sum(axis=1).astype(np.int64).tolist()
     above = (counts.sum(axis=2) - at[..., -1]).sum(axis=1).astype(np.int64).tolist()
-    for k, j in enumerate(other.tolist()):
-        sampled, numel, under, over, _ = totals[j].tolist()
+    for k, (j, (sampled, numel, under, over, _)) in enumerate(zip(other.tolist(), totals[other].tolist())):
         if even[k]:
-            out[j] = Histogram(counts=spread[k], edges=new[k], sampled=sampled, numel=numel, under=under + below[k],
-                               over=over + above[k], rebinned=True)
+            out[j] = adopt(Histogram, {"counts": spread[k], "edges": new[k], "sampled": sampled, "numel": numel,
+                                       "under": under + below[k], "over": over + above[k], "rebinned": True})
         else:
             out[j] = _histogram([Histogram(counts=counts[k, r], edges=edges[k, r], sampled=int(sums[j, r, 0]),
                                            numel=int(sums[j, r, 1]), under=int(sums[j, r, 2]), over=int(sums[j, r, 3]),
@@ -586,13 +585,25 @@ _HIST = operator.attrgetter(*HIST_SCALARS)
 
 def _spread(counts: np.ndarray, lo: np.ndarray, width: np.ndarray, new: np.ndarray) -> np.ndarray:
     """How many of each row's values lie below each new edge, in whole numbers, for equal-width bins starting at
-    ``lo``: the cumulative counts interpolated linearly within a bin (np.interp, for all rows at once)."""
+    ``lo``: the cumulative counts interpolated linearly within a bin (np.interp, for all rows at once). Arrays of
+    megabytes (calls x ranks x edges): worked on in place, as each new one is fresh memory to fault in."""
     bins = counts.shape[-1]
-    position = (new[:, None, :] - lo[..., None]) / width[..., None]  # [calls, ranks, bins + 1], in bins
-    k = np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
-    frac = np.clip(position - k, 0, 1)
-    below = np.concatenate([np.zeros(counts.shape[:-1] + (1,), np.int64), np.cumsum(counts, axis=-1)], axis=-1)
-    return np.round(np.take_along_axis(below, k, -1) + frac * np.take_along_axis(counts, k, -1))
+    position = new[:, None, :] - lo[..., None]  # [calls, ranks, bins + 1], in bins
+    position /= width[..., None]
+    k = np.floor(position)
+    np.clip(k, 0, bins - 1, out=k)
+    position -= k
+    frac = np.clip(position, 0, 1, out=position)  # where each new edge lies within its bin k
+    below = np.zeros(counts.shape[:-1] + (bins + 1,), np.int64)
+    np.cumsum(counts, axis=-1, out=below[..., 1:])  # the values below each old edge
+    rows = np.arange(math.prod(counts.shape[:-1])).reshape(counts.shape[:-1] + (1,))
+    at = k.astype(np.int64)
+    at += rows * (bins + 1)  # flat indices into below: np.take_along_axis, several times faster
+    start = below.reshape(-1)[at]
+    at -= rows  # and into counts
+    frac *= counts.reshape(-1)[at]
+    frac += start
+    return np.round(frac, out=frac)
 
 
 def _histogram(hists: list[Histogram]) -> Histogram | None:
