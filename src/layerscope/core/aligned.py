@@ -33,7 +33,7 @@ from .distributed import (
     stats_table,
     times,
 )
-from .records import CallRecord, Capture, ModuleReport, ParamRecord, adopt, build
+from .records import NO_PARAMS, CallRecord, Capture, ModuleReport, ParamRecord, adopt, build
 from .stats import HIST_SCALARS, Histogram, TensorStats
 
 
@@ -94,7 +94,6 @@ class Columns:
         return self._hists
 
 
-_NO_PARAMS = MappingProxyType({})  # the parameters of every merged module without any (read-only: one for all)
 
 
 def lined_up(ranks: list[Columns]) -> bool:
@@ -191,7 +190,7 @@ def modules(ranks: list[Columns]) -> dict[str, ModuleReport]:
         k, q = len(m.calls), len(m.params)
         fields = m.__dict__.copy()
         fields["calls"] = tuple(calls[c:c + k])
-        fields["params"] = MappingProxyType(dict(zip(m.params, params[p:p + q]))) if q else _NO_PARAMS
+        fields["params"] = MappingProxyType(dict(zip(m.params, params[p:p + q]))) if q else NO_PARAMS
         fields.update(change)
         out[m.name] = adopt(ModuleReport, fields)
         c, p = c + k, p + q

@@ -20,8 +20,8 @@ from .costs import Costs
 from .findings import find
 from .hooks import HookSession
 from .nested import call_model, first_float_tensor, iter_tensors, map_tensors
-from .recorder import Recorder, dtype_name, norms
-from .records import Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
+from .recorder import Recorder, device_name, dtype_name, norms
+from .records import NO_PARAMS, Capture, CaptureError, InputRecord, ModuleReport, ParamRecord
 from .stats import StatsBatch, local
 from .tree import initialised, module_tree, uninitialised
 
@@ -256,6 +256,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         checksums = distributed.checksums(held) if world > 1 else {}  # replicas that disagree, for gather
     finite = {key: math.isfinite(value) for key, value in param_norms.items()}
     constant_sum = traits.sums_to_constant(entries)
+    kept: dict = {}  # equal values (sets of traits, byte counts) shared by the records of thousands of modules
     modules = {}
     for (name, module), info in zip(entries, tree.values()):
         own = info.pop("own")
@@ -265,22 +266,23 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             found = found | {"sums_to_constant"}
         if uninitialised(module):
             found = found | {"uninitialised"}
+        found = kept.setdefault(found, found)  # one set for all the modules that have these traits
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
             params=MappingProxyType({
-                key: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
+                key: ParamRecord(shape=recorder.shape(p.shape), dtype=dtype_name(p), device=device_name(p),
                                  trainable=p.requires_grad, norm=param_norms.get(id(p)) if grads else None,
                                  grad_norm=grad_norms.get(id(p)), finite=finite.get(id(p)),
                                  offloaded=id(p) in elsewhere, checksum=checksums.get(id(p)),
                                  **distributed.layout(p))
                 for key, p in own
-            }),
+            }) if own else NO_PARAMS,
             training=module.training,
             traits=found,
             bounds=traits.bounds(module),
             grad_bytes=sum(grad_sizes.get(i, 0) for i in param_ids) if grads else None,
-            output_bytes=output_bytes.get(name, 0),
+            output_bytes=kept.setdefault(output_bytes.get(name, 0), output_bytes.get(name, 0)),
             **cost.get(name, {}),
         )
     out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]

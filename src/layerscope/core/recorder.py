@@ -63,6 +63,7 @@ class Recorder:
         self.last_grad_call: dict | None = None  # the call whose output gradient arrived last
         self.params = params  # parameters to take the norm of as their module's forward ends (fresh in the cache)
         self.param_norms: dict[int, torch.Tensor] = {}  # id -> norm (see stats.norm), of ``params`` met in the pass
+        self.shapes: dict[tuple, tuple] = {}  # see ``shape``
 
     def hook_for(self, name: str, module: nn.Module) -> Callable:
         dead_units = "relu" in traits.class_traits(module)
@@ -100,12 +101,12 @@ class Recorder:
         call = dict(
             name=name,
             index=len(self.calls),
-            input_shapes=tuple(inputs.shape) if one_in else shape_tree(inputs),
-            output_shapes=tuple(output.shape) if one_out else shape_tree(output),
-            input_dtypes=(_name(inputs.dtype),) if one_in else unique(t.dtype for t in ins),
-            output_dtypes=(_name(output.dtype),) if one_out else unique(t.dtype for t in outs),
-            input_devices=(_name(inputs.device),) if one_in else unique(t.device for t in ins),
-            output_devices=(_name(output.device),) if one_out else unique(t.device for t in outs),
+            input_shapes=self.shape(inputs.shape) if one_in else shape_tree(inputs),
+            output_shapes=self.shape(output.shape) if one_out else shape_tree(output),
+            input_dtypes=_one(inputs.dtype) if one_in else unique(t.dtype for t in ins),
+            output_dtypes=_one(output.dtype) if one_out else unique(t.dtype for t in outs),
+            input_devices=_one(inputs.device) if one_in else unique(t.device for t in ins),
+            output_devices=_one(output.device) if one_out else unique(t.device for t in outs),
             inputs=self._inputs(ins, outs),
             out_bytes=output.numel() * output.element_size() if one_out else
             sum(t.numel() * t.element_size() for t in {id(t): t for t in outs}.values()),
@@ -148,6 +149,12 @@ class Recorder:
                     self.progress("backward", len(self.graded), self.modules)
 
             self.session.add_tensor_hook(t, on_grad)
+
+    def shape(self, size: torch.Size) -> tuple[int, ...]:
+        """``size`` as a tuple, one tuple for all the calls and parameters of the pass with that shape (thousands of
+        records of a deep model share a few shapes)."""
+        shape = tuple(size)
+        return self.shapes.setdefault(shape, shape)
 
     def norm_params(self, module: nn.Module) -> None:
         """The norms of the module's own parameters among ``params`` not taken yet (the very tensors: not the
@@ -242,6 +249,8 @@ class Recorder:
 
 
 _NAMES: dict = {}  # dtype or device -> its name
+_ONES: dict = {}  # dtype or device -> (its name,), one tuple for every record that holds it
+_SETS: dict = {}  # sorted names of several dtypes or devices -> themselves, as one tuple
 
 
 def _range(t: torch.Tensor) -> torch.Tensor:
@@ -257,14 +266,30 @@ def _name(item) -> str:
     return name
 
 
+def _one(item) -> tuple[str]:
+    one = _ONES.get(item)
+    if one is None:
+        one = _ONES[item] = (_name(item),)
+    return one
+
+
 def unique(items: Iterable) -> tuple[str, ...]:
-    """Sorted unique names of dtypes or devices ('float32', 'cpu')."""
-    names = {_name(item) for item in items}
-    return tuple(names) if len(names) == 1 else tuple(sorted(names))
+    """Sorted unique names of dtypes or devices ('float32', 'cpu'), as a tuple shared by every record that has them."""
+    return shared(tuple(sorted({_name(item) for item in items})))
+
+
+def shared(names: tuple[str, ...]) -> tuple[str, ...]:
+    """One tuple for all the records that hold these names (of dtypes, devices, traits): a few distinct ones in a
+    model of thousands of modules."""
+    return _SETS.setdefault(names, names)
 
 
 def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+    return _name(t.dtype)
+
+
+def device_name(t: torch.Tensor) -> str:
+    return _name(t.device)
 
 
 def norms(tensors: dict[int, torch.Tensor], taken: dict[int, torch.Tensor] | None = None) -> dict[int, float]:

@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .fixes import FIXES
@@ -32,6 +33,9 @@ TRAITS = (
     "sums_to_constant",  # softmax, or a layer/group norm whose scale is one number: its outputs add up to a constant
     "uninitialised",  # a lazy module (nn.LazyLinear, ...) not called yet: its parameters have no size, counted as 0
 )
+
+
+NO_PARAMS = MappingProxyType({})  # the parameters of every module without any of its own (read-only: one for all)
 
 
 def build(kind, fields=(), **more):

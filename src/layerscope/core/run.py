@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .collector import paused
-from .records import CallRecord, Capture, Finding, InputRecord, ModuleReport, build, copy_with
+from .records import NO_PARAMS, CallRecord, Capture, Finding, InputRecord, ModuleReport, build, copy_with
 from .stats import Histogram, TensorStats
 
 # One row per call of a sampled step; NaN where the capture's record would say None.
@@ -485,7 +485,8 @@ class Run:
                     own[local] = copy_with(own[local], per_rank=tuple(
                         None if q is None else _param(q, r[row]) for q, r in zip(p.per_rank, rank_params)))
                 row += 1
-            modules[name] = copy_with(report, calls=tuple(calls[index]), params=MappingProxyType(own),
+            modules[name] = copy_with(report, calls=tuple(calls[index]),
+                                      params=MappingProxyType(own) if own else NO_PARAMS,
                                       training=bool(record.training[index]))
         backward = bool(np.any(~np.isnan(record.params[:, _P["grad_norm"]]))) if len(params) else False
         cap = Capture(modules=MappingProxyType(modules), total_params=self.structure.total_params,

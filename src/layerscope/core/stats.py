@@ -121,7 +121,11 @@ class Histogram:
 
     ``sampled`` is how many finite values were binned (``counts.sum() + under + over``): all finite elements
     of small tensors, an evenly strided sample (less any non-finite elements) of large ones. ``rebinned``: the
-    counts were spread onto these edges from other ones (see ``rebin``), so they are approximate."""
+    counts were spread onto these edges from other ones (see ``rebin``), so they are approximate.
+
+    The equal bins of a capture's histogram are made when ``edges`` is first read, from the range kept in their
+    place (``own``): thousands of records keep two numbers each instead of an array (the edges are the same
+    numbers either way, see ``own``)."""
 
     counts: np.ndarray
     edges: np.ndarray
@@ -130,6 +134,27 @@ class Histogram:
     under: int = 0
     over: int = 0
     rebinned: bool = False
+
+    @classmethod
+    def own(cls, counts: np.ndarray, lo: float, hi: float, sampled: int, numel: int) -> Histogram:
+        """Counts in equal bins over [lo, hi]: the edges, numpy's ``linspace(lo, hi, bins + 1)`` but for rounding
+        (``lo + i * ((hi - lo) / bins)``, the last edge ``hi`` exactly), made when first read."""
+        record = object.__new__(cls)
+        for key, value in (("counts", counts), ("_lo", lo), ("_hi", hi), ("sampled", sampled), ("numel", numel),
+                           ("under", 0), ("over", 0), ("rebinned", False)):
+            object.__setattr__(record, key, value)  # one by one: the class's shared-key dict, a third of a dict's bytes
+        return record
+
+    def __getattr__(self, name: str):  # only for a name not in the record's __dict__: the edges of ``own``
+        known = self.__dict__
+        if name != "edges" or "_lo" not in known:
+            raise AttributeError(f"'Histogram' object has no attribute {name!r}")
+        lo, hi = known["_lo"], known["_hi"]
+        bins = len(self.counts)
+        edges = np.arange(bins + 1) * ((hi - lo) / bins) + lo
+        edges[-1] = hi
+        self.__dict__["edges"] = edges
+        return edges
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both together; only defined when the two share their edges."""
@@ -618,13 +643,13 @@ class StatsBatch:
         on_cpu: dict[int, np.ndarray] = {}
         fixed_counts = self._fixed_on_cpu()
 
-        def cpu(t: torch.Tensor, row: int | None) -> np.ndarray:
-            if id(t) not in on_cpu:
-                on_cpu[id(t)] = t.cpu().numpy()
-            return on_cpu[id(t)] if row is None else on_cpu[id(t)][row]
+        def cpu(t: torch.Tensor, row: int | None, counts: bool = False) -> np.ndarray:
+            got = on_cpu.get(id(t))
+            if got is None:  # counts: as int64 arrays of numpy's own (not views of a tensor's memory that records keep)
+                got = on_cpu[id(t)] = t.cpu().numpy().astype(np.int64) if counts else t.cpu().numpy()
+            return got if row is None else got[row]
 
         out: list = []
-        own: list[tuple[int, float, float]] = []  # (slot, lo, hi) of the histograms binned on their own range
         for i, slot in enumerate(self._slots):
             if slot is None:
                 out.append(None)
@@ -637,20 +662,10 @@ class StatsBatch:
                     numel, *cpu(sums, row[0]).tolist(), row[1], row[2])
             stats = TensorStats(numel, int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
             if fixed is None:
-                out.append([stats, numel, binned])
-                own.append((i, left, right))
+                c = cpu(counts, None if isinstance(row, dict) else row[0], counts=True)
+                out.append((stats, Histogram.own(c, left, right, int(binned), numel)))
             else:
                 c = fixed_counts[i]  # -Inf/NaN, under, the bins, over, +Inf/NaN
                 out.append((stats, Histogram(counts=c[2:-2], edges=fixed[1], sampled=int(c[1:-1].sum()), numel=numel,
                                              under=int(c[1]), over=int(c[-2]))))
-        if own:  # np.linspace(lo, hi, bins + 1) of each, as numpy computes it, at once
-            index, left, right = zip(*own)
-            left, right = np.array(left), np.array(right)
-            edges = np.arange(self.bins + 1) * ((right - left) / self.bins)[:, None] + left[:, None]
-            edges[:, -1] = right
-            for i, e in zip(index, edges):
-                stats, numel, binned = out[i]
-                _, _, row, counts, _ = self._slots[i]
-                c = cpu(counts, None if isinstance(row, dict) else row[0]).astype(np.int64, copy=False)
-                out[i] = (stats, Histogram(counts=c, edges=e, sampled=int(binned), numel=numel))
         return out

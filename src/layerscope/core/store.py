@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
+from .records import NO_PARAMS, CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord
 from .stats import Histogram, TensorStats
 
 FORMAT, VERSION = "layerscope.capture", 2  # 2: the cost fields (FLOPs and bytes per module); 1 reads as before
@@ -253,7 +253,7 @@ def _module(d: dict, arrays: dict) -> ModuleReport:
     d["children"] = tuple(d["children"])
     d["devices"], d["dtypes"] = tuple(d["devices"]), tuple(d["dtypes"])
     d["calls"] = tuple(_call(c, arrays) for c in d["calls"])
-    d["params"] = MappingProxyType({k: _param(p) for k, p in d["params"].items()})
+    d["params"] = MappingProxyType({k: _param(p) for k, p in d["params"].items()}) if d["params"] else NO_PARAMS
     d["traits"] = frozenset(d["traits"])
     d["bounds"] = None if d["bounds"] is None else tuple(d["bounds"])
     d["unsupported_ops"] = tuple(d.get("unsupported_ops", ()))

@@ -5,9 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-
-def _dtype(t) -> str:
-    return str(t.dtype).removeprefix("torch.")
+from .recorder import device_name, dtype_name, shared
 
 
 def _nbytes(t) -> int:
@@ -53,7 +51,7 @@ def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
         own = [(local, p) for local, p in module._parameters.items() if p is not None and not is_lazy(p)]
         mine = {id(p): p for _, p in own}
         held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
-        where = {(str(t.device), _dtype(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
+        where = {(device_name(t), dtype_name(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
         for child in children[name]:
             mine.update(params[child])
             held.update(buffers[child])
@@ -67,8 +65,8 @@ def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
             num_params=sum(p.numel() for p in mine.values()),
             num_own_params=sum(p.numel() for _, p in own),
             num_trainable=sum(p.numel() for p in mine.values() if p.requires_grad),
-            devices=tuple(sorted({d for d, _ in where})),
-            dtypes=tuple(sorted({t for _, t in where})),
+            devices=shared(tuple(sorted({d for d, _ in where}))),
+            dtypes=shared(tuple(sorted({t for _, t in where}))),
             param_bytes=sum(_nbytes(p) for p in mine.values()),
             buffer_bytes=sum(_nbytes(b) for b in held.values()),
             own=own,

@@ -26,7 +26,7 @@ from .collector import Pause
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms, host
-from .records import InputRecord, ModuleReport, ParamRecord
+from .records import NO_PARAMS, InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
 from .stats import Scratch, StatsBatch, local, norm_value
 from .tree import module_tree
@@ -112,7 +112,7 @@ def _structure(model: nn.Module):
             **info,
             params=MappingProxyType({local: ParamRecord(shape=tuple(p.shape), dtype=dtype_name(p), device=str(p.device),
                                                         trainable=p.requires_grad, norm=None, **distributed.layout(p))
-                                      for local, p in own}),
+                                      for local, p in own}) if own else NO_PARAMS,
             training=module.training, traits=traits.class_traits(module), bounds=traits.bounds(module),
         )
     root = modules[""]

@@ -26,7 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .records import CallRecord, Capture, CaptureError, Finding, InputRecord, ModuleReport, ParamRecord, build
+from .records import (
+    NO_PARAMS,
+    CallRecord,
+    Capture,
+    CaptureError,
+    Finding,
+    InputRecord,
+    ModuleReport,
+    ParamRecord,
+    build,
+)
 from .stats import HIST_SCALARS, Histogram, TensorStats
 from .store import _plain
 
@@ -354,7 +364,7 @@ def decode(data: bytes) -> Capture:
     by_module, by_params, c, p = [], [], 0, 0
     for n, keys in zip(doc["calls_of"], doc["keys"]):
         by_module.append(tuple(calls[c:c + n]))
-        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))))
+        by_params.append(MappingProxyType(dict(zip(keys, params[p:p + len(keys)]))) if keys else NO_PARAMS)
         c, p = c + n, p + len(keys)
     reports = _records(ModuleReport, doc["modules"], len(doc["keys"]), traits=_traits(doc),
                        calls=by_module, params=by_params)
