@@ -8,8 +8,20 @@ from torch.nn.parameter import is_lazy
 from .recorder import device_name, dtype_name, shared
 
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
+def _facts(t, facts: dict[int, tuple]) -> tuple[int, int, int]:
+    """(elements, bytes, trainable elements) of a tensor, computed once per tensor."""
+    got = facts.get(id(t))
+    if got is None:
+        n = t.numel()
+        got = facts[id(t)] = (n, n * t.element_size(), n if t.requires_grad else 0)
+    return got
+
+
+def _sizes(params: dict, buffers: dict, facts: dict[int, tuple]) -> tuple[int, int, int, int]:
+    """(elements, trainable elements, bytes) of the parameters and the bytes of the buffers, each tensor once."""
+    rows = [_facts(p, facts) for p in params.values()]
+    return (sum(r[0] for r in rows), sum(r[2] for r in rows), sum(r[1] for r in rows),
+            sum(_facts(b, facts)[1] for b in buffers.values()))
 
 
 def initialised(model: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Parameter]:
@@ -36,39 +48,65 @@ def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
     parameters, submodules included.
 
     One bottom-up pass: each module's parameter, buffer, device and dtype sets are its own joined with its
-    children's, so a tensor shared or tied at several places is counted once. Lazy parameters and buffers not
-    yet initialised are left out of the counts (they have no size yet: see ``uninitialised``).
+    children's, so a tensor shared or tied at several places is counted once; the sizes are the children's added
+    up (each tensor's looked up once), and counted again over the joined set only where a join met a tensor twice.
+    Lazy parameters and buffers not yet initialised are left out of the counts (they have no size yet: see
+    ``uninitialised``).
     """
     children: dict[str, list[str]] = {name: [] for name, _ in entries}
     for name, _ in entries:
         if name:
             children[name.rpartition(".")[0]].append(name)
+    facts: dict[int, tuple] = {}  # id -> (elements, bytes, trainable elements), once per tensor
     params: dict[str, dict[int, object]] = {}
     buffers: dict[str, dict[int, object]] = {}
-    places: dict[str, set[tuple[str, str]]] = {}
+    places: dict[str, frozenset[tuple[str, str]]] = {}
+    sizes: dict[str, tuple[int, int, int, int]] = {}  # (parameters, trainable, parameter bytes, buffer bytes)
+    named: dict[frozenset, tuple] = {}  # places -> (devices, dtypes)
     tree = {}
     for name, module in reversed(entries):  # children before their parents
-        own = [(local, p) for local, p in module._parameters.items() if p is not None and not is_lazy(p)]
-        mine = {id(p): p for _, p in own}
-        held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
-        where = {(device_name(t), dtype_name(t)) for t in (*mine.values(), *module._buffers.values()) if t is not None}
+        if module._parameters or module._buffers:
+            own = [(local, p) for local, p in module._parameters.items() if p is not None and not is_lazy(p)]
+            mine = {id(p): p for _, p in own}
+            held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
+            where = {(device_name(t), dtype_name(t)) for t in (*mine.values(), *module._buffers.values())
+                     if t is not None}
+            num, trainable, nbytes, held_bytes = total = _sizes(mine, held, facts)
+        else:  # most modules of a deep model (activations, containers): nothing of their own
+            own, mine, held, where = [], {}, {}, set()
+            num = trainable = nbytes = held_bytes = 0
+            total = (0, 0, 0, 0)
+        num_own = num
         for child in children[name]:
-            mine.update(params[child])
-            held.update(buffers[child])
+            # a child's sizes add up unless it shares a tensor with what is counted already (tied weights)
+            known = len(mine) + len(held)
+            kid, kid_held = params[child], buffers[child]
+            mine.update(kid)
+            held.update(kid_held)
+            if total is not None and len(mine) + len(held) == known + len(kid) + len(kid_held):
+                a, b, c, d = sizes[child]
+                num, trainable, nbytes, held_bytes = total = (num + a, trainable + b, nbytes + c, held_bytes + d)
+            else:
+                total = None
             where |= places[child]
-        params[name], buffers[name], places[name] = mine, held, where
+        if total is None:
+            num, trainable, nbytes, held_bytes = total = _sizes(mine, held, facts)
+        where = frozenset(where)
+        if where not in named:
+            named[where] = (shared(tuple(sorted({d for d, _ in where}))), shared(tuple(sorted({t for _, t in where}))))
+        params[name], buffers[name], places[name], sizes[name] = mine, held, where, total
         tree[name] = dict(
             name=name,
             type_name=type(module).__name__,
             depth=0 if not name else name.count(".") + 1,
             children=tuple(children[name]),
-            num_params=sum(p.numel() for p in mine.values()),
-            num_own_params=sum(p.numel() for _, p in own),
-            num_trainable=sum(p.numel() for p in mine.values() if p.requires_grad),
-            devices=shared(tuple(sorted({d for d, _ in where}))),
-            dtypes=shared(tuple(sorted({t for _, t in where}))),
-            param_bytes=sum(_nbytes(p) for p in mine.values()),
-            buffer_bytes=sum(_nbytes(b) for b in held.values()),
+            num_params=num,
+            num_own_params=num_own,
+            num_trainable=trainable,
+            devices=named[where][0],
+            dtypes=named[where][1],
+            param_bytes=nbytes,
+            buffer_bytes=held_bytes,
             own=own,
             param_ids=mine.keys(),
         )
