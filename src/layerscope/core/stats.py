@@ -123,9 +123,8 @@ class Histogram:
     of small tensors, an evenly strided sample (less any non-finite elements) of large ones. ``rebinned``: the
     counts were spread onto these edges from other ones (see ``rebin``), so they are approximate.
 
-    The equal bins of a capture's histogram are made when ``edges`` is first read, from the range kept in their
-    place (``own``): thousands of records keep two numbers each instead of an array (the edges are the same
-    numbers either way, see ``own``)."""
+    The edges of a capture's equal bins are made when first read, from the two ends kept in their place (see
+    ``own``): thousands of records keep two numbers each instead of an array of edges."""
 
     counts: np.ndarray
     edges: np.ndarray
@@ -137,8 +136,8 @@ class Histogram:
 
     @classmethod
     def own(cls, counts: np.ndarray, lo: float, hi: float, sampled: int, numel: int) -> Histogram:
-        """Counts in equal bins over [lo, hi]: the edges, numpy's ``linspace(lo, hi, bins + 1)`` but for rounding
-        (``lo + i * ((hi - lo) / bins)``, the last edge ``hi`` exactly), made when first read."""
+        """Counts in equal bins over [lo, hi], whose edges are made when first read, as numpy's
+        ``linspace(lo, hi, bins + 1)`` computes them (``i * ((hi - lo) / bins) + lo``, the last edge ``hi``)."""
         record = object.__new__(cls)
         for key, value in (("counts", counts), ("_lo", lo), ("_hi", hi), ("sampled", sampled), ("numel", numel),
                            ("under", 0), ("over", 0), ("rebinned", False)):
@@ -571,8 +570,15 @@ class StatsBatch:
         step = max(1, flat.numel() // self.sample_size) | 1  # odd stride: avoids lining up with power-of-two dims
         sample = flat[::step][: self.sample_size]
         total = flat.sum() if per_channel is None else per_channel.sum()
-        sums = [*torch.aminmax(flat), total, norm(flat), (sample == 0).sum()]
-        return torch.stack([v.double() for v in sums]).tolist(), sample
+        lo, hi = torch.aminmax(flat)
+        root = norm_value(flat)  # on the CPU, a float at once (up to a million values)
+        # in the values' own dtype (the sample's zeros too: at most sample_size), one conversion for all of them
+        sums = torch.stack([lo, hi, total, (sample == 0).sum().to(flat.dtype)])
+        if isinstance(root, float):
+            lo, hi, total, zeros = sums.tolist()
+        else:
+            lo, hi, total, zeros, root = torch.cat([sums.double(), root.reshape(1)]).tolist()
+        return [lo, hi, total, root, zeros], sample
 
     def _summarise_large(self, x: torch.Tensor, edges, dead_slot: int | None = None) -> list:
         """Three passes over the tensor (aminmax, sum, dot; two more, rarely, see below) and a few small ops
@@ -608,8 +614,9 @@ class StatsBatch:
             total = shifted.sum()
             total, squares = torch.stack([total.double(), shifted.square_().sum().double()]).tolist()
         left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-        if edges is None and hi > lo:  # the sample binned in float64, numpy's precision
-            counts, fixed = torch.histc(sample.double(), self.bins, lo, hi), None
+        if edges is None and hi > lo:  # the sample binned in float64 as numpy places values (before its corrections)
+            place = sample.double().sub_(lo).div_(hi - lo).mul_(self.bins).clamp_(0, self.bins - 1)
+            counts, fixed = _count(place.to(torch.int32), self.bins), None
         elif edges is None:  # all equal: numpy's answer, as _flat_counts
             counts, fixed = torch.zeros(self.bins, device=x.device), None
             counts[self.bins // 2] = sample.numel()
