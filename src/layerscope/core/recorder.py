@@ -64,6 +64,7 @@ class Recorder:
         self.params = params  # parameters to take the norm of as their module's forward ends (fresh in the cache)
         self.param_norms: dict[int, torch.Tensor] = {}  # id -> norm (see stats.norm), of ``params`` met in the pass
         self.shapes: dict[tuple, tuple] = {}  # see ``shape``
+        self.dead_later: list[dict] = []  # calls whose dead units the StatsBatch counts (known after its flush)
 
     def hook_for(self, name: str, module: nn.Module) -> Callable:
         dead_units = "relu" in traits.class_traits(module)
@@ -128,11 +129,11 @@ class Recorder:
         if self.feature_maps and x.dim() == 4 and not x.is_meta and x.numel():
             call["fmap"] = pool_maps(x.detach()[0, :FEATURE_CHANNELS])
         if dead_units and x.dim() >= 2 and not x.is_meta and x.numel():
-            dead = self.stats.dead.get(call["slot"])  # counted with the sums of a large output
-            if dead is None:
+            if self.stats.counts_dead(call["slot"]):  # with the output's sums, or with its buffer: see finish
+                self.dead_later.append(call)
+            else:
                 dims = [d for d in range(x.dim()) if d != 1]
-                dead = (x.detach().amax(dim=dims) <= 0).sum()
-            call["dead"] = dead
+                call["dead"] = (x.detach().amax(dim=dims) <= 0).sum()
             call["units"] = x.shape[1]
         if self.grads and t.requires_grad:
             def on_grad(g, call=call, costs=self.costs):
@@ -206,6 +207,8 @@ class Recorder:
         """The StatsBatch summaries (by slot) and, per call, whether its floating-point inputs were all finite
         (None when it cannot be told); everything is copied to the CPU here."""
         summaries = self.stats.results()
+        for call in self.dead_later:
+            call["dead"] = self.stats.dead[call["slot"]]
         checks = torch.isfinite(torch.stack([c.cpu() for c in self.checks])).all(1).tolist() if self.checks else []
 
         def finite(inputs: list | None) -> bool | None:

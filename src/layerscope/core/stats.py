@@ -448,6 +448,7 @@ class _Group:
         self.rows = rows
         self.copies: list[torch.Tensor] = []
         self.slots: list[int] = []
+        self.channels: list[tuple[int, torch.Size]] = []  # (row, shape) of the rows whose dead channels to count
 
     def full(self) -> bool:
         return len(self.slots) == self.rows
@@ -466,13 +467,15 @@ class StatsBatch:
         self._edges: dict[int, tuple] = {} if edges is None else edges
         self._scratch = scratch or Scratch()  # shared too: a run's steps reuse the same buffers
         self.dead: dict[int, torch.Tensor] = {}  # slot -> channels holding only zeros (see ``add``), on the device
+        self._counted: set[int] = set()  # slots whose dead channels ``flush`` counts
 
     def add(self, t: torch.Tensor, edges=None, channels: bool = False) -> int:
         """Queue ``t`` for summary; returns its slot in ``results()``. With ``edges`` (increasing float64
         edges), its histogram uses exactly those edges instead of equal bins over its own range. With
-        ``channels``, for a tensor of non-negative values (a ReLU's output) of more than ``small`` elements,
-        the sum is taken per channel (dim 1), and ``dead[slot]`` counts the channels whose values are all 0:
-        the ReLU's dead units, at no extra pass."""
+        ``channels`` (a ReLU's output, of 2 dims or more), ``dead[slot]`` counts the channels (dim 1) whose values
+        are all 0 or less: the ReLU's dead units. Of a tensor of more than ``small`` elements (non-negative values)
+        from its sums, taken per channel, at no extra pass; of a smaller one with the rest of its buffer, once the
+        buffer is summarised (``flush``)."""
         slot = len(self._slots)
         x = _to_float(t)
         if x is None:
@@ -487,6 +490,9 @@ class StatsBatch:
                 group = self._groups[key] = _Group(max(1, self.budget // x.numel()))
             # a widened x is a copy already; else a copy, as the tensor may change in place after this call
             copy = x if x.dtype != t.dtype else x.clone(memory_format=torch.contiguous_format)
+            if channels and x.dim() >= 2:
+                group.channels.append((len(group.slots), x.shape))
+                self._counted.add(slot)
             group.copies.append(copy.reshape(-1))
             group.slots.append(slot)
             if group.full():
@@ -494,6 +500,28 @@ class StatsBatch:
         else:
             self._slots.append(self._summarise_large(x, edges, slot if channels and x.dim() >= 2 else None))
         return slot
+
+    def counts_dead(self, slot: int) -> bool:
+        """Whether ``dead[slot]`` holds, or after ``flush`` will hold, the slot's dead channels (see ``add``)."""
+        return slot in self.dead or slot in self._counted
+
+    def flush(self) -> None:
+        """Summarise the buffers not full yet (``results`` does it first)."""
+        for group in self._groups.values():
+            self._summarise(group)
+        self._groups.clear()
+
+    def _dead_rows(self, m: torch.Tensor, group: _Group) -> None:
+        """The dead channels of the buffer's rows that asked for them: one reduction per shape among them."""
+        by_shape: dict[torch.Size, list[int]] = {}
+        for row, shape in group.channels:
+            by_shape.setdefault(shape, []).append(row)
+        for shape, rows in by_shape.items():
+            part = (m if len(rows) == len(m) else m[rows]).view(len(rows), *shape)
+            dead = (part.amax(dim=[d for d in range(1, part.dim()) if d != 2]) <= 0).sum(1)
+            for row, count in zip(rows, dead):
+                self.dead[group.slots[row]] = count
+        group.channels.clear()
 
     def _bounds(self, values: torch.Tensor, edges) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
         """The edges as checked float64, their _thresholds in the values' dtype on their device, and their
@@ -539,6 +567,8 @@ class StatsBatch:
         m = self._scratch.get("rows", (len(group.copies), first.numel()), first.dtype, first.device)
         m = torch.stack(group.copies, out=m)
         group.copies.clear()
+        if group.channels:
+            self._dead_rows(m, group)
         mn, mx = m.amin(1), m.amax(1)
         lows, highs = torch.stack([mn, mx]).tolist()
         finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(lows, highs)]
@@ -644,9 +674,7 @@ class StatsBatch:
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
         """Move every summary to the CPU and build the records: one copy per buffer, per large tensor's
         histogram, and one for all the fixed-edges histograms on a device."""
-        for group in self._groups.values():
-            self._summarise(group)
-        self._groups.clear()
+        self.flush()
         on_cpu: dict[int, np.ndarray] = {}
         fixed_counts = self._fixed_on_cpu()
 
