@@ -267,6 +267,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
         if uninitialised(module):
             found = found | {"uninitialised"}
         found = kept.setdefault(found, found)  # one set for all the modules that have these traits
+        size = output_bytes.get(name, 0)
         modules[name] = ModuleReport(
             **info,
             calls=tuple(records.get(name, ())),
@@ -282,7 +283,7 @@ def _capture(model, batch, backward, target, loss_fn, bins, edges, feature_maps,
             traits=found,
             bounds=traits.bounds(module),
             grad_bytes=sum(grad_sizes.get(i, 0) for i in param_ids) if grads else None,
-            output_bytes=kept.setdefault(output_bytes.get(name, 0), output_bytes.get(name, 0)),
+            output_bytes=kept.setdefault(size, size),
             **cost.get(name, {}),
         )
     out_floats = [local(t) for t in kinds.result_tensors(output) if not t.is_meta]

@@ -71,30 +71,28 @@ def module_tree(entries: list[tuple[str, nn.Module]]) -> dict[str, dict]:
             held = {id(b): b for b in module._buffers.values() if b is not None and not is_lazy(b)}
             where = {(device_name(t), dtype_name(t)) for t in (*mine.values(), *module._buffers.values())
                      if t is not None}
-            num, trainable, nbytes, held_bytes = total = _sizes(mine, held, facts)
+            num, trainable, nbytes, held_bytes = _sizes(mine, held, facts)
         else:  # most modules of a deep model (activations, containers): nothing of their own
             own, mine, held, where = [], {}, {}, set()
             num = trainable = nbytes = held_bytes = 0
-            total = (0, 0, 0, 0)
         num_own = num
+        tied = False  # a join met a tensor counted already: the sizes are counted again over the joined sets
         for child in children[name]:
-            # a child's sizes add up unless it shares a tensor with what is counted already (tied weights)
             known = len(mine) + len(held)
             kid, kid_held = params[child], buffers[child]
             mine.update(kid)
             held.update(kid_held)
-            if total is not None and len(mine) + len(held) == known + len(kid) + len(kid_held):
-                a, b, c, d = sizes[child]
-                num, trainable, nbytes, held_bytes = total = (num + a, trainable + b, nbytes + c, held_bytes + d)
-            else:
-                total = None
+            tied = tied or len(mine) + len(held) < known + len(kid) + len(kid_held)
+            a, b, c, d = sizes[child]
+            num, trainable, nbytes, held_bytes = num + a, trainable + b, nbytes + c, held_bytes + d
             where |= places[child]
-        if total is None:
-            num, trainable, nbytes, held_bytes = total = _sizes(mine, held, facts)
+        if tied:
+            num, trainable, nbytes, held_bytes = _sizes(mine, held, facts)
         where = frozenset(where)
         if where not in named:
             named[where] = (shared(tuple(sorted({d for d, _ in where}))), shared(tuple(sorted({t for _, t in where}))))
-        params[name], buffers[name], places[name], sizes[name] = mine, held, where, total
+        params[name], buffers[name], places[name] = mine, held, where
+        sizes[name] = num, trainable, nbytes, held_bytes
         tree[name] = dict(
             name=name,
             type_name=type(module).__name__,
