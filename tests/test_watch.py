@@ -276,6 +276,40 @@ def test_the_update_of_a_large_weight_is_measured_on_a_sample_close_to_the_whole
                 assert p.update_ratio == pytest.approx(expected[i][f"{name}.{local}"], rel=rel), (name, local)
 
 
+def test_the_update_is_measured_where_the_parameters_are_now(digits):
+    """The update samples are views kept from step to step: a parameter whose values were replaced (``p.data = ...``)
+    or made channels_last between sampled steps is measured on its new values, not on memory it left."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert model[5].weight.numel() > 8192  # measured on a sample
+    expected = []
+    with watch(model, opt, every=1) as run:
+        for step in range(4):
+            if step == 1:  # new tensors for the large weight and a bias (the optimizer holds the Parameters)
+                model[5].weight.data = model[5].weight.data.clone()
+                model[7].bias.data = model[7].bias.data.clone()
+            if step == 2:
+                model.to(memory_format=torch.channels_last)
+                assert not model[2].weight.is_contiguous()
+            xb, yb = x[step * 64:(step + 1) * 64], y[step * 64:(step + 1) * 64]
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            opt.step()
+            expected.append({n: float((p.detach().double() - before[n]).norm() / before[n].norm())
+                             for n, p in model.named_parameters()})
+    for i, step in enumerate(run.steps):
+        record = run.at(step)
+        for name in ("0", "2", "5", "7"):
+            for local, p in record[name].params.items():
+                rel = 0.05 if p.numel > 8192 else 1e-4
+                assert p.update_ratio == pytest.approx(expected[i][f"{name}.{local}"], rel=rel), (step, name, local)
+
+
 def test_histograms_share_fixed_edges_over_the_steps_and_count_everything(digits):
     x, y = digits
     model = cnn().eval()

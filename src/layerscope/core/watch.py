@@ -162,7 +162,7 @@ class _Sample:
         self.lrs: tuple[float, ...] = ()
         self.scale = 1.0
         self.grad_scale = 1.0  # what the parameters' gradient norms are divided by: the scale, unless read unscaled
-        self.before: list | None = None  # the update samples: [(row, copy of its sample before the step)]
+        self.before: list | None = None  # the update samples: [(row, its _kept_sample, holding a copy before the step)]
         self.updates: dict[int, float] = {}
         self.updated = False
         self.iteration = None  # the GradScaler's record of the iteration the sample began in (see _skipped)
@@ -183,6 +183,7 @@ class _Watcher:
         self._layouts: dict[tuple, tuple] = {}
         self._binning: dict = {}  # the StatsBatch's checked edges and thresholds, kept from step to step
         self._scratch = Scratch()  # and its work buffers
+        self._samples: dict[int, tuple] = {}  # parameter row -> its update sample (see _kept_sample)
         self._pause = Pause()  # the cyclic garbage collector, paused for each sampled step
         self._warned = False
 
@@ -227,6 +228,7 @@ class _Watcher:
             self._drop()
         finally:
             self._scratch = Scratch()  # the work buffers (megabytes) are not kept once the block ends
+            self._samples = {}
             if self.session is not None:
                 self.session.remove()
 
@@ -440,14 +442,34 @@ class _Watcher:
         stage = states.get(id(self.optimizer), {}).get("stage")
         return getattr(stage, "name", None) == "UNSCALED"
 
-    def _update_samples(self, rows: list[int]) -> list[tuple[int, torch.Tensor]]:
-        """A copy of the sample (see ``_sample_of``) of each of these parameters, taken before the optimizer's step."""
-        out = []
-        for row in rows:
-            p = local(self.params[row])
-            if not p.is_meta and p.is_floating_point() and p.numel():
-                out.append((row, self._sample_of(p).clone()))
-        return out
+    def _update_samples(self, rows: list[int]) -> list[tuple[int, tuple]]:
+        """The sample (see ``_sample_of``) of each of these parameters copied into the buffer kept for it (see
+        ``_kept_sample``), before the optimizer's step: one multi-tensor copy."""
+        taken = [(row, kept) for row, kept in ((row, self._kept_sample(row)) for row in rows) if kept is not None]
+        if taken:
+            torch._foreach_copy_([kept[2] for _, kept in taken], [self._now(row, kept) for row, kept in taken])
+        return taken
+
+    def _kept_sample(self, row: int) -> tuple | None:
+        """(where the parameter's values are, a view of its sample, a buffer of the sample's shape, the square root of
+        the parameter's size over the sample's), kept from step to step while the parameter's values stay where
+        they are; the view is None when they are not contiguous (the sample is then a copy, taken afresh each time).
+        None for a parameter without values to sample."""
+        p = local(self.params[row])
+        if p.is_meta or not p.is_floating_point() or not p.numel():
+            return None
+        where = (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
+        kept = self._samples.get(row)
+        if kept is None or kept[0] != where:
+            sample = self._sample_of(p)
+            kept = self._samples[row] = (where, sample if p.is_contiguous() else None,
+                                         torch.empty(sample.shape, dtype=sample.dtype, device=sample.device),
+                                         math.sqrt(p.numel() / sample.numel()))
+        return kept
+
+    def _now(self, row: int, kept: tuple) -> torch.Tensor:
+        """The parameter's sample as its values are now."""
+        return kept[1] if kept[1] is not None else self._sample_of(self.params[row])
 
     def _sample_of(self, p: torch.Tensor) -> torch.Tensor:
         flat = local(p).detach().reshape(-1)  # a DTensor's own shard: reshaping the DTensor may communicate
@@ -459,18 +481,20 @@ class _Watcher:
         spacing = max(1, (n - width) // max(1, blocks - 1))  # the last block ends within the tensor
         if spacing % 2 == 0 and spacing > width:  # odd, not in step with the rows of a weight; blocks still apart
             spacing -= 1
-        return flat.unfold(0, width, spacing)[:blocks].reshape(-1)
+        return flat.unfold(0, width, spacing)[:blocks]  # [blocks, width]: a view of a contiguous parameter
 
     def _after_update(self) -> None:
         """||w after - w before|| of each parameter, from its sample (scaled up by the share it covers): one
-        multi-tensor difference and norm for all of them (float32 sums: a few parts in a million)."""
+        multi-tensor difference (before - after, in the buffers) and norm for all of them (float32 sums: a few parts
+        in a million)."""
         cur = self.current
         if cur.before:
-            rows, before = zip(*cur.before)
-            samples = [self._sample_of(self.params[row]) for row in rows]
-            diffs = dict(zip(rows, torch._foreach_sub(samples, list(before))))
-            for row, value in fast_norms(diffs).items():
-                cur.updates[row] = value * math.sqrt(local(self.params[row]).numel() / diffs[row].numel())
+            rows, kept = zip(*cur.before)
+            buffers = [k[2] for k in kept]
+            torch._foreach_sub_(buffers, [self._now(row, k) for row, k in zip(rows, kept)])
+            scales = {row: k[3] for row, k in zip(rows, kept)}
+            for row, value in fast_norms(dict(zip(rows, buffers))).items():
+                cur.updates[row] = value * scales[row]
         cur.before = None
         cur.updated = True
 
