@@ -20,7 +20,7 @@ from . import traits
 from .hooks import HookSession
 from .nested import call_inputs, first_float_tensor, iter_tensors, shape_tree
 from .records import CallRecord
-from .stats import StatsBatch, local, norm, norm_value
+from .stats import COLUMNS, StatsBatch, local, norm, norm_value
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -207,6 +207,17 @@ class Recorder:
         """The StatsBatch summaries (by slot) and, per call, whether its floating-point inputs were all finite
         (None when it cannot be told); everything is copied to the CPU here."""
         summaries = self.stats.results()
+        return summaries, self._finite(lambda i: summaries[i][0].finite if summaries[i] else True)
+
+    def finish_columns(self) -> tuple[tuple, list[bool | None]]:
+        """``finish`` with the summaries as the StatsBatch's columns (see ``StatsBatch.columns``), not records."""
+        columns = self.stats.columns()
+        nan, inf = columns[0][:, COLUMNS.index("nan_count")], columns[0][:, COLUMNS.index("inf_count")]
+        return columns, self._finite(lambda i: not (nan[i] > 0 or inf[i] > 0))  # no summary (NaN): as finite
+
+    def _finite(self, slot_finite: Callable[[int], bool]) -> list[bool | None]:
+        """Per call, whether its floating-point inputs were all finite, from ``slot_finite`` of the inputs that
+        were summarised and from the deferred checks of the others; the dead units counted with the buffers."""
         for call in self.dead_later:
             call["dead"] = self.stats.dead[call["slot"]]
         checks = torch.isfinite(torch.stack([c.cpu() for c in self.checks])).all(1).tolist() if self.checks else []
@@ -214,11 +225,9 @@ class Recorder:
         def finite(inputs: list | None) -> bool | None:
             if inputs is None:
                 return None
-            flags = [summaries[i][0].finite if how == "slot" and summaries[i] else checks[i] if how == "check"
-                     else True for how, i in inputs]
-            return all(flags)
+            return all(slot_finite(i) if how == "slot" else checks[i] if how == "check" else True for how, i in inputs)
 
-        return summaries, [finite(c["inputs"]) for c in self.calls]
+        return [finite(c["inputs"]) for c in self.calls]
 
     def records(self) -> tuple[dict[str, list[CallRecord]], list]:
         """The call records by module, and the StatsBatch summaries (by slot)."""

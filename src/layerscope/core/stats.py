@@ -40,6 +40,8 @@ _WIDE, _NARROW = 2.0**50, 2.0**-30
 
 # A summary's fields, in this order (see _summary).
 _FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
+# StatsBatch.columns: the tensor's size, its summary, and its histogram's sampled, under and over
+COLUMNS = ("numel", *_FIELDS, "sampled", "under", "over")
 
 
 @dataclass(frozen=True)
@@ -256,13 +258,16 @@ def _rows(m: torch.Tensor, bins: int, span: tuple | None = None, histogram: bool
     return sums, counts
 
 
-def _summary(count: int, shift: float, total: float, squares: float, zeros: float, lo: float, hi: float,
-             nan: int = 0, inf: int = 0) -> tuple:
-    """A row's statistics in the order of _FIELDS from its sums (see _rows; ``count`` values, all binned), in
-    float64: the mean is the shift plus the mean of what is left, M2 the squares less what the shift missed."""
-    left, right = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)  # numpy's range for equal values
-    return (count, shift + total / count, max(squares - total * total / count, 0.0), lo, hi, int(zeros), count,
-            nan, inf, left, right, count)
+def _summary(count: np.ndarray, sums: np.ndarray, lo: np.ndarray, hi: np.ndarray, nan: int = 0,
+             inf: int = 0) -> np.ndarray:
+    """Rows' statistics, [r, len(_FIELDS)] float64 in the order of _FIELDS, from their sums (see _rows: [r, 4];
+    ``count`` values each, all binned) and ranges: the mean is the shift plus the mean of what is left, M2 the
+    squares less what the shift missed."""
+    shift, total, squares, zeros = sums.T
+    flat = hi <= lo  # numpy's range for equal values: [value - 0.5, value + 0.5]
+    return np.column_stack([count, shift + total / count, np.maximum(squares - total * total / count, 0.0), lo, hi,
+                            zeros, count, np.full_like(count, nan), np.full_like(count, inf),
+                            np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi), count])
 
 
 def _own_counts(m: torch.Tensor, work: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, flat: torch.Tensor,
@@ -289,7 +294,9 @@ def _with_non_finite(x: torch.Tensor, bins: int) -> tuple[dict, torch.Tensor]:
     if finite.dtype == torch.float32 and _wide(lo, hi):
         finite = finite.double()
     sums, counts = _rows(finite[None], bins)
-    return dict(zip(_FIELDS, _summary(finite.numel(), *sums[0].tolist(), lo, hi, nan, inf))), counts[0]
+    row = _summary(np.array([finite.numel()], dtype=np.float64), sums.cpu().numpy(), np.array([lo]), np.array([hi]),
+                   nan, inf)
+    return dict(zip(_FIELDS, row[0].tolist())), counts[0]
 
 
 def _check_edges(edges) -> np.ndarray:
@@ -438,6 +445,12 @@ def _channel_sums(x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         return x.view(n * c, -1).sum(1).view(n, c).sum(0)
     return x.sum(dim=[d for d in range(x.dim()) if d != 1])
+
+
+def row_stats(row: list[float]) -> TensorStats:
+    """The TensorStats of a row of ``StatsBatch.columns``' table (as a list of floats)."""
+    numel, count, mean, m2, lo, hi, zeros, checked, nan, inf = row[:10]
+    return TensorStats(int(numel), int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
 
 
 class _Group:
@@ -657,50 +670,75 @@ class StatsBatch:
                      binned=sample.numel())
         return [n, None, known, counts, fixed]
 
-    def _fixed_on_cpu(self) -> dict[int, np.ndarray]:
-        """Every fixed-edges histogram on the CPU, one copy per device: {slot index: counts}."""
-        by_device: dict[torch.device, list[int]] = {}
+    def _fixed_on_cpu(self) -> list[tuple[list[int], np.ndarray]]:
+        """Every fixed-edges histogram on the CPU, one copy per device and number of bins: [(slots, their counts as
+        the rows of an int64 array)]."""
+        groups: dict[tuple, list[int]] = {}
         for i, slot in enumerate(self._slots):
             if slot is not None and slot[4] is not None:
-                by_device.setdefault(slot[4][0].device, []).append(i)
-        out = {}
-        for slots in by_device.values():
-            parts = [self._slots[i][4][0] for i in slots]
-            host = torch.cat(parts).cpu().numpy().astype(np.int64)
-            for i, piece in zip(slots, np.split(host, np.cumsum([len(p) for p in parts[:-1]]))):
-                out[i] = piece
-        return out
+                groups.setdefault((slot[4][0].device, len(slot[4][0])), []).append(i)
+        return [(slots, torch.stack([self._slots[i][4][0] for i in slots]).cpu().numpy().astype(np.int64))
+                for slots in groups.values()]
+
+    def columns(self) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """Every summary moved to the CPU (one copy per buffer, per large tensor's histogram, and per device and
+        number of bins for the fixed-edges histograms) as numbers: a [slots, len(COLUMNS)] float64 table (NaN for a
+        slot without a summary), the counts of each histogram on its own range by slot, and the counts (-Inf/NaN,
+        under, the bins, over, +Inf/NaN) and checked edges of each on fixed edges by slot."""
+        self.flush()
+        table = np.full((len(self._slots), len(COLUMNS)), np.nan)
+        fixed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for slots, counts in self._fixed_on_cpu():
+            table[slots, 13:] = np.column_stack([counts[:, 1:-1].sum(1), counts[:, 1], counts[:, -2]])
+            fixed.update(zip(slots, zip(counts, (self._slots[i][4][1] for i in slots))))
+        own: dict[int, np.ndarray] = {}
+        on_cpu: dict[int, np.ndarray] = {}  # counts as int64 arrays of numpy's own (records keep them, not the tensor)
+        known: list[tuple[int, list]] = []  # (slot, its row): large tensors and tensors holding NaN/Inf
+        buffers: dict[int, tuple[torch.Tensor, list]] = {}  # id(sums) -> (sums, [(slot, numel, row, min, max)])
+        for i, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            numel, sums, row, counts, edges = slot
+            whole = type(row) is dict  # all known already but the histogram
+            if whole:
+                known.append((i, [numel, *(row[k] for k in _FIELDS)]))
+            else:  # a row of a buffer: (its row in the sums, min, max)
+                buffer = buffers.get(id(sums))
+                if buffer is None:
+                    buffer = buffers[id(sums)] = (sums, [])
+                buffer[1].append((i, numel, *row))
+            if edges is None:
+                got = on_cpu.get(id(counts))
+                if got is None:
+                    got = on_cpu[id(counts)] = counts.cpu().numpy().astype(np.int64)
+                own[i] = got if whole else got[row[0]]
+        if known:
+            slots, rows = zip(*known)
+            table[list(slots), :13] = rows
+        for sums, rows in buffers.values():
+            slots, numel, at, lo, hi = (np.array(column) for column in zip(*rows))
+            table[slots, 0] = numel
+            table[slots, 1:13] = _summary(numel.astype(np.float64), sums.cpu().numpy()[at], lo, hi)
+        if own:
+            slots = np.fromiter(own, dtype=np.int64, count=len(own))
+            table[slots, 13], table[slots, 14:] = table[slots, 12], 0  # all binned, none outside
+        return table, own, fixed
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
-        """Move every summary to the CPU and build the records: one copy per buffer, per large tensor's
-        histogram, and one for all the fixed-edges histograms on a device."""
-        self.flush()
-        on_cpu: dict[int, np.ndarray] = {}
-        fixed_counts = self._fixed_on_cpu()
-
-        def cpu(t: torch.Tensor, row: int | None, counts: bool = False) -> np.ndarray:
-            got = on_cpu.get(id(t))
-            if got is None:  # counts: as int64 arrays of numpy's own (not views of a tensor's memory that records keep)
-                got = on_cpu[id(t)] = t.cpu().numpy().astype(np.int64) if counts else t.cpu().numpy()
-            return got if row is None else got[row]
-
+        """One (TensorStats, Histogram) per ``add``, None for a tensor without a summary (see ``columns``)."""
+        table, own, fixed = self.columns()
         out: list = []
-        for i, slot in enumerate(self._slots):
+        for i, (slot, row) in enumerate(zip(self._slots, table.tolist())):
             if slot is None:
                 out.append(None)
                 continue
-            numel, sums, row, counts, fixed = slot
-            if isinstance(row, dict):  # a large tensor, or one holding NaN/Inf: all known already but the histogram
-                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = (row[k] for k in _FIELDS)
-            else:  # a row of a buffer: (its row in the sums, min, max)
-                count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned = _summary(
-                    numel, *cpu(sums, row[0]).tolist(), row[1], row[2])
+            numel, count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned, sampled, under, over = row
+            numel = int(numel)  # as row_stats, without a call and a slice per slot
             stats = TensorStats(numel, int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
-            if fixed is None:
-                c = cpu(counts, None if isinstance(row, dict) else row[0], counts=True)
-                out.append((stats, Histogram.own(c, left, right, int(binned), numel)))
+            if i in own:
+                out.append((stats, Histogram.own(own[i], left, right, int(binned), numel)))
             else:
-                c = fixed_counts[i]  # -Inf/NaN, under, the bins, over, +Inf/NaN
-                out.append((stats, Histogram(counts=c[2:-2], edges=fixed[1], sampled=int(c[1:-1].sum()), numel=numel,
-                                             under=int(c[1]), over=int(c[-2]))))
+                counts, edges = fixed[i]
+                out.append((stats, Histogram(counts=counts[2:-2], edges=edges, sampled=int(sampled), numel=numel,
+                                             under=int(under), over=int(over))))
         return out

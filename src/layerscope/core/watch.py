@@ -28,7 +28,7 @@ from .nested import call_inputs, first_float_tensor, iter_tensors
 from .recorder import Recorder, dtype_name, fast_norms, host
 from .records import NO_PARAMS, InputRecord, ModuleReport, ParamRecord
 from .run import CALL_FIELDS, PARAM_FIELDS, Run, StepRecord, compact, structure_of
-from .stats import Scratch, StatsBatch, local, norm_value
+from .stats import COLUMNS, Scratch, StatsBatch, local, norm_value, row_stats
 from .tree import module_tree
 from .trends import DEFAULTS
 
@@ -36,6 +36,7 @@ UPDATE_BLOCK = 16  # a large parameter's update is measured on evenly spaced blo
 EDGE_MARGIN = 2.0  # automatic histogram edges reach at least this many times the first sampled step's largest value
 _C = {name: i for i, name in enumerate(CALL_FIELDS)}
 _P = {name: i for i, name in enumerate(PARAM_FIELDS)}
+_S = {name: i for i, name in enumerate(COLUMNS)}
 _LAYOUTS = 16  # recent call layouts shared between steps
 
 
@@ -504,7 +505,7 @@ class _Watcher:
         """Turn what the sampled step gathered into a StepRecord (the one copy to the CPU of the step)."""
         cur = self.current
         rec = cur.recorder
-        summaries, finite = rec.finish() if rec is not None else ([], [])
+        (summaries, _, fixed), finite = rec.finish_columns() if rec is not None else ((None, {}, {}), [])
         calls = rec.calls if rec is not None else []
         deferred = [c["grad"] for c in calls if c["grad"] is not None]
         deferred += [c["dead"] for c in calls if c["dead"] is not None]
@@ -516,26 +517,33 @@ class _Watcher:
         stale = {row: next(read) / cur.scale for row in cur.stale}
         updates = cur.updates
 
+        table = np.full((len(calls), len(CALL_FIELDS)), np.nan)
+        slots = [c["slot"] for c in calls]
+        rows = [i for i, slot in enumerate(slots) if slot is not None]
+        if rows:
+            at = np.array([slots[i] for i in rows])
+            got = summaries[at]
+            table[rows, _C["output_id"]] = np.where(np.isnan(got[:, _S["numel"]]), np.nan, at)  # NaN: no summary
+            table[rows, _C["numel"]:_C["inf_count"] + 1] = got[:, _S["numel"]:_S["inf_count"] + 1]
+            table[rows, _C["sampled"]:_C["over"] + 1] = got[:, _S["sampled"]:_S["over"] + 1]
+        table[:, _C["grad_output_norm"]] = grads
+        table[:, _C["dead_units"]] = dead
+        table[:, _C["units"]] = [c.get("units", math.nan) for c in calls]
+        table[:, _C["input_finite"]] = [math.nan if ok is None else float(ok) for ok in finite]
+
         bins = max((len(e) - 1 for e in self.run.edges.values()), default=0)
         counts = np.zeros((len(calls), bins), dtype=np.int32)
-        nothing = (math.nan,) * 14
-        rows, layout = [], []
-        for i, (c, ok) in enumerate(zip(calls, finite)):
+        layout = []
+        for i, c in enumerate(calls):
             name = c["name"]
             layout.append((self.run._index[name], c["input_shapes"], c["output_shapes"], c["input_dtypes"],
                            c["output_dtypes"], c["input_devices"], c["output_devices"]))
-            got = summaries[c["slot"]] if c["slot"] is not None else None
-            head = nothing
-            if got:
-                s, h = got
-                head = (c["slot"], s.numel, s.count, s.mean, s.m2, s.min, s.max, s.zeros, s.checked, s.nan_count,
-                        s.inf_count, h.sampled, h.under, h.over)
+            got = fixed.get(c["slot"])
+            if got is not None:
                 edges = self.run.edges.get(name)
                 binned = self._binning.get(id(edges)) if edges is not None else None
-                if binned is not None and binned[0] is edges and binned[1] is h.edges:  # on the run's edges
-                    counts[i, :len(h.counts)] = h.counts
-            rows.append((*head, grads[i], dead[i], c.get("units", math.nan), math.nan if ok is None else float(ok)))
-        table = np.array(rows, dtype=np.float64).reshape(len(calls), len(CALL_FIELDS))
+                if binned is not None and binned[0] is edges and binned[1] is got[1]:  # on the run's edges
+                    counts[i, :len(got[0]) - 4] = got[0][2:-2]  # the bins, without -Inf/NaN, under, over, +Inf/NaN
         layout = tuple(layout)
         if len(self._layouts) >= _LAYOUTS and layout not in self._layouts:
             self._layouts.clear()
@@ -549,7 +557,7 @@ class _Watcher:
                           dtype=np.float64).reshape(len(self.params), len(PARAM_FIELDS))
         training = cur.training if cur.training is not None else np.array([m.training for m in self.modules])
         inputs = tuple(InputRecord(where=where, shape=tuple(t.shape), dtype=dtype_name(t), device=str(t.device),
-                                   stats=summaries[slot][0] if summaries[slot] else None)
+                                   stats=None if np.isnan(summaries[slot, 0]) else row_stats(summaries[slot].tolist()))
                        for where, t, slot in cur.inputs)
         self.run._append(StepRecord(step=self.run.step_count, layout=layout, calls=table, counts=compact(counts),
                                     params=params, training=training, inputs=inputs, output_numel=cur.output_numel,
