@@ -42,6 +42,8 @@ _WIDE, _NARROW = 2.0**50, 2.0**-30
 _FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "checked", "nan_count", "inf_count", "lo", "hi", "binned")
 # StatsBatch.columns: the tensor's size, its summary, and its histogram's sampled, under and over
 COLUMNS = ("numel", *_FIELDS, "sampled", "under", "over")
+_SUMMARY = slice(1, 1 + len(_FIELDS))  # where the _FIELDS are in COLUMNS
+_SAMPLED = 1 + len(_FIELDS)  # and the histogram's sampled, under and over
 
 
 @dataclass(frozen=True)
@@ -689,7 +691,7 @@ class StatsBatch:
         table = np.full((len(self._slots), len(COLUMNS)), np.nan)
         fixed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for slots, counts in self._fixed_on_cpu():
-            table[slots, 13:] = np.column_stack([counts[:, 1:-1].sum(1), counts[:, 1], counts[:, -2]])
+            table[slots, _SAMPLED:] = np.column_stack([counts[:, 1:-1].sum(1), counts[:, 1], counts[:, -2]])
             fixed.update(zip(slots, zip(counts, (self._slots[i][4][1] for i in slots))))
         own: dict[int, np.ndarray] = {}
         on_cpu: dict[int, np.ndarray] = {}  # counts as int64 arrays of numpy's own (records keep them, not the tensor)
@@ -714,14 +716,15 @@ class StatsBatch:
                 own[i] = got if whole else got[row[0]]
         if known:
             slots, rows = zip(*known)
-            table[list(slots), :13] = rows
+            table[list(slots), :_SAMPLED] = rows
         for sums, rows in buffers.values():
             slots, numel, at, lo, hi = (np.array(column) for column in zip(*rows))
             table[slots, 0] = numel
-            table[slots, 1:13] = _summary(numel.astype(np.float64), sums.cpu().numpy()[at], lo, hi)
+            table[slots, _SUMMARY] = _summary(numel.astype(np.float64), sums.cpu().numpy()[at], lo, hi)
         if own:
             slots = np.fromiter(own, dtype=np.int64, count=len(own))
-            table[slots, 13], table[slots, 14:] = table[slots, 12], 0  # all binned, none outside
+            table[slots, _SAMPLED] = table[slots, _SAMPLED - 1]  # sampled: all it binned ("binned"), none outside
+            table[slots, _SAMPLED + 1:] = 0
         return table, own, fixed
 
     def results(self) -> list[tuple[TensorStats, Histogram] | None]:
