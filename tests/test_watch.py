@@ -243,57 +243,15 @@ def test_a_sampled_step_is_the_capture_of_the_same_pass(digits):
     assert [f.kind for f in find(step)] == [f.kind for f in step.findings]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_the_update_of_a_large_weight_is_measured_on_a_sample_close_to_the_whole(digits, optimizer):
-    """A weight with more elements than sample_size has its update ||w after - w before|| / ||w before|| measured on
-    8,192 of them (evenly spaced blocks meeting every row and column): within 5% of the whole update's, also with
-    half the layer's units dead (whole rows of its gradient 0) and Adam's per-element steps."""
+def check_updates(model, opt, digits, steps: int, layers: tuple[str, ...], between=lambda step: None):
+    """Train ``steps`` watched steps (``between(step)`` first at each); every layer's update ratio as the run
+    recorded it against ||w after - w before|| / ||w before|| in float64: within 5% for a weight measured on a
+    sample (more than 8,192 elements), 1e-4 for the others."""
     x, y = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 384), nn.ReLU(),
-                          nn.Linear(384, 10))
-    with torch.no_grad():
-        model[3].bias[::2] = -100.0  # half of the second layer's units never fire: their rows get no gradient
-    opt = torch.optim.SGD(model.parameters(), lr=0.05) if optimizer == "sgd" else \
-        torch.optim.Adam(model.parameters(), lr=1e-3)
     expected = []
     with watch(model, opt, every=1) as run:
-        for step in range(3):
-            xb, yb = x[step * 64:(step + 1) * 64], y[step * 64:(step + 1) * 64]
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
-            opt.step()
-            expected.append({n: float((p.detach().double() - before[n]).norm() / before[n].norm())
-                             for n, p in model.named_parameters()})
-    assert model[3].weight.numel() > 8192 and model[1].weight.numel() > 8192
-    for i, step in enumerate(run.steps):
-        params = run.at(step)
-        for name in ("1", "3", "5"):
-            for local, p in params[name].params.items():
-                rel = 0.05 if p.numel > 8192 else 1e-4
-                assert p.update_ratio == pytest.approx(expected[i][f"{name}.{local}"], rel=rel), (name, local)
-
-
-def test_the_update_is_measured_where_the_parameters_are_now(digits):
-    """The update samples are views kept from step to step: a parameter whose values were replaced (``p.data = ...``)
-    or made channels_last between sampled steps is measured on its new values, not on memory it left."""
-    x, y = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    assert model[5].weight.numel() > 8192  # measured on a sample
-    expected = []
-    with watch(model, opt, every=1) as run:
-        for step in range(4):
-            if step == 1:  # new tensors for the large weight and a bias (the optimizer holds the Parameters)
-                model[5].weight.data = model[5].weight.data.clone()
-                model[7].bias.data = model[7].bias.data.clone()
-            if step == 2:
-                model.to(memory_format=torch.channels_last)
-                assert not model[2].weight.is_contiguous()
+        for step in range(steps):
+            between(step)
             xb, yb = x[step * 64:(step + 1) * 64], y[step * 64:(step + 1) * 64]
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()
@@ -304,10 +262,46 @@ def test_the_update_is_measured_where_the_parameters_are_now(digits):
                              for n, p in model.named_parameters()})
     for i, step in enumerate(run.steps):
         record = run.at(step)
-        for name in ("0", "2", "5", "7"):
+        for name in layers:
             for local, p in record[name].params.items():
                 rel = 0.05 if p.numel > 8192 else 1e-4
                 assert p.update_ratio == pytest.approx(expected[i][f"{name}.{local}"], rel=rel), (step, name, local)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_update_of_a_large_weight_is_measured_on_a_sample_close_to_the_whole(digits, optimizer):
+    """A weight with more elements than sample_size has its update ||w after - w before|| / ||w before|| measured on
+    8,192 of them (evenly spaced blocks meeting every row and column): within 5% of the whole update's, also with
+    half the layer's units dead (whole rows of its gradient 0) and Adam's per-element steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 384), nn.ReLU(),
+                          nn.Linear(384, 10))
+    with torch.no_grad():
+        model[3].bias[::2] = -100.0  # half of the second layer's units never fire: their rows get no gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if optimizer == "sgd" else \
+        torch.optim.Adam(model.parameters(), lr=1e-3)
+    assert model[3].weight.numel() > 8192 and model[1].weight.numel() > 8192
+    check_updates(model, opt, digits, 3, ("1", "3", "5"))
+
+
+def test_the_update_is_measured_where_the_parameters_are_now(digits):
+    """The update samples are views kept from step to step: a parameter whose values were replaced (``p.data = ...``)
+    or made channels_last between sampled steps is measured on its new values, not on memory it left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert model[5].weight.numel() > 8192  # measured on a sample
+
+    def between(step):
+        if step == 1:  # new tensors for the large weight and a bias (the optimizer holds the Parameters)
+            model[5].weight.data = model[5].weight.data.clone()
+            model[7].bias.data = model[7].bias.data.clone()
+        if step == 2:
+            model.to(memory_format=torch.channels_last)
+            assert not model[2].weight.is_contiguous()
+
+    check_updates(model, opt, digits, 4, ("0", "2", "5", "7"), between)
 
 
 def test_histograms_share_fixed_edges_over_the_steps_and_count_everything(digits):
