@@ -717,10 +717,12 @@ class StatsBatch:
         if known:
             slots, rows = zip(*known)
             table[list(slots), :_SAMPLED] = rows
-        for sums, rows in buffers.values():
-            slots, numel, at, lo, hi = (np.array(column) for column in zip(*rows))
+        if buffers:  # every buffer's rows summarised at once
+            rows = [row for _, rows in buffers.values() for row in rows]
+            sums = np.concatenate([sums.cpu().numpy()[[row[2] for row in rows]] for sums, rows in buffers.values()])
+            slots, numel, _, lo, hi = (np.array(column) for column in zip(*rows))
             table[slots, 0] = numel
-            table[slots, _SUMMARY] = _summary(numel.astype(np.float64), sums.cpu().numpy()[at], lo, hi)
+            table[slots, _SUMMARY] = _summary(numel.astype(np.float64), sums, lo, hi)
         if own:
             slots = np.fromiter(own, dtype=np.int64, count=len(own))
             table[slots, _SAMPLED] = table[slots, _SAMPLED - 1]  # sampled: all it binned ("binned"), none outside
