@@ -220,6 +220,9 @@ def _flat_counts(counts: torch.Tensor, flat: torch.Tensor, n) -> torch.Tensor:
     return torch.where(flat[:, None], middle, counts)
 
 
+_VIEWS = 64  # views a Scratch keeps for reuse
+
+
 class Scratch:
     """Work buffers kept from one use to the next: a new tensor of megabytes on the CPU is fresh memory from the
     system each time (malloc maps large blocks), and writing it first costs more than the reductions that read
@@ -227,13 +230,22 @@ class Scratch:
 
     def __init__(self):
         self._kept: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # the views handed out, by name, shape, dtype and device
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, shape, dtype, device)
+        view = self._views.get(key)
+        if view is not None and view.shape == shape:  # the steps of a run ask for the same shapes every time
+            return view
         n = math.prod(shape)
         flat = self._kept.get((name, dtype, device))
         if flat is None or flat.numel() < n:
             flat = self._kept[name, dtype, device] = torch.empty(n, dtype=dtype, device=device)
-        return flat[:n].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name or k[2:] != (dtype, device)}
+        if len(self._views) >= _VIEWS:
+            self._views.clear()
+        view = self._views[key] = flat[:n].view(shape)
+        return view
 
 
 def _rows(m: torch.Tensor, bins: int, span: tuple | None = None, histogram: bool = True,
@@ -339,16 +351,22 @@ def _uniform(edges: np.ndarray) -> tuple[float, float, bool] | None:
     return float(edges[0]), 1 / width, bool(aligned)
 
 
+_SEARCHED = 2048  # _indices searches up to this many values rather than computing their bins
+
+
 def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
              scratch: Scratch | None = None, stride: int = 0) -> torch.Tensor:
     """For each value of ``m`` [r, n], how many of its row's ``bounds`` [r, k + 3] (see _thresholds) lie strictly
     below it: ``torch.searchsorted(bounds, m)``, plus ``stride`` times the row's number (so that the indices of all
-    rows can be counted at once). With ``uniform`` (each row's _uniform, and every value of ``m`` finite),
-    arithmetically instead, several times faster, and the same to the last value. Aligned edges and float32
-    values: value / width is exact in float64, so its floor is the bin (a value on the last edge is in the last
-    bin). Other uniform edges: the bin is read off the value's position in float64, and the values within 1e-6 of
-    a bin's width from an edge, whose position may round across it, are compared with the bounds next to it."""
+    rows can be counted at once). With ``uniform`` (each row's _uniform, and every value of ``m`` finite), past
+    _SEARCHED values, arithmetically instead, several times faster, and the same to the last value. Aligned edges
+    and float32 values: value / width is exact in float64, so its floor is the bin (a value on the last edge is in
+    the last bin). Other uniform edges: the bin is read off the value's position in float64, and the values within
+    1e-6 of a bin's width from an edge, whose position may round across it, are compared with the bounds next to
+    it."""
     r, k = len(m), bounds.shape[1] - 3
+    if m.numel() <= _SEARCHED:
+        uniform = None  # so few values: one search costs less than the dozen ops of the arithmetic
     if uniform is not None and m.dtype == torch.float32 and all(u[2] for u in uniform):
         scratch = scratch or Scratch()
         # Per row, from its (first edge, 1 / width): the first edge over the width (a whole number), the last one,
@@ -359,9 +377,13 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
         wide = any(scale < 1 or scale > 2.0**126 or abs(start) + k + 2 + r * stride >= 1 << 24
                    for scale, start in rows)
         kind = torch.float64 if wide else torch.float32
-        consts = torch.tensor([[scale, start + k, start - 1, start - 2 - i * stride]
-                               for i, (scale, start) in enumerate(rows)], dtype=kind, device=m.device)
-        scale, last, low, shift = (consts[:, i:i + 1] for i in range(4))
+        if r == 1 and not wide:  # as Python numbers: exact in float32, and no tensors to make
+            (scale, start), = rows
+            scale, last, low, shift = scale, start + k, start - 1, start - 2
+        else:
+            consts = torch.tensor([[[scale], [start + k], [start - 1], [start - 2 - i * stride]]
+                                   for i, (scale, start) in enumerate(rows)], dtype=kind, device=m.device)
+            scale, last, low, shift = consts.unbind(1)  # each [r, 1]
         place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
         end = place == last  # on the last edge: numpy's closed last bin
         place.floor_().clamp_(low, last).sub_(shift).sub_(end.to(place.dtype))
@@ -449,6 +471,13 @@ def _channel_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=[d for d in range(x.dim()) if d != 1])
 
 
+def _take(m: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The rows of ``m`` at these increasing indices: a view when they follow each other, else a copy."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return m if len(rows) == len(m) else m[rows[0]:rows[-1] + 1]
+    return m[rows]
+
+
 def row_stats(row: list[float]) -> TensorStats:
     """The TensorStats of a row of ``StatsBatch.columns``' table (as a list of floats)."""
     numel, count, mean, m2, lo, hi, zeros, checked, nan, inf = row[:10]
@@ -532,7 +561,7 @@ class StatsBatch:
         for row, shape in group.channels:
             by_shape.setdefault(shape, []).append(row)
         for shape, rows in by_shape.items():
-            part = (m if len(rows) == len(m) else m[rows]).view(len(rows), *shape)
+            part = _take(m, rows).view(len(rows), *shape)
             dead = (part.amax(dim=[d for d in range(1, part.dim()) if d != 2]) <= 0).sum(1)
             for row, count in zip(rows, dead):
                 self.dead[group.slots[row]] = count
@@ -570,7 +599,7 @@ class StatsBatch:
             uniform = [f[3] for f in fixed]
             if any(u is None for u in uniform) or not all(finite[i] for i in rows):
                 uniform = None
-            idx = _indices(m[rows] if len(rows) < len(m) else m, bounds, uniform, self._scratch, size + 1)
+            idx = _indices(_take(m, rows), bounds, uniform, self._scratch, size + 1)
             counts = _count(idx.reshape(-1), len(rows) * (size + 1))
             for row, i, f in zip(counts.view(len(rows), size + 1), rows, fixed):
                 self._slots[slots[i]][4] = (row, f[1])
@@ -598,7 +627,7 @@ class StatsBatch:
             if not good:
                 continue
             everything = len(good) == len(finite)
-            rows = m if everything else m[good]
+            rows = _take(m, good)
             span = (mn, mx) if everything and narrow else None
             sums, counts = _rows(rows if narrow else rows.double(), self.bins, span, any(own[i] for i in good),
                                  self._scratch)
