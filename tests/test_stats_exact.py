@@ -256,3 +256,30 @@ def test_float32_values_on_aligned_edges_of_every_width(power, first):
                              np.array([-big, big, 0.0, -0.0, 1e-45, -1e-45], dtype=np.float32),
                              (edges[0] + (edges[-1] - edges[0]) * rng.uniform(-0.2, 1.2, 3000)).astype(np.float32)])
     binned_like_numpy(torch.from_numpy(rng.permutation(values)), edges)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_values_inside_aligned_edges_are_binned_by_their_floor(seed):
+    """Rows whose values all lie from their first aligned edge to below their last (watch's common case, binned with
+    no clamp, see stats._indices): values on every edge but the last, one float step either side, just below the
+    last edge and random ones, in buffers of several rows with edges of their own and on the large path, counted as
+    numpy counts them, none under or over."""
+    rng = np.random.default_rng(seed + 500)
+    batch = StatsBatch()
+    expected = []
+    for n in [4096] * 4 + [1000] * 3 + [70_000]:
+        width = 2.0 ** int(rng.integers(-20, 10))
+        edges = width * np.arange(-32, 33, dtype=np.float64) if rng.random() < 0.5 else width * np.arange(0, 65.0)
+        on = edges.astype(np.float32)
+        values = np.concatenate([on[:-1], np.nextafter(on[:-1], np.float32(np.inf)),
+                                 np.nextafter(on[1:], np.float32(-np.inf)),
+                                 (edges[0] + (edges[-1] - edges[0]) * rng.uniform(0, 1, n)).astype(np.float32)])
+        values = np.minimum(values, np.nextafter(on[-1], np.float32(-np.inf)))  # below the last edge, every one
+        x = np.resize(rng.permutation(values), n).astype(np.float32)
+        if n > 65536:  # the large path bins a strided sample of sample_size values: all of them here
+            batch = StatsBatch(sample_size=n)
+        expected.append((batch.add(torch.from_numpy(x), edges), x, edges, batch))
+    for slot, x, edges, owner in expected:
+        _, hist = owner.results()[slot]
+        np.testing.assert_array_equal(hist.counts, np.histogram(x.astype(np.float64), bins=edges)[0])
+        assert (hist.under, hist.over, hist.sampled) == (0, 0, len(x))

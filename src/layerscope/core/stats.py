@@ -355,7 +355,7 @@ _SEARCHED = 2048  # _indices searches up to this many values rather than computi
 
 
 def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
-             scratch: Scratch | None = None, stride: int = 0) -> torch.Tensor:
+             scratch: Scratch | None = None, stride: int = 0, inside: bool = False) -> torch.Tensor:
     """For each value of ``m`` [r, n], how many of its row's ``bounds`` [r, k + 3] (see _thresholds) lie strictly
     below it: ``torch.searchsorted(bounds, m)``, plus ``stride`` times the row's number (so that the indices of all
     rows can be counted at once). With ``uniform`` (each row's _uniform, and every value of ``m`` finite), past
@@ -363,7 +363,9 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
     and float32 values: value / width is exact in float64, so its floor is the bin (a value on the last edge is in
     the last bin). Other uniform edges: the bin is read off the value's position in float64, and the values within
     1e-6 of a bin's width from an edge, whose position may round across it, are compared with the bounds next to
-    it."""
+    it. ``inside``: every value of a row is known to lie from its first edge to below its last one (from its range,
+    taken already): on aligned edges its bin is then the floor alone, with nothing to clamp and none on the last
+    edge."""
     r, k = len(m), bounds.shape[1] - 3
     if m.numel() <= _SEARCHED:
         uniform = None  # so few values: one search costs less than the dozen ops of the arithmetic
@@ -385,8 +387,11 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
                                    for i, (scale, start) in enumerate(rows)], dtype=kind, device=m.device)
             scale, last, low, shift = consts.unbind(1)  # each [r, 1]
         place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
-        end = place == last  # on the last edge: numpy's closed last bin
-        place.floor_().clamp_(low, last).sub_(shift).sub_(end.to(place.dtype))
+        if inside:
+            place.floor_().sub_(shift)
+        else:  # (bool results, and clamp_ to tensors, cost several times these ops on the CPU)
+            end = torch.eq(place, last, out=scratch.get("end", m.shape, kind, m.device))  # numpy's closed last bin
+            place.floor_().clamp_min_(low).clamp_max_(last).sub_(shift).sub_(end)
         small = m.device.type == "cpu" and m.numel() * (k + 4) < 1 << 31  # bincount's int32: fewer bytes to read
         idx = scratch.get("index", m.shape, torch.int32 if small else torch.long, m.device)
         return idx.copy_(place)  # under e0: 1; bin j: j + 2; over ek: k + 2 (plus the row's offset)
@@ -409,10 +414,11 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
     return idx
 
 
-def _bin(values: torch.Tensor, bounds: torch.Tensor, uniform: tuple[float, float, bool] | None = None) -> torch.Tensor:
-    """Counts [k + 4] of ``values`` (all finite when ``uniform`` is given, see _indices) against _thresholds:
-    -Inf/NaN, under, the k bins, over, +Inf/NaN."""
-    idx = _indices(values.reshape(1, -1), bounds[None], None if uniform is None else [uniform])
+def _bin(values: torch.Tensor, bounds: torch.Tensor, uniform: tuple[float, float, bool] | None = None,
+         inside: bool = False) -> torch.Tensor:
+    """Counts [k + 4] of ``values`` (all finite when ``uniform`` is given, see _indices; ``inside`` too) against
+    _thresholds: -Inf/NaN, under, the k bins, over, +Inf/NaN."""
+    idx = _indices(values.reshape(1, -1), bounds[None], None if uniform is None else [uniform], inside=inside)
     return _count(idx.reshape(-1), len(bounds) + 1)
 
 
@@ -580,26 +586,33 @@ class StatsBatch:
             known[2][values.device, values.dtype] = bounds
         return known[1], bounds, known[3]
 
-    def _fixed(self, values: torch.Tensor, edges) -> tuple[torch.Tensor, np.ndarray]:
-        """Counts of finite ``values`` on fixed edges (on the device, see _bin), and the edges as float64."""
+    def _fixed(self, values: torch.Tensor, edges, span: tuple[float, float] | None = None
+               ) -> tuple[torch.Tensor, np.ndarray]:
+        """Counts of finite ``values`` on fixed edges (on the device, see _bin), and the edges as float64. ``span``:
+        (min, max) known to hold every value."""
         checked, bounds, uniform = self._bounds(values, edges)
-        return _bin(values, bounds, uniform), checked
+        inside = span is not None and checked[0] <= span[0] and span[1] < checked[-1]
+        return _bin(values, bounds, uniform, inside), checked
 
-    def _bin_rows(self, m: torch.Tensor, slots: list[int], finite: list[bool]) -> None:
+    def _bin_rows(self, m: torch.Tensor, slots: list[int], finite: list[bool], lows: list[float],
+                  highs: list[float]) -> None:
         """The fixed-edges histograms of a buffer's rows: one search (see _indices) and one count for all rows
-        whose edges have the same number of bins, arithmetic when their edges are uniform and values finite."""
+        whose edges have the same number of bins, arithmetic when their edges are uniform and values finite (the
+        rows' ranges, ``lows`` and ``highs``, tell whether all are inside their edges)."""
         by_size: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             fixed = self._slots[slot][4]
             if fixed is not None:
-                by_size.setdefault(len(fixed[2]), []).append(i)
+                by_size.setdefault(fixed[2].shape[0], []).append(i)
         for size, rows in by_size.items():
             fixed = [self._slots[slots[i]][4] for i in rows]
             bounds = torch.stack([f[2] for f in fixed])
             uniform = [f[3] for f in fixed]
             if any(u is None for u in uniform) or not all(finite[i] for i in rows):
                 uniform = None
-            idx = _indices(_take(m, rows), bounds, uniform, self._scratch, size + 1)
+            inside = uniform is not None and all(f[1][0] <= lows[i] and highs[i] < f[1][-1]
+                                                 for i, f in zip(rows, fixed))
+            idx = _indices(_take(m, rows), bounds, uniform, self._scratch, size + 1, inside)
             counts = _count(idx.reshape(-1), len(rows) * (size + 1))
             for row, i, f in zip(counts.view(len(rows), size + 1), rows, fixed):
                 self._slots[slots[i]][4] = (row, f[1])
@@ -620,7 +633,7 @@ class StatsBatch:
             wide = [ok and _wide(lo, hi) for ok, lo, hi in zip(finite, lows, highs)]
         else:
             wide = [False] * len(m)
-        self._bin_rows(m, group.slots, finite)
+        self._bin_rows(m, group.slots, finite, lows, highs)
         own = [self._slots[slot][4] is None for slot in group.slots]  # rows binned on their own range
         for narrow in (True, False):
             good = [i for i, (ok, w) in enumerate(zip(finite, wide)) if ok and w != narrow]
@@ -695,7 +708,7 @@ class StatsBatch:
             counts, fixed = torch.zeros(self.bins, device=x.device), None
             counts[self.bins // 2] = sample.numel()
         else:
-            counts, fixed = None, self._fixed(sample, edges)
+            counts, fixed = None, self._fixed(sample, edges, (lo, hi))
         known = dict(count=m, mean=shift + total / m, m2=max(squares - total * total / m, 0.0), min=lo, max=hi,
                      zeros=zeros, checked=sample.numel(), nan_count=nan, inf_count=inf, lo=left, hi=right,
                      binned=sample.numel())
