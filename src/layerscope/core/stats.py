@@ -375,17 +375,15 @@ def _indices(m: torch.Tensor, bounds: torch.Tensor, uniform: list | None,
         # and what to take off the floor of value / width to get the index. A width from 2**-126 to 1 scales by
         # 2**p, 0 <= p <= 126: exact in float32 too (no rounding to 0; beyond float32's range +-Inf, which lands in
         # under or over), and the indices are small integers: half the bytes to write and read.
-        rows = [(scale, first * scale) for first, scale, _ in uniform]
-        wide = any(scale < 1 or scale > 2.0**126 or abs(start) + k + 2 + r * stride >= 1 << 24
-                   for scale, start in rows)
+        first, scale = np.array([u[:2] for u in uniform], dtype=np.float64).T
+        start = first * scale
+        wide = bool(((scale < 1) | (scale > 2.0**126) | (np.abs(start) + k + 2 + r * stride >= 1 << 24)).any())
         kind = torch.float64 if wide else torch.float32
         if r == 1 and not wide:  # as Python numbers: exact in float32, and no tensors to make
-            (scale, start), = rows
-            scale, last, low, shift = scale, start + k, start - 1, start - 2
+            scale, last, low, shift = float(scale[0]), float(start[0] + k), float(start[0] - 1), float(start[0] - 2)
         else:
-            consts = torch.tensor([[[scale], [start + k], [start - 1], [start - 2 - i * stride]]
-                                   for i, (scale, start) in enumerate(rows)], dtype=kind, device=m.device)
-            scale, last, low, shift = consts.unbind(1)  # each [r, 1]
+            consts = np.stack([scale, start + k, start - 1, start - 2 - np.arange(r) * stride], 1)[:, :, None]
+            scale, last, low, shift = torch.from_numpy(consts).to(m.device, kind).unbind(1)  # each [r, 1]
         place = torch.mul(m, scale, out=scratch.get("place", m.shape, kind, m.device))  # exact: 2**-p
         if inside:
             place.floor_().sub_(shift)
@@ -613,9 +611,9 @@ class StatsBatch:
             inside = uniform is not None and all(f[1][0] <= lows[i] and highs[i] < f[1][-1]
                                                  for i, f in zip(rows, fixed))
             idx = _indices(_take(m, rows), bounds, uniform, self._scratch, size + 1, inside)
-            counts = _count(idx.reshape(-1), len(rows) * (size + 1))
-            for row, i, f in zip(counts.view(len(rows), size + 1), rows, fixed):
-                self._slots[slots[i]][4] = (row, f[1])
+            counts = _count(idx.reshape(-1), len(rows) * (size + 1)).view(len(rows), size + 1)
+            for row, (i, f) in enumerate(zip(rows, fixed)):
+                self._slots[slots[i]][4] = (counts, f[1], row)  # its row of the counts, no view per row
 
     def _summarise(self, group: _Group) -> None:
         """Rows of finite values at once; rows near float32's limits (see _WIDE) in float64; rows holding NaN
@@ -716,13 +714,26 @@ class StatsBatch:
 
     def _fixed_on_cpu(self) -> list[tuple[list[int], np.ndarray]]:
         """Every fixed-edges histogram on the CPU, one copy per device and number of bins: [(slots, their counts as
-        the rows of an int64 array)]."""
+        the rows of an int64 array)]. A slot holds (counts, edges) of its own, or (a buffer's counts, edges, its
+        row)."""
         groups: dict[tuple, list[int]] = {}
         for i, slot in enumerate(self._slots):
             if slot is not None and slot[4] is not None:
-                groups.setdefault((slot[4][0].device, len(slot[4][0])), []).append(i)
-        return [(slots, torch.stack([self._slots[i][4][0] for i in slots]).cpu().numpy().astype(np.int64))
-                for slots in groups.values()]
+                groups.setdefault((slot[4][0].device, slot[4][0].shape[-1]), []).append(i)
+        out = []
+        for slots in groups.values():
+            first: dict[int, int] = {}  # id(counts) -> where its rows start among the parts
+            parts, rows, total = [], [], 0
+            for i in slots:
+                fixed = self._slots[i][4]
+                start = first.get(id(fixed[0]))
+                if start is None:
+                    start = first[id(fixed[0])] = total
+                    parts.append(fixed[0].view(-1, fixed[0].shape[-1]))
+                    total += len(parts[-1])
+                rows.append(start + (fixed[2] if len(fixed) > 2 else 0))
+            out.append((slots, torch.cat(parts).cpu().numpy().astype(np.int64)[rows]))
+        return out
 
     def columns(self) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
         """Every summary moved to the CPU (one copy per buffer, per large tensor's histogram, and per device and
