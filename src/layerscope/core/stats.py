@@ -788,17 +788,23 @@ class StatsBatch:
         """One (TensorStats, Histogram) per ``add``, None for a tensor without a summary (see ``columns``)."""
         table, own, fixed = self.columns()
         out: list = []
+        # Equal numbers as one object: a row's numel, count, checked and binned are mostly one number, its
+        # histogram's ends its min and max (records of thousands of modules: ~130 bytes each)
+        ints: dict[int, int] = {}
         for i, (slot, row) in enumerate(zip(self._slots, table.tolist())):
             if slot is None:
                 out.append(None)
                 continue
             numel, count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned, sampled, under, over = row
-            numel = int(numel)  # as row_stats, without a call and a slice per slot
-            stats = TensorStats(numel, int(count), mean, m2, lo, hi, int(zeros), int(checked), int(nan), int(inf))
+            numel = ints.setdefault(int(numel), int(numel))  # as row_stats, without a call and a slice per slot
+            count, checked = ints.setdefault(int(count), int(count)), ints.setdefault(int(checked), int(checked))
+            stats = TensorStats(numel, count, mean, m2, lo, hi, int(zeros), checked, int(nan), int(inf))
             if i in own:
-                out.append((stats, Histogram.own(own[i], left, right, int(binned), numel)))
+                left, right = lo if left == lo else left, hi if right == hi else right
+                out.append((stats, Histogram.own(own[i], left, right, ints.setdefault(int(binned), int(binned)),
+                                                 numel)))
             else:
                 counts, edges = fixed[i]
-                out.append((stats, Histogram(counts=counts[2:-2], edges=edges, sampled=int(sampled), numel=numel,
-                                             under=int(under), over=int(over))))
+                out.append((stats, Histogram(counts=counts[2:-2], edges=edges, numel=numel, under=int(under),
+                                             sampled=ints.setdefault(int(sampled), int(sampled)), over=int(over))))
         return out
