@@ -422,6 +422,11 @@ def _bin(values: torch.Tensor, bounds: torch.Tensor, uniform: tuple[float, float
     return _count(idx.reshape(-1), len(bounds) + 1)
 
 
+def _within(edges: np.ndarray, lo: float, hi: float) -> bool:
+    """Whether values from ``lo`` to ``hi`` all lie from the first edge to below the last (see _indices' inside)."""
+    return edges[0] <= lo and hi < edges[-1]
+
+
 def _count(flat: torch.Tensor, total: int) -> torch.Tensor:
     """How many times each of 0 .. total - 1 occurs in ``flat``, on its device."""
     if flat.device.type == "cpu":
@@ -587,12 +592,13 @@ class StatsBatch:
         return known[1], bounds, known[3]
 
     def _fixed(self, values: torch.Tensor, edges, span: tuple[float, float] | None = None
-               ) -> tuple[torch.Tensor, np.ndarray]:
-        """Counts of finite ``values`` on fixed edges (on the device, see _bin), and the edges as float64. ``span``:
-        (min, max) known to hold every value."""
+               ) -> tuple[torch.Tensor, np.ndarray, int]:
+        """Counts of finite ``values`` on fixed edges (on the device, see _bin) as the one row of a [1, k + 4]
+        tensor, the edges as float64, and that row's number, 0 (as a buffer's rows are kept, see _bin_rows).
+        ``span``: (min, max) known to hold every value."""
         checked, bounds, uniform = self._bounds(values, edges)
-        inside = span is not None and checked[0] <= span[0] and span[1] < checked[-1]
-        return _bin(values, bounds, uniform, inside), checked
+        inside = span is not None and _within(checked, *span)
+        return _bin(values, bounds, uniform, inside)[None], checked, 0
 
     def _bin_rows(self, m: torch.Tensor, slots: list[int], finite: list[bool], lows: list[float],
                   highs: list[float]) -> None:
@@ -610,8 +616,7 @@ class StatsBatch:
             uniform = [f[3] for f in fixed]
             if any(u is None for u in uniform) or not all(finite[i] for i in rows):
                 uniform = None
-            inside = uniform is not None and all(f[1][0] <= lows[i] and highs[i] < f[1][-1]
-                                                 for i, f in zip(rows, fixed))
+            inside = uniform is not None and all(_within(f[1], lows[i], highs[i]) for i, f in zip(rows, fixed))
             idx = _indices(_take(m, rows), bounds, uniform, self._scratch, size + 1, inside)
             counts = _count(idx.reshape(-1), len(rows) * (size + 1)).view(len(rows), size + 1)
             for row, (i, f) in enumerate(zip(rows, fixed)):
@@ -716,24 +721,23 @@ class StatsBatch:
 
     def _fixed_on_cpu(self) -> list[tuple[list[int], np.ndarray]]:
         """Every fixed-edges histogram on the CPU, one copy per device and number of bins: [(slots, their counts as
-        the rows of an int64 array)]. A slot holds (counts, edges) of its own, or (a buffer's counts, edges, its
-        row)."""
+        the rows of an int64 array)]. A slot holds (counts [rows, k + 4], edges, its row of them)."""
         groups: dict[tuple, list[int]] = {}
         for i, slot in enumerate(self._slots):
             if slot is not None and slot[4] is not None:
-                groups.setdefault((slot[4][0].device, slot[4][0].shape[-1]), []).append(i)
+                groups.setdefault((slot[4][0].device, slot[4][0].shape[1]), []).append(i)
         out = []
         for slots in groups.values():
             first: dict[int, int] = {}  # id(counts) -> where its rows start among the parts
             parts, rows, total = [], [], 0
             for i in slots:
-                fixed = self._slots[i][4]
-                start = first.get(id(fixed[0]))
+                counts, _, row = self._slots[i][4]
+                start = first.get(id(counts))
                 if start is None:
-                    start = first[id(fixed[0])] = total
-                    parts.append(fixed[0].view(-1, fixed[0].shape[-1]))
-                    total += len(parts[-1])
-                rows.append(start + (fixed[2] if len(fixed) > 2 else 0))
+                    start = first[id(counts)] = total
+                    parts.append(counts)
+                    total += len(counts)
+                rows.append(start + row)
             out.append((slots, torch.cat(parts).cpu().numpy().astype(np.int64)[rows]))
         return out
 
@@ -791,20 +795,23 @@ class StatsBatch:
         # Equal numbers as one object: a row's numel, count, checked and binned are mostly one number, its
         # histogram's ends its min and max (records of thousands of modules: ~130 bytes each)
         ints: dict[int, int] = {}
+
+        def one(value: float) -> int:
+            number = int(value)
+            return ints.setdefault(number, number)
+
         for i, (slot, row) in enumerate(zip(self._slots, table.tolist())):
             if slot is None:
                 out.append(None)
                 continue
             numel, count, mean, m2, lo, hi, zeros, checked, nan, inf, left, right, binned, sampled, under, over = row
-            numel = ints.setdefault(int(numel), int(numel))  # as row_stats, without a call and a slice per slot
-            count, checked = ints.setdefault(int(count), int(count)), ints.setdefault(int(checked), int(checked))
-            stats = TensorStats(numel, count, mean, m2, lo, hi, int(zeros), checked, int(nan), int(inf))
+            numel = one(numel)  # as row_stats, without a slice per slot
+            stats = TensorStats(numel, one(count), mean, m2, lo, hi, int(zeros), one(checked), int(nan), int(inf))
             if i in own:
                 left, right = lo if left == lo else left, hi if right == hi else right
-                out.append((stats, Histogram.own(own[i], left, right, ints.setdefault(int(binned), int(binned)),
-                                                 numel)))
+                out.append((stats, Histogram.own(own[i], left, right, one(binned), numel)))
             else:
                 counts, edges = fixed[i]
-                out.append((stats, Histogram(counts=counts[2:-2], edges=edges, numel=numel, under=int(under),
-                                             sampled=ints.setdefault(int(sampled), int(sampled)), over=int(over))))
+                out.append((stats, Histogram(counts=counts[2:-2], edges=edges, sampled=one(sampled), numel=numel,
+                                             under=int(under), over=int(over))))
         return out
